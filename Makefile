@@ -1,0 +1,39 @@
+# vlmforge make targets. CONFIG= and TARGET= override what `make engines` builds.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= configs/default.yaml
+TARGET  ?=
+JOBS    ?= 1
+TARGET_ARGS := $(foreach t,$(TARGET),--target $(t))
+
+.PHONY: setup engines plan test test-all lint clean
+
+$(BIN)/vlmforge: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	# torch first, by the exact pin that resolves to the CPU build (any other pulls CUDA wheels)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[toolchain,dev]'
+	@touch $@
+
+setup: $(BIN)/vlmforge
+
+engines: setup
+	$(BIN)/vlmforge build $(CONFIG) $(TARGET_ARGS) -j $(JOBS)
+
+plan: setup
+	$(BIN)/vlmforge plan $(CONFIG)
+
+test: setup
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/mypy pipeline stages
+
+clean:
+	rm -rf artifacts/cache artifacts/runs artifacts/out artifacts/locks artifacts/timing-caches

@@ -1,0 +1,17 @@
+"""Errors the CLI turns into one-line messages and exit codes (never a traceback)."""
+
+
+class VlmforgeError(Exception):
+    exit_code = 1
+
+
+class ConfigError(VlmforgeError):
+    """Bad usage or config: exit 2. The message names the file, the key path, what was expected."""
+
+    exit_code = 2
+
+
+class BuildFailed(VlmforgeError):
+    """A stage or a gate failed: exit 1."""
+
+    exit_code = 1

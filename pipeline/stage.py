@@ -1,0 +1,94 @@
+"""The contract between the build graph and a stage module.
+
+A stage module under ``stages/`` defines one module-level ``STAGE = Stage(...)``. The graph
+reads only the declaration (cheap: no torch import); the runner imports the module again in
+a fresh worker process and calls ``STAGE.run(ctx)`` there. A stage reads only ``ctx.inputs``
+(the output folders of the nodes it depends on) and ``ctx.params`` and writes only into
+``ctx.out``; everything else it would need must be declared, or the cache key would lie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig, TargetSpec
+
+ParamsFn = Callable[["BuildConfig", "TargetSpec | None"], dict[str, Any]]
+ExternalFn = Callable[["BuildConfig"], list[Path]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str  # bump when the stage's code changes what it writes: part of the cache key
+    run: Callable[[StageContext], StageResult]
+    params: ParamsFn  # pure function of the config (and target): the params part of the key
+    deps: tuple[str, ...] = ()  # upstream stage names; per-target deps resolve to the same target
+    outputs: tuple[str, ...] = ()  # files or folders (relative to ctx.out) the stage must write
+    per_target: bool = False  # fan out as ``name@target``
+    # A per-target stage whose work does not depend on the target itself (only on params
+    # resolved from it, e.g. the precision) sets this False: two targets asking for the same
+    # work then share one cache entry and the work runs once.
+    key_uses_target: bool = True
+    toolchain: tuple[str, ...] = ()  # distributions whose versions enter the key
+    # Files outside the cache the stage reads (a user checkpoint, a calibration folder): their
+    # contents enter the key. Declared, so a stage never reads an undeclared file.
+    external: ExternalFn | None = None
+    description: str = ""
+    # Declares that the node cannot run on this machine (e.g. full TensorRT without a GPU);
+    # returns the reason or None. Shown by `plan`; the node still runs and fails clearly.
+    needs_host: Callable[[BuildConfig, TargetSpec | None], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One parity figure against its threshold."""
+
+    name: str  # e.g. "vision.cosine"
+    value: float
+    threshold: float
+    op: str  # ">=" or "<="
+    passed: bool
+
+    @staticmethod
+    def check(name: str, value: float, threshold: float, op: str = ">=") -> GateCheck:
+        ok = (value >= threshold) if op == ">=" else (value <= threshold)
+        if value != value:  # NaN never passes
+            ok = False
+        return GateCheck(name, float(value), float(threshold), op, bool(ok))
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, Any] = field(default_factory=dict)  # JSON-able; lands in manifest + report
+    gates: list[GateCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # human remarks for the report
+
+
+class StageError(Exception):
+    """A stage failed for a reason the user can act on: printed as one line, exit 1."""
+
+
+class GateFailed(StageError):
+    def __init__(self, message: str, result: StageResult):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class StageContext:
+    node_id: str
+    params: dict[str, Any]
+    inputs: Mapping[str, Path]  # dep stage name -> its committed output folder (read-only)
+    out: Path  # write outputs here (a temp folder, committed atomically after run)
+    target: dict[str, Any] | None  # the target's catalog entry, if per-target
+    external: list[Path]
+    progress: Callable[[str, float | None], None] = lambda msg, frac=None: None
+
+    def report(self, message: str, fraction: float | None = None) -> None:
+        """Live progress line for this node (fraction in [0, 1] when known)."""
+        self.progress(message, fraction)

@@ -1,0 +1,65 @@
+"""Parity metrics shared by every stage that compares outputs against a reference."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Parity:
+    cosine: float
+    rel_l2: float
+    max_abs: float
+    norm_ratio: float  # |‖out‖/‖ref‖ − 1|
+    finite: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> Parity:
+    """Compare in float64 over the flattened tensors (shapes must match)."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shape mismatch: got {out.shape}, reference {ref.shape}")
+    a = np.asarray(out, dtype=np.float64).ravel()
+    b = np.asarray(ref, dtype=np.float64).ravel()
+    finite = bool(np.isfinite(a).all())
+    if not finite:
+        return Parity(float("nan"), float("inf"), float("inf"), float("inf"), False)
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        cos = 1.0
+    elif na == 0.0 or nb == 0.0:
+        cos = 0.0
+    else:
+        cos = float(np.dot(a, b) / (na * nb))
+    rel = float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a - b))
+    return Parity(
+        cosine=cos,
+        rel_l2=rel,
+        max_abs=float(np.max(np.abs(a - b))) if a.size else 0.0,
+        norm_ratio=abs(na / nb - 1.0) if nb > 0 else (0.0 if na == 0 else float("inf")),
+        finite=True,
+    )
+
+
+def worst(parities: list[Parity]) -> Parity:
+    """The worst figure of each metric over several comparisons (what a gate should see)."""
+    return Parity(
+        cosine=min(p.cosine for p in parities),
+        rel_l2=max(p.rel_l2 for p in parities),
+        max_abs=max(p.max_abs for p in parities),
+        norm_ratio=max(p.norm_ratio for p in parities),
+        finite=all(p.finite for p in parities),
+    )
+
+
+def topk_agreement(logits: np.ndarray, ref_logits: np.ndarray, k: int = 1) -> float:
+    """Share of positions whose reference top-1 token is within the output's top-k."""
+    ref_top1 = np.argmax(ref_logits.reshape(-1, ref_logits.shape[-1]), axis=-1)
+    out = logits.reshape(-1, logits.shape[-1])
+    topk = np.argpartition(-out, kth=min(k, out.shape[-1] - 1), axis=-1)[:, :k] if k > 1 else np.argmax(out, -1)[:, None]
+    return float(np.mean([r in row for r, row in zip(ref_top1, topk, strict=True)]))
