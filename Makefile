@@ -15,6 +15,9 @@ $(BIN)/vlmforge: pyproject.toml
 	# torch first, by the exact pin that resolves to the CPU build (any other pulls CUDA wheels)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[toolchain,dev]'
+	# type stubs for the full-TensorRT path; --no-deps: its `tensorrt` dependency is a stub
+	# package that downloads from a host outside the registries and cannot install here
+	$(BIN)/pip install --no-deps tensorrt-stubs
 	@touch $@
 
 setup: $(BIN)/vlmforge

@@ -73,5 +73,24 @@ def targets_for(cfg: BuildConfig, config_path: Path, catalog: dict[str, TargetSp
     return out
 
 
+def check_precisions(cfg: BuildConfig, config_path: Path, targets: list[TargetSpec],
+                     catalog: dict[str, TargetSpec]) -> None:
+    """Refuse, before anything builds, a precision a target cannot run (exit 2)."""
+    for graph in ("vision", "decoder"):
+        wanted = getattr(cfg.precision, graph)
+        for t in targets:
+            if wanted == "best" or wanted in t.precisions:
+                continue
+            if wanted == "fp8":
+                raise ConfigError(
+                    f"{config_path}: precision.{graph}: fp8 needs SM >= 8.9 and target {t.name} is SM {t.sm}; "
+                    f"targets with FP8: {', '.join(with_fp8(catalog))} (or use precision: best to fall back)"
+                )
+            raise ConfigError(
+                f"{config_path}: precision.{graph}: target {t.name} (SM {t.sm}) does not support {wanted} "
+                f"(it has: {', '.join(t.precisions)})"
+            )
+
+
 def with_fp8(catalog: dict[str, TargetSpec]) -> list[str]:
     return sorted(n for n, t in catalog.items() if "fp8" in t.precisions)

@@ -1,0 +1,16 @@
+from pipeline.stage import GateCheck, Stage, StageContext, StageError, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    assert ctx.target is not None
+    if ctx.target["builder"] == "tensorrt":
+        raise StageError(f"{ctx.target['name']}: full TensorRT is not installed on this machine")
+    body = (ctx.inputs["middle"] / "part1.txt").read_text() + f"target={ctx.target['name']}\n"
+    (ctx.out / "final.bin").write_text(body)
+    g = GateCheck.check("fake.cosine", ctx.params["cos"], 0.99)
+    return StageResult(metrics={"bytes": len(body)}, gates=[g])
+
+
+STAGE = Stage(name="final", version="1", run=run, deps=("middle",), per_target=True,
+              params=lambda cfg, t: {"ws": cfg.engine.workspace_mb, "cos": cfg.gates["int8"].cosine + 0.001},
+              outputs=("final.bin",))

@@ -1,0 +1,10 @@
+from pipeline.stage import Stage, StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    (ctx.out / "other.txt").write_text((ctx.inputs["source"] / "source.txt").read_text() + "other\n")
+    return StageResult()
+
+
+STAGE = Stage(name="other", version="1", run=run, deps=("source",),
+              params=lambda cfg, t: {"opset": cfg.export.opset}, outputs=("other.txt",))
