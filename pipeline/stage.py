@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.config import BuildConfig, TargetSpec
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
 
 ParamsFn = Callable[["BuildConfig", "TargetSpec | None"], dict[str, Any]]
 ExternalFn = Callable[["BuildConfig"], list[Path]]
@@ -87,7 +88,7 @@ class StageContext:
     out: Path  # write outputs here (a temp folder, committed atomically after run)
     target: dict[str, Any] | None  # the target's catalog entry, if per-target
     external: list[Path]
-    progress: Callable[[str, float | None], None] = lambda msg, frac=None: None
+    progress: Callable[[str, float | None], None] = field(default=lambda msg, frac: None)
 
     def report(self, message: str, fraction: float | None = None) -> None:
         """Live progress line for this node (fraction in [0, 1] when known)."""

@@ -65,7 +65,9 @@ def test_include_composes_a_shared_base(tmp_path: Path):
     cfg = load_config(tmp_path / "m.yaml")
     assert cfg.name == "m" and cfg.targets == ("rtx4090",)
     assert cfg.engine.workspace_mb == 128 and cfg.engine.timing_cache is False
-    with pytest.raises(Exception):  # frozen
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):  # frozen
         cfg.engine.workspace_mb = 1  # type: ignore[misc]
 
 
