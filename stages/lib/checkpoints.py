@@ -1,0 +1,284 @@
+"""Local Hugging Face checkpoints: detect the family, validate files, generate tiny ones, load.
+
+Nothing here downloads: a checkpoint is a local folder (``config.json``, safetensors shards,
+tokenizer and preprocessor files). Weights are only ever read from safetensors, never from a
+pickle (``.bin``/``.pt``): unpickling a checkpoint runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stage import StageError
+
+if TYPE_CHECKING:
+    import torch
+
+# model_type in config.json -> family; architectures[] names are accepted as a fallback.
+VLM_FAMILIES: dict[str, str] = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+# Vision-only families (a CNN backbone exported by stages/lib/cnn_export.py).
+VISION_ONLY_FAMILIES: dict[str, str] = {"resnet": "ResNetForImageClassification"}
+FAMILIES = {**VLM_FAMILIES, **VISION_ONLY_FAMILIES}
+_BY_ARCH = {arch: fam for fam, arch in FAMILIES.items()}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def _supported() -> str:
+    return ", ".join(FAMILIES)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise StageError(f"checkpoint {path} has no config.json (expected a local Hugging Face checkpoint folder)")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise StageError(f"{cfg_file}: expected a JSON object")
+    return data
+
+
+def detect_family(path: str | Path) -> str:
+    """The family named by config.json (``model_type`` first, then ``architectures``)."""
+    cfg = read_config(path)
+    model_type = str(cfg.get("model_type", ""))
+    if model_type in FAMILIES:
+        return model_type
+    for arch in cfg.get("architectures") or []:
+        if arch in _BY_ARCH:
+            return _BY_ARCH[arch]
+    what = model_type or ",".join(cfg.get("architectures") or []) or "no model_type"
+    raise StageError(f"unsupported checkpoint {path} ({what}); supported families: {_supported()}")
+
+
+def validate_checkpoint(path: str | Path) -> list[Path]:
+    """Check that the checkpoint is complete and loadable without pickle; return its files."""
+    root = Path(path)
+    if not root.is_dir():
+        raise StageError(f"checkpoint {root} does not exist (expected a local Hugging Face checkpoint folder)")
+    read_config(root)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except json.JSONDecodeError as e:
+            raise StageError(f"{index}: not valid JSON ({e.msg})") from None
+        shards = sorted(set(weight_map.values()))
+        if not shards:
+            raise StageError(f"{index} names no weight shards")
+        for shard in shards:
+            if not (root / shard).is_file():
+                raise StageError(f"checkpoint {root} is missing shard {shard} (named by {index.name})")
+    else:
+        shards = sorted(p.name for p in root.glob("*.safetensors"))
+        if not shards:
+            pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickles:
+                raise StageError(
+                    f"checkpoint {root} has only pickle weights ({', '.join(pickles[:3])}); refusing to unpickle "
+                    "untrusted files, convert them to safetensors"
+                )
+            raise StageError(f"checkpoint {root} has no *.safetensors weights")
+    return checkpoint_files(root)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files whose content defines the checkpoint (for cache keys): config, weights, tokenizer."""
+    root = Path(path)
+    keep = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix in keep)
+
+
+def resolve_checkpoint(folder: str | Path) -> tuple[Path, str]:
+    """Read ``checkpoint.json`` from a checkpoint stage's output folder: (model path, family)."""
+    folder = Path(folder)
+    meta_file = folder / "checkpoint.json"
+    if not meta_file.is_file():
+        raise StageError(f"{folder} has no checkpoint.json (is it a checkpoint stage output?)")
+    meta = json.loads(meta_file.read_text())
+    p = Path(meta["path"])
+    return (p if p.is_absolute() else folder / p), str(meta["family"])
+
+
+def model_class(family: str) -> Any:
+    import transformers
+
+    if family not in FAMILIES:
+        raise StageError(f"unsupported family {family!r}; supported families: {_supported()}")
+    return getattr(transformers, FAMILIES[family])
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False) -> Any:
+    """Load the family's model class from safetensors only, in eval mode."""
+    import torch
+
+    path = Path(path)
+    family = detect_family(path)
+    validate_checkpoint(path)
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    cls = model_class(family)
+    # Eager attention: deterministic on CPU and the reference the exported graph must match.
+    model = cls.from_pretrained(
+        path,
+        dtype=dtype or torch.float32,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        attn_implementation="eager",
+    )
+    return model.eval()
+
+
+# --- tiny random checkpoints -------------------------------------------------------------
+
+
+def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> Any:
+    """A small config of the family. ``scale="1b"`` gives a ~1B-parameter one (bench)."""
+    import transformers
+
+    big = scale == "1b"
+    hidden, layers, heads, kv = (2048, 16, 16, 8) if big else (64, 2, 4, 2)
+    inter = 5632 if big else 128
+    v_dim, v_depth, v_heads = (1024, 24, 16) if big else (32, 2, 2)
+    special = {name: vocab_size - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    ids = {
+        "image_token_id": special["<|image_pad|>"],
+        "video_token_id": special["<|video_pad|>"],
+        "vision_start_token_id": special["<|vision_start|>"],
+        "vision_end_token_id": special["<|vision_end|>"],
+    }
+    head_dim = hidden // heads
+    # mrope sections (t, h, w) sum to head_dim / 2; the tiny model has head_dim 16 -> 8.
+    half = head_dim // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        "bos_token_id": special["<|endoftext|>"],
+        "eos_token_id": special["<|im_end|>"],
+        "pad_token_id": special["<|endoftext|>"],
+        "initializer_range": 0.02 if big else 0.2,
+        "tie_word_embeddings": False,
+    }
+    vis_common = {"depth": v_depth, "num_heads": v_heads, "in_channels": 3, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "initializer_range": 0.02 if big else 0.2}
+    if family == "qwen2_vl":
+        vision = {**vis_common, "embed_dim": v_dim, "hidden_size": hidden, "mlp_ratio": 2, "patch_size": 14}
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen2_5_vl":
+        # window_size 56 -> 2x2 merged-token windows: several windows even on small test images.
+        vision = {**vis_common, "hidden_size": v_dim, "intermediate_size": 2 * v_dim, "out_hidden_size": hidden,
+                  "patch_size": 14, "window_size": 56, "fullatt_block_indexes": [v_depth - 1],
+                  "hidden_act": "silu"}
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen3_vl":
+        text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = {**vis_common, "hidden_size": v_dim, "intermediate_size": 2 * v_dim, "out_hidden_size": hidden,
+                  "patch_size": 16, "num_position_embeddings": 64 if not big else 2304,
+                  "deepstack_visual_indexes": [0] if not big else [5, 11, 17]}
+        return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    raise StageError(f"cannot generate family {family!r}; supported: {', '.join(VLM_FAMILIES)}")
+
+
+def _tiny_tokenizer(vocab_size: int) -> Any:
+    """A WordLevel tokenizer over printable characters and short words, plus Qwen special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    n_plain = vocab_size - len(SPECIAL_TOKENS)
+    words = ["<unk>"] + [chr(c) for c in range(33, 127)]
+    syll = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]
+    words += [w for w in syll + [a + b for a in syll[:40] for b in "nrst"] if w not in words]
+    words = words[:n_plain]
+    words += [f"w{i}" for i in range(n_plain - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({tok: n_plain + i for i, tok in enumerate(SPECIAL_TOKENS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+    return fast
+
+
+def _image_processor(family: str, merge: int, patch: int) -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    factor = patch * merge
+    # Small bounds keep the tiny model's sequences short; the stage picks exact sizes itself.
+    return Qwen2VLImageProcessorPil(
+        min_pixels=(2 * factor) ** 2,
+        max_pixels=(16 * factor) ** 2,
+        patch_size=patch,
+        temporal_patch_size=2,
+        merge_size=merge,
+    )
+
+
+def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-weight checkpoint of ``family`` (plus tokenizer and processor) to ``out_dir``."""
+    import torch
+
+    if family not in VLM_FAMILIES:
+        raise StageError(f"cannot generate family {family!r}; supported: {', '.join(VLM_FAMILIES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(family, scale=scale)
+    torch.manual_seed(seed)
+    model = model_class(family)._from_config(cfg, dtype=torch.float32)
+    model.eval()
+    model.generation_config.do_sample = False
+    # Shards of ~2 GB for the bench model exercise the sharded-index path of validate_checkpoint.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+    _tiny_tokenizer(cfg.text_config.vocab_size).save_pretrained(out)
+    vc = cfg.vision_config
+    proc = _image_processor(family, vc.spatial_merge_size, vc.patch_size)
+    proc.save_pretrained(out)
+    return out
+
+
+def load_processor(path: str | Path) -> tuple[Any, Any]:
+    """(image processor, tokenizer) of a checkpoint, offline.
+
+    ``AutoProcessor`` is tried first; the Qwen-VL processors also build a video processor
+    that needs torchvision, which has no CPU build for torch 2.13 here, so the image
+    processor (PIL backend) and the tokenizer are loaded on their own when it fails.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        return proc.image_processor, proc.tokenizer
+    except (ImportError, AttributeError, OSError, ValueError):
+        return (
+            AutoImageProcessor.from_pretrained(path, trust_remote_code=False),
+            AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+        )
