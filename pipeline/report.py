@@ -91,6 +91,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for n in doc["nodes"]:
         outs = ", ".join(f"{k} ({v['bytes']:,} B)" for k, v in list(n["outputs"].items())[:6])
         note = n["error"] or n["reason"] or ""
+        if n["status"] == "cached" and n.get("built_seconds") is not None:
+            note = f"cache hit (built in {n['built_seconds']:.1f} s, {n['built_peak_rss_mb'] or 0:.0f} MB) {note}".strip()
         rss = "" if n["peak_rss_mb"] is None else f"{n['peak_rss_mb']:.0f}"
         status = "cached" if n["status"] == "cached" else n["status"]
         lines.append(

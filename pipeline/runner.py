@@ -48,6 +48,9 @@ class NodeState:
             "notes": m.get("notes", self.failed_result.get("notes", [])),
             "error": self.error,
             "needs_host": self.needs_host,
+            # for a cached node: what building it cost when it ran
+            "built_seconds": (m.get("timings") or {}).get("seconds"),
+            "built_peak_rss_mb": (m.get("timings") or {}).get("peak_rss_mb"),
         }
 
 
