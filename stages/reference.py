@@ -1,0 +1,182 @@
+"""The held-out evaluation set and its PyTorch reference outputs, computed once and cached.
+
+Every comparison downstream (ONNX, Q/DQ graphs, engines) reads the *inputs* from this artifact
+too, so all of them see exactly the tensors PyTorch saw. The set is never the calibration set:
+its seed and image sizes must differ from ``calibration`` (checked here, not assumed), otherwise
+a quantized graph would be graded on the data its scales were fitted to.
+
+``reference.npz`` (no pickle; ``np.load(..., allow_pickle=False)``), per sample ``i``:
+  s{i}.image [H,W,3] u8, s{i}.pixel_values, s{i}.image_grid_thw [1,3], s{i}.input_ids [1,S],
+  s{i}.attention_mask [1,S], s{i}.mm_token_type_ids [1,S], s{i}.position_ids [3,1,S],
+  s{i}.rope_deltas [1,1], s{i}.inputs_embeds [1,S,H] (text embeddings with the *reference*
+  image features merged in: the decoder's isolated input), s{i}.vision_features [N,H],
+  s{i}.deepstack.{k} [N,H] (Qwen3-VL), s{i}.logits [1,S,V] (prefill), s{i}.generated [T].
+``reference.json``: the set's description (sizes, prompts, token ids, counts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.stage import Stage, StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
+
+NPZ, META = "reference.npz", "reference.json"
+
+
+def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
+    v, c = cfg.verify, cfg.calibration
+    return {
+        "samples": v.samples,
+        "image_sizes": [list(s) for s in v.image_sizes],
+        "prompt_len": v.prompt_len,
+        "generate_tokens": v.generate_tokens,
+        "seed": v.seed,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        # read only to prove the held-out set is disjoint from the calibration set
+        "calibration": {"seed": c.seed, "image_sizes": [list(s) for s in c.image_sizes], "source": c.source},
+    }
+
+
+def check_held_out(p: dict[str, Any]) -> None:
+    cal = p["calibration"]
+    if cal["source"] == "synthetic" and int(p["seed"]) == int(cal["seed"]):
+        raise StageError(f"verify.seed ({p['seed']}) equals calibration.seed: the held-out set would "
+                         "repeat the calibration images; choose another verify.seed")
+    shared = [s for s in p["image_sizes"] if s in cal["image_sizes"]]
+    if shared:
+        raise StageError(f"verify.image_sizes {shared} are also calibration.image_sizes: held-out images "
+                         "must have other shapes (a graph that baked in a shape must fail here)")
+
+
+def synthetic_image(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth gradients, a few rectangles and mild noise: structured, not white noise, so the
+    vision tower sees edges and flat regions like a photo, and the same on every machine."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.empty((h, w, 3))
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+        img[..., c] = 127 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
+    for _ in range(4):
+        y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
+        img[y0:y0 + int(rng.integers(8, h // 2)), x0:x0 + int(rng.integers(8, w // 2))] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _prompt_ids(tok: Any, n: int, rng: np.random.Generator) -> tuple[str, list[int]]:
+    """``n`` text token ids from a deterministic sentence (repeated if the tokenizer merges words)."""
+    words = ["describe", "the", "image", "colors", "shape", "left", "right", "top", "bottom", "red",
+             "blue", "green", "square", "light", "dark", "what", "is", "in", "a", "picture"]
+    text = " ".join(rng.choice(words, size=n))
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise StageError("the checkpoint's tokenizer produced no tokens for the evaluation prompt")
+    while len(ids) < n:
+        ids += ids
+    return text, ids[:n]
+
+
+def _sample(model: Any, proc: Any, tok: Any, p: dict[str, Any], i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import torch
+    from PIL import Image
+
+    cfg = model.config
+    rng = np.random.default_rng([int(p["seed"]), i])
+    h, w = p["image_sizes"][i % len(p["image_sizes"])]
+    image = synthetic_image(h, w, rng)
+    enc = proc(images=[Image.fromarray(image)], return_tensors="np")
+    pixel_values, grid = np.asarray(enc["pixel_values"], np.float32), np.asarray(enc["image_grid_thw"], np.int64)
+    n_img = int(grid.prod()) // int(cfg.vision_config.spatial_merge_size) ** 2
+    text, ids = _prompt_ids(tok, int(p["prompt_len"]), rng)
+    k = len(ids) // 3  # text on both sides of the image: the M-RoPE offsets after it matter
+    input_ids = ids[:k] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + ids[k:]
+    t_ids = torch.tensor([input_ids], dtype=torch.long)
+    mask = torch.ones_like(t_ids)
+    types = (t_ids == cfg.image_token_id).to(torch.int32)
+    t_pix, t_grid = torch.from_numpy(pixel_values), torch.from_numpy(grid)
+    inputs = {"input_ids": t_ids, "attention_mask": mask, "pixel_values": t_pix, "image_grid_thw": t_grid,
+              "mm_token_type_ids": types}
+    with torch.no_grad():
+        vis = model.model.get_image_features(t_pix, t_grid, return_dict=True)
+        feats = torch.cat(list(vis.pooler_output), 0)
+        pos, deltas = model.model.get_rope_index(t_ids, types, image_grid_thw=t_grid, attention_mask=mask)
+        embeds = model.model.get_input_embeddings()(t_ids)
+        embeds = embeds.masked_scatter((t_ids == cfg.image_token_id)[..., None].expand_as(embeds), feats)
+        logits = model(**inputs).logits
+        # EOS must not end the reference early: every one of the N tokens is compared
+        gen = model.generate(**inputs, max_new_tokens=int(p["generate_tokens"]), do_sample=False,
+                             eos_token_id=None, pad_token_id=int(cfg.text_config.pad_token_id or 0))
+    arrays = {
+        "image": image, "pixel_values": pixel_values, "image_grid_thw": grid,
+        "input_ids": t_ids.numpy(), "attention_mask": mask.numpy(), "mm_token_type_ids": types.numpy(),
+        "position_ids": pos.numpy().astype(np.int64), "rope_deltas": deltas.numpy().astype(np.int64),
+        "inputs_embeds": embeds.float().numpy(), "vision_features": feats.float().numpy(),
+        "logits": logits.float().numpy(), "generated": gen[0, t_ids.shape[1]:].numpy().astype(np.int64),
+    }
+    for j, ds in enumerate(getattr(vis, "deepstack_features", None) or []):
+        arrays[f"deepstack.{j}"] = torch.cat(list(ds), 0).float().numpy()
+    meta = {"image_size": [h, w], "prompt": text, "seq_len": len(input_ids), "image_tokens": n_img,
+            "grid_thw": grid.tolist()}
+    return arrays, meta
+
+
+def _run(ctx: StageContext) -> StageResult:
+    import torch
+
+    from stages.lib.checkpoints import load_model, load_processor, resolve_checkpoint
+
+    p = ctx.params
+    check_held_out(p)
+    path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+    torch.manual_seed(int(p["seed"]))
+    model = load_model(path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
+    proc, tok = load_processor(path)
+    arrays: dict[str, np.ndarray] = {}
+    metas = []
+    for i in range(int(p["samples"])):
+        ctx.report(f"reference sample {i + 1}/{p['samples']}", i / int(p["samples"]))
+        a, m = _sample(model, proc, tok, p, i)
+        arrays.update({f"s{i}.{k}": v for k, v in a.items()})
+        metas.append(m)
+    np.savez(ctx.out / NPZ, **arrays)
+    c = model.config
+    meta = {"family": family, "samples": metas, "generate_tokens": int(p["generate_tokens"]),
+            "image_token_id": int(c.image_token_id), "vocab_size": int(c.text_config.vocab_size),
+            "eos_token_id": c.text_config.eos_token_id, "dtype": "fp32"}
+    (ctx.out / META).write_text(json.dumps(meta, indent=2))
+    distinct = [len(set(arrays[f"s{i}.generated"].tolist())) for i in range(int(p["samples"]))]
+    return StageResult(metrics={"samples": len(metas), "seq_lens": [m["seq_len"] for m in metas],
+                                "image_sizes": [m["image_size"] for m in metas],
+                                "generated_distinct_tokens": distinct})
+
+
+def load_reference(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+    """(reference.json, one dict of arrays per sample) from a reference stage's folder."""
+    folder = Path(folder)
+    meta = json.loads((folder / META).read_text())
+    with np.load(folder / NPZ, allow_pickle=False) as z:
+        samples: list[dict[str, np.ndarray]] = [{} for _ in meta["samples"]]
+        for key in z.files:
+            idx, name = key.split(".", 1)
+            samples[int(idx[1:])][name] = z[key]
+    return meta, samples
+
+
+STAGE = Stage(
+    name="reference",
+    version="1",
+    run=_run,
+    params=_params,
+    deps=("checkpoint",),
+    outputs=(NPZ, META),
+    toolchain=("torch", "transformers", "numpy"),
+    description="held-out evaluation set and cached PyTorch reference outputs",
+)
