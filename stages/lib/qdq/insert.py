@@ -1,0 +1,188 @@
+"""Insert Q/DQ pairs (int8, fp8) for a `Placement` into an onnx-ir model, in place.
+
+Activations: QuantizeLinear→DequantizeLinear, per-tensor, zero point 0 (symmetric: TensorRT
+accepts nothing else). Weights: stored already quantized (INT8 / FLOAT8E4M3FN initializer)
+behind one per-channel DequantizeLinear, which TensorRT folds into the gemm. Scales use the
+graph's float dtype so an fp16 graph stays strongly typed in fp16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages.lib.qdq.graphio import const_array, float_dtype, set_opset
+from stages.lib.qdq.placement import Placement, Site
+from stages.lib.qdq.rules import rules_for
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+
+class MissingRange(ValueError):
+    """An activation site has no calibrated range."""
+
+
+@dataclass
+class InsertStats:
+    qdq_pairs: int = 0  # activation Q→DQ pairs
+    weight_dq: int = 0  # quantized weights (DQ-only)
+    scales: dict[str, float] = field(default_factory=dict)  # activation tensor -> scale
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"qdq_pairs": self.qdq_pairs, "weight_dq": self.weight_dq}
+
+
+def _np_float(dtype: Any) -> Any:
+    return dtype.numpy()
+
+
+def _tiny(np_dtype: Any) -> float:
+    # Smallest positive scale the dtype holds (fp16: 2**-24): a zero scale divides by zero.
+    return float(np.finfo(np_dtype).smallest_subnormal)
+
+
+def quantize_array(w: np.ndarray, scale: np.ndarray, qtype: str) -> np.ndarray:
+    """Symmetric quantization of `w` by a broadcastable `scale` into the storage dtype."""
+    import ml_dtypes
+
+    x = w.astype(np.float32) / scale.astype(np.float32)
+    if qtype == "int8":
+        return np.clip(np.rint(x), -128, 127).astype(np.int8)
+    if qtype == "float8e4m3fn":
+        return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)  # ml_dtypes rounds to nearest even
+    if qtype == "int4":
+        return np.clip(np.rint(x), -8, 7).astype(ml_dtypes.int4)
+    raise ValueError(f"unknown storage type {qtype}")
+
+
+def dequantize_array(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale.astype(np.float32)
+
+
+def _zero_point(qtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    import ml_dtypes
+
+    dt = {"int8": np.int8, "float8e4m3fn": ml_dtypes.float8_e4m3fn, "int4": ml_dtypes.int4}[qtype]
+    return np.zeros(shape, dtype=dt)
+
+
+def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    import onnx_ir as ir
+
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(list(arr.shape)))
+    v.type = ir.TensorType(v.const_value.dtype)  # type: ignore[union-attr]
+    graph.register_initializer(v)
+    return v
+
+
+def site_amax(site: Site, placement: Placement, amax: Mapping[str, float]) -> float:
+    """Calibrated |max| for an activation site; Concat groups take the largest member."""
+    if site.fixed_amax is not None:
+        return site.fixed_amax
+    names = placement.groups.get(site.group, [site.tensor]) if site.group else [site.tensor]
+    vals = [float(amax[n]) for n in names if n in amax]
+    if site.tensor not in amax:
+        raise MissingRange(f"no calibrated range for tensor {site.tensor!r} (consumer {site.uses[0][0]})")
+    return max(vals)
+
+
+def _rewire(graph: ir.Graph, site: Site, new: ir.Value) -> None:
+    nodes = {n.name: n for n in graph}
+    for node_name, slot in site.uses:
+        nodes[node_name].replace_input_with(slot, new)
+
+
+def _value(graph: ir.Graph, name: str) -> ir.Value:
+    for v in graph.inputs:
+        if v.name == name:
+            return v
+    if name in graph.initializers:
+        return graph.initializers[name]
+    for n in graph:
+        for o in n.outputs:
+            if o.name == name:
+                return o
+    raise KeyError(f"tensor {name!r} not in graph")
+
+
+def insert_activation(graph: ir.Graph, site: Site, scale: float, qtype: str, fdt: Any) -> ir.Value:
+    import onnx_ir as ir
+
+    x = _value(graph, site.tensor)
+    dt = x.dtype if x.dtype is not None else fdt
+    s = _const(graph, f"{site.tensor}_scale", np.asarray(max(scale, _tiny(_np_float(dt))), dtype=_np_float(dt)))
+    zp = _const(graph, f"{site.tensor}_zp", _zero_point(qtype, ()))
+    q = ir.Node("", "QuantizeLinear", [x, s, zp], name=f"{site.tensor}_QuantizeLinear", num_outputs=1)
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, zp], name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
+    q.outputs[0].name = f"{site.tensor}_quantized"
+    dq.outputs[0].name = f"{site.tensor}_dequantized"
+    dq.outputs[0].type = ir.TensorType(dt)
+    if x.shape is not None:
+        dq.outputs[0].shape = x.shape
+    graph.extend([q, dq])
+    _rewire(graph, site, dq.outputs[0])
+    return dq.outputs[0]
+
+
+def insert_weight(graph: ir.Graph, site: Site, qtype: str, qmax: float) -> None:
+    """Per-channel symmetric weight, stored quantized behind a DequantizeLinear(axis)."""
+    import onnx_ir as ir
+
+    w_val = _value(graph, site.tensor)
+    w = const_array(w_val)
+    if w is None:
+        raise ValueError(f"weight {site.tensor} is not a constant")
+    fdt = w.dtype if w.dtype in (np.float16, np.float32) else np.float32
+    axis = site.axis if site.axis is not None else 0
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w.astype(np.float32)), axis=red)
+    # Round the scale to the graph dtype first, so the stored codes match what DQ multiplies.
+    scale = np.maximum(amax / qmax, _tiny(fdt)).astype(fdt)
+    bshape = [1] * w.ndim
+    bshape[axis] = -1
+    q = quantize_array(w, scale.reshape(bshape), qtype)
+    qv = _const(graph, f"{site.tensor}_quantized", q)
+    sv = _const(graph, f"{site.tensor}_scale", scale)
+    zv = _const(graph, f"{site.tensor}_zp", _zero_point(qtype, scale.shape))
+    dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], [ir.AttrInt64("axis", axis)],
+                 name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
+    dq.outputs[0].name = f"{site.tensor}_dequantized"
+    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT16 if fdt == np.float16 else ir.DataType.FLOAT)
+    dq.outputs[0].shape = ir.Shape(list(w.shape))
+    graph.extend([dq])
+    _rewire(graph, site, dq.outputs[0])
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    for name in [n for n, v in graph.initializers.items() if not list(v.uses()) and not v.is_graph_output()]:
+        del graph.initializers[name]
+
+
+def apply(model: ir.Model, placement: Placement, amax: Mapping[str, float]) -> InsertStats:
+    """Insert every site of an int8/fp8 placement; `amax` maps activation tensors to |max|."""
+    rules = rules_for(placement.mode)
+    if rules.weights != "per-channel":
+        raise ValueError(f"insert.apply handles per-channel modes; use int4.apply for {placement.mode}")
+    set_opset(model, rules.opset_min)
+    graph, fdt = model.graph, float_dtype(model)
+    stats = InsertStats()
+    for site in placement.sites:
+        if site.kind == "weight":
+            insert_weight(graph, site, rules.qtype, rules.qmax)
+            stats.weight_dq += 1
+        else:
+            scale = site_amax(site, placement, amax) / rules.qmax
+            insert_activation(graph, site, scale, rules.qtype, fdt)
+            stats.qdq_pairs += 1
+            stats.scales[site.tensor] = scale
+    drop_unused_initializers(graph)
+    graph.sort()
+    return stats

@@ -1,0 +1,142 @@
+"""INT4 weight-only quantization: block-wise, DQ-only weights with an activation-aware clip.
+
+Each MatMul/Gemm weight is stored as packed INT4 behind `DequantizeLinear(axis, block_size)`
+(opset 21), scales in the graph's float dtype, no zero point (symmetric: what TensorRT's
+weight-only INT4 gemm takes). Activations stay in high precision. The clip of each block is
+searched to minimize the output error the block causes, weighted by the calibrated second
+moment E[x_k^2] of the input channel it multiplies (AWQ-clip, as in Model-Optimizer's awq_clip):
+a large-activation channel's weight error costs more than a near-silent one's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages.lib.qdq.graphio import const_array, set_opset
+from stages.lib.qdq.insert import _const, _rewire, _value, drop_unused_initializers, quantize_array
+from stages.lib.qdq.placement import Placement, Site
+from stages.lib.qdq.rules import rules_for
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+MIN_BLOCK = 32  # TensorRT's INT4 block sizes are 32/64/128
+
+
+@dataclass
+class Int4Stats:
+    weight_dq: int = 0
+    blocks: dict[str, int] = field(default_factory=dict)  # weight -> block size used
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    awq: dict[str, float] = field(default_factory=dict)  # weight -> weighted error reduction vs max clip
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"qdq_pairs": 0, "weight_dq": self.weight_dq, "blocks": self.blocks, "awq_gain": self.awq}
+
+
+def block_for(k: int, wanted: int) -> int | None:
+    """The configured block if it divides K, else the largest smaller power of two >= 32."""
+    b = wanted
+    while b >= MIN_BLOCK:
+        if k % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def quantize_blocks(w_kn: np.ndarray, block: int, ms: np.ndarray | None, dt: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """Quantize W[K, N] in K-blocks; returns (int4 codes [K,N], scales [K/B, N], error gain).
+
+    With `ms` (E[x_k^2], length K) the clip per (block, column) minimizes
+    sum_k ms_k (w_kn - dq(w_kn))^2; without it, plain max scaling.
+    """
+    k, n = w_kn.shape
+    w = w_kn.astype(np.float32).reshape(k // block, block, n)
+    amax = np.abs(w).max(axis=1)  # [nb, N]
+    weight = (np.ones(k, np.float32) if ms is None else ms.astype(np.float32)).reshape(k // block, block, 1)
+    best_err = np.full(amax.shape, np.inf, np.float32)
+    best_scale = np.zeros_like(amax)
+    base_err = None
+    for r in CLIP_RATIOS if ms is not None else (1.0,):
+        # Scales are rounded to the graph dtype first so the search sees what DQ will compute.
+        s = np.maximum(amax * r / 7.0, np.finfo(dt).smallest_subnormal).astype(dt).astype(np.float32)
+        q = np.clip(np.rint(w / s[:, None, :]), -8, 7)
+        err = (weight * (w - q * s[:, None, :]) ** 2).sum(axis=1)
+        if base_err is None:
+            base_err = err
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, s, best_scale)
+    codes = quantize_array(w, best_scale[:, None, :], "int4").reshape(k, n)
+    gain = float(1.0 - best_err.sum() / max(float(base_err.sum()), 1e-30)) if base_err is not None else 0.0
+    return codes, best_scale.astype(dt), gain
+
+
+def insert_int4_weight(graph: ir.Graph, site: Site, block: int, ms: np.ndarray | None, stats: Int4Stats) -> bool:
+    import onnx_ir as ir
+
+    wv = _value(graph, site.tensor)
+    w = const_array(wv)
+    if w is None or w.ndim != 2:
+        stats.skipped.append({"node": site.uses[0][0], "rule": "int4", "why": "weight is not a 2-D constant"})
+        return False
+    axis = site.axis if site.axis is not None else 0
+    dt = w.dtype if w.dtype in (np.float16, np.float32) else np.float32
+    w_kn = w if axis == 0 else w.T
+    b = block_for(w_kn.shape[0], block)
+    if b is None:
+        why = f"K={w_kn.shape[0]} is not a multiple of an INT4 block (>= {MIN_BLOCK})"
+        stats.skipped.append({"node": site.uses[0][0], "rule": "int4-block", "why": why})
+        return False
+    if ms is not None and ms.shape != (w_kn.shape[0],):
+        ms = None
+    codes, scales, gain = quantize_blocks(w_kn, b, ms, dt)
+    if axis != 0:
+        codes, scales = codes.T, scales.T
+    qv = _const(graph, f"{site.tensor}_int4", codes)
+    sv = _const(graph, f"{site.tensor}_scale", scales)
+    dq = ir.Node("", "DequantizeLinear", [qv, sv], [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", b)],
+                 name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
+    dq.outputs[0].name = f"{site.tensor}_dequantized"
+    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT16 if dt == np.float16 else ir.DataType.FLOAT)
+    dq.outputs[0].shape = ir.Shape(list(w.shape))
+    graph.extend([dq])
+    _rewire(graph, site, dq.outputs[0])
+    stats.blocks[site.tensor] = b
+    if ms is not None:
+        stats.awq[site.tensor] = round(gain, 4)
+    return True
+
+
+def activation_of(graph: ir.Graph, site: Site) -> str | None:
+    """The activation tensor multiplying this weight (input 0 of its consumer)."""
+    nodes = {n.name: n for n in graph}
+    node = nodes[site.uses[0][0]]
+    x = node.inputs[0]
+    return x.name if x is not None else None
+
+
+def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarray], block: int = 128,
+          awq: bool = True) -> Int4Stats:
+    """Quantize every weight site of an int4-weight placement in place (opset raised to 21)."""
+    rules = rules_for(placement.mode)
+    if rules.weights != "block":
+        raise ValueError(f"int4.apply needs the int4-weight mode, got {placement.mode}")
+    set_opset(model, rules.opset_min)
+    model.ir_version = max(model.ir_version or 0, 10)  # INT4 tensors need IR version 10
+    stats = Int4Stats()
+    for site in placement.sites:
+        if site.kind != "weight":
+            continue
+        act = activation_of(model.graph, site)
+        ms = chan_ms.get(act) if (awq and act) else None
+        if insert_int4_weight(model.graph, site, block, ms, stats):
+            stats.weight_dq += 1
+    drop_unused_initializers(model.graph)
+    model.graph.sort()
+    return stats

@@ -1,0 +1,271 @@
+"""Where Q/DQ pairs go: apply the rule tables of `rules.py` to one graph (no edits here)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stages.lib.qdq.rules import FUSED_EDGES, ModeRules, resolve_axis, rules_for
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclass
+class Site:
+    """One Q/DQ pair (or one DQ-only weight) to insert on `tensor` for `uses`."""
+
+    tensor: str
+    uses: list[tuple[str, int]]  # (consumer node name, input slot)
+    kind: str  # "activation" | "weight"
+    rule: str  # which rule placed it (for the report and tests)
+    axis: int | None = None  # per-channel axis (weights) / block axis (int4)
+    fixed_amax: float | None = None  # e.g. softmax output in the FP8 MHA pattern
+    group: str | None = None  # shared-scale group (Concat)
+
+
+@dataclass
+class Placement:
+    mode: str
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"node","rule","why"}
+    kept: list[dict[str, str]] = field(default_factory=list)  # {"node","pattern","why"}
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group id -> tensors
+
+    def site(self, tensor: str, kind: str | None = None) -> Site | None:
+        return next((s for s in self.sites if s.tensor == tensor and kind in (None, s.kind)), None)
+
+    def quantized_nodes(self) -> set[str]:
+        return {n for s in self.sites for n, _ in s.uses}
+
+
+def ensure_names(graph: ir.Graph) -> None:
+    """Give every node a unique name: sites and reports refer to nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def is_const(v: ir.Value | None) -> bool:
+    if v is None:
+        return False
+    if v.const_value is not None:
+        return True
+    p = v.producer()
+    return p is not None and p.op_type == "Constant"
+
+
+def _shape(v: ir.Value, shapes: Shapes) -> tuple[int, ...] | None:
+    if v.name in shapes:
+        return tuple(shapes[v.name])
+    if v.shape is not None and all(isinstance(d, int) for d in v.shape):
+        return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+    if v.const_value is not None:
+        return tuple(v.const_value.shape)
+    return None
+
+
+def _attrs(node: ir.Node) -> dict[str, Any]:
+    return {k: a.value for k, a in node.attributes.items()}
+
+
+def _small_reason(node: ir.Node, rules: ModeRules, shapes: Shapes) -> str | None:
+    """GEMV-like (M or N = 1) or tiny (K or N < min_dim) matmuls are not worth quantizing."""
+    if node.op_type not in ("MatMul", "Gemm"):
+        return None
+    a, b = _shape(node.inputs[0], shapes), _shape(node.inputs[1], shapes)
+    if a is None or b is None or len(a) < 1 or len(b) < 2:
+        return None
+    at = _attrs(node)
+    m = a[-2] if len(a) >= 2 else 1
+    if node.op_type == "Gemm" and at.get("transA", 0):
+        m = a[-1]
+    k = a[-1] if not (node.op_type == "Gemm" and at.get("transA", 0)) else a[-2]
+    n = b[-2] if (node.op_type == "Gemm" and at.get("transB", 0)) else b[-1]
+    if m == rules.small.unit_dim or n == rules.small.unit_dim:
+        return f"GEMV-like (M={m}, N={n})"
+    if k < rules.small.min_dim or n < rules.small.min_dim:
+        return f"tiny matmul (K={k}, N={n} < {rules.small.min_dim})"
+    return None
+
+
+def _through(v: ir.Value, ops: Iterable[str]) -> ir.Node | None:
+    """The producer of v, looking through BatchNormalization (folded into Conv by TensorRT)."""
+    p = v.producer()
+    if p is not None and p.op_type == "BatchNormalization":
+        p = p.inputs[0].producer() if p.inputs[0] is not None else None
+    return p if p is not None and p.op_type in ops else None
+
+
+def _inside_fusion(v: ir.Value) -> bool:
+    """True if v flows along an edge TensorRT fuses (Conv→BN, BN→ReLU, ReLU→MaxPool, ...)."""
+    p = v.producer()
+    if p is None:
+        return False
+    return any((p.op_type, u.node.op_type) in FUSED_EDGES for u in v.uses())
+
+
+def _mha_pattern(bmm1: ir.Node, rules: ModeRules, shapes: Shapes) -> tuple[ir.Node, ir.Node] | None:
+    """Match BMM1→(Mul|Div const)→(Add mask)→Softmax→BMM2; return (softmax, bmm2)."""
+    hd = _shape(bmm1.inputs[0], shapes)
+    if hd is None or not (rules.head_dim[0] < hd[-1] <= rules.head_dim[1]):
+        return None
+    v = bmm1.outputs[0]
+    for allowed in (("Mul", "Div"), ("Add",)):
+        uses = list(v.uses())
+        if len(uses) == 1 and uses[0].node.op_type in allowed:
+            v = uses[0].node.outputs[0]
+    uses = list(v.uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Softmax":
+        return None
+    sm = uses[0].node
+    uses = list(sm.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
+        return None
+    return sm, uses[0].node
+
+
+def plan(
+    graph: ir.Graph,
+    mode: str,
+    shapes: Shapes | None = None,
+    keep: Iterable[str] = (),
+    attention: str = "none",
+    keep_nodes: Mapping[str, str] | None = None,
+) -> Placement:
+    """Decide every Q/DQ site for `mode`. `keep` are node-name globs kept high precision;
+    `keep_nodes` maps exact node names to a reason (the sensitivity pass's fallbacks)."""
+    rules = rules_for(mode)
+    if attention not in rules.attention:
+        raise ValueError(f"attention placement {attention!r} is not available in {mode} ({rules.attention})")
+    shapes = shapes or {}
+    ensure_names(graph)
+    pl = Placement(mode)
+    patterns = [(g, f"keep_high_precision pattern {g!r}") for g in keep] + list(rules.default_keep)
+    by_tensor: dict[tuple[str, str], Site] = {}
+
+    def add(v: ir.Value, node: ir.Node, slot: int, kind: str, rule: str, **kw: Any) -> None:
+        key = (v.name or "", kind)
+        if key in by_tensor:
+            by_tensor[key].uses.append((node.name, slot))
+            return
+        s = Site(v.name or "", [(node.name, slot)], kind, rule, **kw)
+        by_tensor[key] = s
+        pl.sites.append(s)
+
+    def kept(node: ir.Node) -> bool:
+        if rules.keep_logits_head and any(o.is_graph_output() and "logits" in (o.name or "") for o in node.outputs):
+            why = "lm_head (produces the logits output): excluded from INT4 by default"
+            pl.kept.append({"node": node.name, "pattern": "", "why": why})
+            return True
+        if keep_nodes and node.name in keep_nodes:
+            pl.kept.append({"node": node.name, "pattern": "", "why": keep_nodes[node.name]})
+            return True
+        for pat, why in patterns:
+            if fnmatch.fnmatchcase(node.name, pat):
+                pl.kept.append({"node": node.name, "pattern": pat, "why": why})
+                return True
+        return False
+
+    mha_done: set[str] = set()
+    for node in graph:
+        op = node.op_type
+        if op in rules.ops:
+            r = rules.ops[op]
+            w = node.inputs[r.weight] if r.weight is not None and len(node.inputs) > r.weight else None
+            consts = [i for i, x in enumerate(node.inputs) if is_const(x)]
+            bmm = op == "MatMul" and not consts
+            if bmm:
+                if "fp8-mha" == attention and node.name not in mha_done:
+                    m = _mha_pattern(node, rules, shapes)
+                    if m is not None and not kept(node) and not kept(m[1]):
+                        sm, bmm2 = m
+                        for slot in (0, 1):
+                            add(node.inputs[slot], node, slot, "activation", "fp8-mha.bmm1")
+                        add(sm.outputs[0], bmm2, 0, "activation", "fp8-mha.softmax", fixed_amax=1.0)
+                        add(bmm2.inputs[1], bmm2, 1, "activation", "fp8-mha.bmm2")
+                        mha_done.add(bmm2.name)
+                        continue
+                if node.name not in mha_done:
+                    why = "attention BMM kept high precision: TensorRT fuses MHA with Q/DQ on projections only"
+                    pl.skipped.append({"node": node.name, "rule": "attention", "why": why})
+                continue
+            if w is None or not is_const(w):
+                pl.skipped.append({"node": node.name, "rule": "weight", "why": "no constant weight"})
+                continue
+            small = _small_reason(node, rules, shapes)
+            if small:
+                pl.skipped.append({"node": node.name, "rule": "small-matmul", "why": small})
+                continue
+            if kept(node):
+                continue
+            wshape = _shape(w, shapes) or ()
+            at = _attrs(node)
+            if rules.weights == "block":
+                axis = resolve_axis(r.block_axis, op, at, len(wshape))
+            else:
+                axis = resolve_axis(r.weight_axis, op, at, len(wshape))
+            add(w, node, r.weight or 0, "weight", f"{op}.weight", axis=axis)
+            if rules.activations:
+                for slot in r.activations:
+                    x = node.inputs[slot] if slot < len(node.inputs) else None
+                    if x is None or is_const(x) or slot == r.weight:
+                        continue
+                    if _inside_fusion(x):
+                        why = f"input {x.name} is inside a fused {x.producer().op_type} chain"  # type: ignore[union-attr]
+                        pl.skipped.append({"node": node.name, "rule": "never-cut", "why": why})
+                        continue
+                    add(x, node, slot, "activation", f"{op}.input")
+        elif op == "Add" and rules.residual_add_producers and not any(is_const(x) for x in node.inputs):
+            a, b = node.inputs[0], node.inputs[1]
+            if a is None or b is None:
+                continue
+            fa = _through(a, rules.residual_add_producers)
+            fb = _through(b, rules.residual_add_producers)
+            # The branch that fuses is the Conv output used only by this Add; if both qualify
+            # (projection shortcut) the second input is treated as the skip.
+            if fa is not None and len(list(a.uses())) == 1:
+                skip = b
+            elif fb is not None and len(list(b.uses())) == 1:
+                skip = a
+            else:
+                continue
+            if not kept(node):
+                add(skip, node, node.inputs.index(skip), "activation", "residual-add.skip")
+
+    if rules.concat_shared_scale:
+        _share_concat_scales(graph, pl)
+    return pl
+
+
+def _share_concat_scales(graph: ir.Graph, pl: Placement) -> None:
+    """Union each Concat's inputs and output into one scale group (TensorRT concatenates
+    quantized tensors without requantizing only when they share one scale)."""
+    parent: dict[str, str] = {}
+    members: set[str] = set()
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    for node in graph:
+        if node.op_type != "Concat":
+            continue
+        names = [v.name for v in node.inputs if v is not None and not is_const(v)]
+        names.append(node.outputs[0].name)
+        members.update(n or "" for n in names)
+        root = find(names[0] or "")
+        for n in names[1:]:
+            parent[find(n or "")] = root
+    for s in pl.sites:
+        if s.kind == "activation" and s.tensor in members and s.fixed_amax is None:
+            g = find(s.tensor)
+            s.group = g
+            pl.groups.setdefault(g, []).append(s.tensor)

@@ -1,0 +1,146 @@
+"""Each placement rule of stages/lib/qdq/rules.py on a tiny inline graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from stages.lib.qdq.placement import plan
+from stages.lib.qdq.rules import MODES, NEVER_CUT_OPS, rules_for
+from tests import qdq_graphs as G
+
+
+def _ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def _sites(pl):
+    return {(s.tensor, s.kind): s for s in pl.sites}
+
+
+def test_tables_are_data():
+    assert set(MODES) == {"int8", "fp8", "int4-weight"}
+    assert rules_for("int8").ops["Conv"].weight_axis == 0
+    assert rules_for("int8").ops["ConvTranspose"].weight_axis == 1
+    assert rules_for("int8").ops["Conv"].never == (2,)
+    assert rules_for("fp8").opset_min >= 19 and rules_for("int4-weight").opset_min >= 21
+    with pytest.raises(ValueError, match="unknown"):
+        rules_for("int3")
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_conv_bn_relu_pool_never_cut(mode):
+    pl = plan(_ir(G.conv_bn_relu_pool()).graph, mode)
+    s = _sites(pl)
+    # Q/DQ on the inputs of both convs (graph input, and after MaxPool) and their weights, per-channel axis 0.
+    assert set(s) == {("x", "activation"), ("p", "activation"), ("w1", "weight"), ("w2", "weight")}
+    assert s[("w1", "weight")].axis == 0
+    # Never between Conv→BN→ReLU→MaxPool, and never the bias.
+    assert not {"c1", "bn", "r", "b1"} & {t for t, _ in s}
+
+
+def test_conv_transpose_axis1_and_gemm_transb():
+    pl = plan(_ir(G.conv_transpose_gemm()).graph, "int8")
+    s = _sites(pl)
+    assert s[("wt", "weight")].axis == 1  # ConvTranspose W is [Cin, Cout, kh, kw]
+    assert s[("wg", "weight")].axis == 0  # Gemm transB=1: W is [N, K], output channels on axis 0
+    assert ("bg", "weight") not in s and ("bg", "activation") not in s  # bias never
+
+
+def test_matmul_weight_along_output_dim_and_norm_untouched():
+    for norm in ("layernorm", "rms"):
+        g = _ir(G.mlp_block(norm=norm)).graph
+        pl = plan(g, "int8")
+        s = _sites(pl)
+        assert s[("w_up", "weight")].axis == 1  # [K, N]: N is the output dim
+        assert ("h", "activation") in s and ("g", "activation") in s  # after the norm / GELU
+        produced_by = {o.name: n.op_type for n in g for o in n.outputs}
+        for t, kind in s:
+            if kind == "activation":
+                # the tensor leaves the norm/GELU chain: no chain-internal tensor is quantized
+                assert t in ("h", "g")
+        assert produced_by["h"] in ("LayerNormalization", "Mul")
+
+
+def test_gemv_and_tiny_matmuls_are_skipped():
+    pl = plan(_ir(G.mlp_block()).graph, "int8")
+    why = {d["node"]: d["why"] for d in pl.skipped if d["rule"] == "small-matmul"}
+    assert "GEMV-like" in why["head/gemv/MatMul"]
+    assert "tiny" in why["head/tiny/MatMul"]
+    # decode-time shapes (M = 1) turn the MLP into GEMVs: why prefill-length calibration matters
+    pl1 = plan(_ir(G.mlp_block(seq=1)).graph, "int8")
+    assert "mlp/up/MatMul" in {d["node"] for d in pl1.skipped}
+
+
+def test_residual_add_quantizes_the_skip_input():
+    pl = plan(_ir(G.residual_conv()).graph, "int8")
+    x = _sites(pl)[("x", "activation")]
+    assert ("add1", 1) in x.uses  # the skip input of the Add
+    assert all(t != "c1" for t, _ in _sites(pl))  # the conv branch fuses into its epilogue
+    # int4 is weight-only: no residual rule
+    assert all(s.kind == "weight" for s in plan(_ir(G.residual_conv()).graph, "int4-weight").sites)
+
+
+def test_concat_inputs_share_one_scale_group():
+    pl = plan(_ir(G.concat_convs()).graph, "int8")
+    s = _sites(pl)
+    groups = {s[(t, "activation")].group for t in ("x1", "x2", "cat")}
+    assert len(groups) == 1 and None not in groups
+
+
+def test_attention_bmms_left_high_precision_by_default():
+    pl = plan(_ir(G.mha_block()).graph, "int8")
+    s = _sites(pl)
+    assert {("wq", "weight"), ("wo", "weight"), ("x", "activation"), ("o2", "activation")} <= set(s)
+    assert not {"q", "k", "v", "pr"} & {t for t, _ in s}
+    assert {d["node"] for d in pl.skipped if d["rule"] == "attention"} == {"attn/bmm1", "attn/bmm2"}
+    with pytest.raises(ValueError, match="not available"):
+        plan(_ir(G.mha_block()).graph, "int8", attention="fp8-mha")
+
+
+def test_fp8_mha_pattern():
+    pl = plan(_ir(G.mha_block()).graph, "fp8", attention="fp8-mha")
+    s = _sites(pl)
+    assert s[("q", "activation")].rule == "fp8-mha.bmm1" and ("k", "activation") in s
+    assert s[("pr", "activation")].fixed_amax == 1.0  # softmax output scale 1/448
+    assert s[("v", "activation")].rule == "fp8-mha.bmm2"
+    # head_dim 4 is outside (8, 256]: the pattern does not apply
+    pl2 = plan(_ir(G.mha_block(d=16, heads=4)).graph, "fp8", attention="fp8-mha")
+    assert not {"q", "pr"} & {t for t, _ in _sites(pl2)}
+
+
+def test_keep_patterns_and_default_keeps():
+    pl = plan(_ir(G.mha_block()).graph, "int8", keep=("*q_proj*",))
+    assert ("wq", "weight") not in _sites(pl)
+    assert pl.kept[0]["node"] == "attn/q_proj/MatMul" and "q_proj" in pl.kept[0]["why"]
+
+
+def test_int4_weight_only_blocks_along_k():
+    pl = plan(_ir(G.mlp_block(d=128)).graph, "int4-weight")
+    s = _sites(pl)
+    assert all(k == "weight" for _, k in s)
+    assert s[("w_up", "weight")].axis == 0  # blocks along K of [K, N]
+    assert "Conv" not in rules_for("int4-weight").ops
+
+
+def test_never_cut_ops_cover_norms_softmax_and_data_movement():
+    for op in ("LayerNormalization", "Softmax", "Gelu", "Reshape", "Transpose", "Concat", "Where"):
+        assert op in NEVER_CUT_OPS
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_no_dq_feeds_a_never_cut_op_after_insertion(mode):
+    from stages.lib.qdq.recipe import Calib, Recipe, build
+
+    proto = G.mha_block()
+    m = _ir(proto)
+    names = [v.name for n in m.graph for v in list(n.inputs) + list(n.outputs) if v is not None]
+    calib = Calib(amax=dict.fromkeys(names, 4.0), amax_fp8=dict.fromkeys(names, 4.0))
+    built = build(onnx.shape_inference.infer_shapes(proto), Recipe(mode), calib)
+    for node in built.model.graph:
+        if node.op_type == "DequantizeLinear":
+            for use in node.outputs[0].uses():
+                assert use.node.op_type not in NEVER_CUT_OPS, (node.name, use.node.op_type)
+    assert np.isfinite(len(list(built.model.graph)))
