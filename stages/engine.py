@@ -1,0 +1,156 @@
+"""engine@T: build the quantized graphs into TensorRT engines for one GPU target.
+
+Input (quantize@T): `vision.onnx`, `decoder.onnx` (optionally `embed.onnx`), `quantize.json`
+{graph: {"precision": ...}} and the io specs `vision.json` / `decoder.json` (`embed.json`).
+Output: `<graph>.engine`, `<graph>.engine.json` (sidecar), `<graph>.layers.json` (layer report).
+
+Every graph's precision is checked against the target before the first build, so an FP8 graph
+for an SM without FP8 fails fast. The timing cache is shared outside the cache (see
+`stages/lib/trt_timing_cache.py`): it speeds builds up without changing what they produce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stage import GateCheck, Stage, StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig, TargetSpec
+
+GRAPHS = ("vision", "decoder", "embed")
+REQUIRED = ("vision", "decoder")
+
+
+def params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
+    assert target is not None
+    return {
+        "engine": cfg.engine.model_dump(mode="json"),
+        "profiles": cfg.profiles.model_dump(mode="json"),
+        "gates": {k: g.model_dump(mode="json") for k, g in cfg.gates.items()},  # engine parity, where it runs
+        "builder": target.builder,
+        "sm": target.sm,
+    }
+
+
+def needs_host(cfg: BuildConfig, target: TargetSpec | None) -> str | None:
+    if target is None or target.builder != "tensorrt":
+        return None  # TensorRT-RTX compiles ahead of time on any host
+    from stages.lib.trt_backend import host_problem
+
+    return host_problem(target.builder, target.sm)
+
+
+def _io_spec(folder: Path, graph: str) -> dict[str, Any]:
+    """The graph's io spec; for a graph without one, its axis names read from the ONNX inputs."""
+    p = folder / f"{graph}.json"
+    spec: dict[str, Any] = json.loads(p.read_text()) if p.is_file() else {}
+    if not spec.get("inputs"):
+        import onnx
+
+        m = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
+        inits = {i.name for i in m.graph.initializer}
+        spec["inputs"] = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
+                          for i in m.graph.input if i.name not in inits]
+    return spec
+
+
+def _plan(src: Path, target: dict[str, Any]) -> list[tuple[str, str, set[str]]]:
+    """(graph, precision, Q/DQ dtypes) for every graph, refused before any build if unsupported."""
+    from stages.lib.trt_builder import graph_quant_dtypes, refuse_unsupported
+
+    qpath = src / "quantize.json"
+    if not qpath.is_file():
+        raise StageError(f"{src}: quantize.json is missing (expected {{graph: {{precision: ...}}}})")
+    qinfo = json.loads(qpath.read_text())
+    missing = [g for g in REQUIRED if not (src / f"{g}.onnx").is_file()]
+    if missing:
+        raise StageError(f"{src}: missing {', '.join(g + '.onnx' for g in missing)}")
+    plan = []
+    for g in (g for g in GRAPHS if (src / f"{g}.onnx").is_file()):
+        precision = str((qinfo.get(g) or {}).get("precision", "fp16"))
+        quant = graph_quant_dtypes(src / f"{g}.onnx")
+        refuse_unsupported(g, precision, quant, target)
+        plan.append((g, precision, quant))
+    return plan
+
+
+def run(ctx: StageContext) -> StageResult:
+    from stages.lib import engine_parity, trt_timing_cache
+    from stages.lib.engine_profiles import profile_for
+    from stages.lib.layer_report import onnx_op_types, report_from_log
+    from stages.lib.trt_backend import resolve_backend
+    from stages.lib.trt_builder import BuildOptions, build_engine
+
+    assert ctx.target is not None, "engine is a per-target stage"
+    target, p = ctx.target, ctx.params
+    src = ctx.inputs["quantize"]
+    plan = _plan(src, target)  # precision refusals first: no build has started yet
+    backend = resolve_backend(target["builder"], target["sm"])
+    e = p["engine"]
+    opts = BuildOptions(
+        workspace_mb=e["workspace_mb"], optimization_level=e["optimization_level"],
+        hardware_compatible=e["hardware_compatible"], version_compatible=e["version_compatible"],
+        weight_stripped=e["weight_stripped"], target_name=target["name"],
+        timing_cache_dir=trt_timing_cache.default_dir() if e["timing_cache"] else None,
+    )
+    result = StageResult()
+    for i, (g, precision, quant) in enumerate(plan):
+        ctx.report(f"{g}: profile", i / len(plan))
+        spec = _io_spec(src, g)
+        profile = profile_for(g, spec, p["profiles"])
+        built = build_engine(backend, src / f"{g}.onnx", ctx.out / f"{g}.engine", target["sm"], profile, opts,
+                             ctx.report, g)
+        summary = report_from_log(built.log, onnx_op_types(src / f"{g}.onnx"))
+        if summary.layers == 0:
+            raise StageError(f"{g}: the build log has no layer list (needs DETAILED profiling verbosity)")
+        (ctx.out / f"{g}.layers.json").write_text(json.dumps(summary.as_dict(), indent=1))
+        heldout = engine_parity.heldout_path(src, g)
+        why = engine_parity.why_not(backend, target["sm"], heldout)
+        parity: dict[str, Any] = {"status": f"not run: {why}"} if why else {
+            "status": "run", **engine_parity.run_parity(backend, ctx.out / f"{g}.engine", heldout)}
+        if why:
+            result.notes.append(f"{g} engine parity not run: {why}")
+        else:
+            gate = p["gates"].get(precision) or p["gates"]["fp16"]
+            result.gates.append(GateCheck.check(f"engine.{g}.cosine", parity["worst"]["cosine"], gate["cosine"]))
+        sidecar = {
+            "graph": g, "target": target["name"], "gpu": target.get("gpu", ""), "sm": target["sm"],
+            "builder": backend.name, "builder_module": backend.module, "builder_version": backend.version,
+            "precision": precision, "qdq_dtypes": sorted(quant),
+            "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profile.items()},
+            "inputs": built.inputs, "outputs": built.outputs,
+            "sha256": built.sha256, "bytes": built.bytes, "build_seconds": round(built.seconds, 3),
+            "peak_rss_mb": round(built.peak_rss_mb, 1),
+            "options": {"workspace_mb": opts.workspace_mb, "optimization_level": opts.optimization_level,
+                        "applied": built.options_applied, "unavailable": built.options_unavailable},
+            "timing_cache": built.timing_cache, "parity": parity,
+            "layers": {k: getattr(summary, k) for k in ("layers", "fused_mha", "low_precision_share",
+                                                          "conv_layers", "conv_fused_activation")},
+        }
+        (ctx.out / f"{g}.engine.json").write_text(json.dumps(sidecar, indent=1))
+        result.notes += [f"{g}: {o} not applied" for o in built.options_unavailable]
+        result.metrics[g] = {
+            "precision": precision, "bytes": built.bytes, "layers": summary.layers, "fused_mha": summary.fused_mha,
+            "low_precision_gemm_share": summary.low_precision_share, "build_seconds": round(built.seconds, 3),
+            "conv_fused_activation": summary.conv_fused_activation, "peak_rss_mb": round(built.peak_rss_mb, 1),
+            "parity": parity["status"],
+        }
+    return result
+
+
+STAGE = Stage(
+    name="engine",
+    version="1",
+    run=run,
+    params=params,
+    deps=("quantize",),
+    outputs=("vision.engine", "decoder.engine", "vision.engine.json", "decoder.engine.json",
+             "vision.layers.json", "decoder.layers.json"),
+    per_target=True,
+    toolchain=("tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu13-libs", "tensorrt", "onnx"),
+    description="TensorRT / TensorRT-RTX engines per target, with layer reports and sidecars",
+    needs_host=needs_host,
+)

@@ -1,0 +1,228 @@
+"""One engine builder over the TensorRT Python API, for `tensorrt` and `tensorrt_rtx` alike.
+
+The network is strongly typed: the ONNX graph's dtypes and explicit Q/DQ decide every layer's
+precision (NOTES §2 rule 9), so no precision flags are set and what the quantize stage wrote is
+what the engine runs. The builder objects are typed against `tensorrt-stubs` (full TensorRT);
+the RTX-only calls (compute capability) go through `getattr` in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stage import StageError
+from stages.lib import trt_timing_cache
+from stages.lib.trt_backend import Backend, local_gpu_sms, make_logger, make_progress_monitor, sm_int
+
+if TYPE_CHECKING:
+    import tensorrt
+
+Shape = tuple[int, ...]
+ProfileSpec = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+Report = Callable[[str, "float | None"], None]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    workspace_mb: int = 1024
+    optimization_level: int = 3
+    hardware_compatible: bool = False
+    version_compatible: bool = False
+    weight_stripped: bool = False
+    timing_cache_dir: Path | None = None  # None: build without a persistent timing cache
+    target_name: str = ""  # names the timing-cache file
+    # TensorRT-RTX >= 1.2 accepts the timing-cache calls but ignores them (its deprecation warning
+    # says "no-ops"), so the cache is attached for full TensorRT only; True attaches it anyway,
+    # which `bench/timing_cache.py` uses to show the no-op by measurement.
+    timing_cache_on_rtx: bool = False
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    bytes: int
+    sha256: str
+    seconds: float
+    peak_rss_mb: float
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    log: list[str]
+    options_applied: list[str] = field(default_factory=list)
+    options_unavailable: list[str] = field(default_factory=list)
+    timing_cache: dict[str, Any] | None = None
+
+
+def _dtype_name(dt: Any) -> str:
+    return str(getattr(dt, "name", dt)).split(".")[-1].lower()
+
+
+def _io(t: tensorrt.ITensor) -> dict[str, Any]:
+    return {"name": t.name, "dtype": _dtype_name(t.dtype), "shape": [int(d) for d in t.shape]}
+
+
+def _parse(trt: Any, network: tensorrt.INetworkDefinition, logger: Any, onnx_path: Path) -> None:
+    parser: tensorrt.OnnxParser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so external data (`*.onnx.data`) resolves next to the model
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
+        raise StageError(f"{onnx_path.name}: the ONNX parser failed: {'; '.join(errs[:3]) or 'no detail'}")
+
+
+def _set_profile(builder: tensorrt.Builder, network: tensorrt.INetworkDefinition,
+                 config: tensorrt.IBuilderConfig, spec: ProfileSpec, graph: str) -> None:
+    profile = builder.create_optimization_profile()
+    dynamic = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = [int(d) for d in t.shape]
+        if t.name not in spec:
+            if any(d < 0 for d in shape):
+                dynamic.append(t.name)
+            continue
+        lo, opt, hi = spec[t.name]
+        for s in (lo, opt, hi):
+            if len(s) != len(shape) or any(d >= 0 and d != v for d, v in zip(shape, s, strict=True)):
+                raise StageError(f"{graph}: profile shape {list(s)} does not fit input {t.name} {shape}")
+        if t.is_shape_tensor:
+            profile.set_shape_input(t.name, lo, opt, hi)
+        else:
+            profile.set_shape(t.name, lo, opt, hi)
+    if dynamic:
+        raise StageError(f"{graph}: dynamic inputs without a profile: {', '.join(dynamic)}")
+    if config.add_optimization_profile(profile) < 0:
+        raise StageError(f"{graph}: TensorRT rejected the optimization profile {spec}")
+
+
+def _configure(backend: Backend, config: tensorrt.IBuilderConfig, sm: str, opts: BuildOptions,
+               result: BuildResult) -> None:
+    trt = backend.trt
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
+    config.builder_optimization_level = opts.optimization_level
+    # DETAILED + a VERBOSE logger puts the engine's layer list (with precisions) into the log
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if backend.aot:
+        cc = getattr(trt.ComputeCapability, f"SM{sm_int(sm)}")
+        cfg: Any = config  # RTX-only API, absent from tensorrt-stubs
+        cfg.num_compute_capabilities = 1
+        if not cfg.set_compute_capability(cc, 0):
+            raise StageError(f"TensorRT-RTX refused compute capability SM {sm}")
+        result.options_applied.append(f"compute_capability=SM{sm_int(sm)}")
+    flags = trt.BuilderFlag
+    if opts.hardware_compatible:
+        level = getattr(getattr(trt, "HardwareCompatibilityLevel", None), "AMPERE_PLUS", None)
+        if level is None or sm_int(sm) < 80:
+            result.options_unavailable.append(f"hardware_compatible (needs SM >= 8.0 and {backend.name} support)")
+        else:
+            config.hardware_compatibility_level = level
+            result.options_applied.append("hardware_compatibility_level=AMPERE_PLUS")
+    if opts.weight_stripped and backend.aot and not local_gpu_sms():
+        # measured with TensorRT-RTX 1.7: any REFIT*/STRIP_PLAN flag makes Myelin JIT-compile
+        # through CUDA at build time, which fails on a CPU-only host (CHECK(status == CUDA_SUCCESS))
+        raise StageError(f"weight-stripped (refittable) engines need a GPU at build time with TensorRT-RTX "
+                         f"{backend.version}; this host has none: set engine.weight_stripped: false here")
+    # RTX wheels ship no lean runtime (libnvinfer_lean) to embed: exclude it, the runtime brings its own
+    vc = ("VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME") if backend.aot else ("VERSION_COMPATIBLE",)
+    for wanted, names in ((opts.version_compatible, vc), (opts.weight_stripped, ("STRIP_PLAN", "REFIT_IDENTICAL"))):
+        for n in names if wanted else ():
+            if hasattr(flags, n):
+                config.set_flag(getattr(flags, n))
+                result.options_applied.append(n)
+            else:
+                result.options_unavailable.append(f"{n} ({backend.name} {backend.version} has no such flag)")
+
+
+def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, profile: ProfileSpec,
+                 opts: BuildOptions, report: Report | None = None, graph: str = "") -> BuildResult:
+    """Parse, configure and build one engine into `out_path`; StageError on any failure."""
+    trt = backend.trt
+    graph = graph or onnx_path.stem
+    say: Report = report or (lambda m, f=None: None)
+    log: list[str] = []
+    logger = make_logger(trt, log)
+    builder: tensorrt.Builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    _parse(trt, network, logger, onnx_path)
+    config = builder.create_builder_config()
+    result = BuildResult(out_path, 0, "", 0.0, 0.0, [_io(network.get_input(i)) for i in range(network.num_inputs)],
+                         [_io(network.get_output(i)) for i in range(network.num_outputs)], log)
+    _configure(backend, config, sm, opts, result)
+    _set_profile(builder, network, config, profile, graph)
+    monitor = make_progress_monitor(trt, lambda m, f=None: say(f"{graph}: {m}", f))
+    if monitor is not None:
+        config.progress_monitor = monitor
+    cache = use = None
+    if opts.timing_cache_dir is not None and backend.aot and not opts.timing_cache_on_rtx:
+        result.timing_cache = {"used": False, "reason": f"TensorRT-RTX {backend.version} ignores timing caches "
+                               "(its timing-cache calls are no-ops since 1.2: no host-side tactic timing)"}
+    elif opts.timing_cache_dir is not None:
+        path = trt_timing_cache.cache_path(opts.timing_cache_dir, opts.target_name or f"sm{sm}", sm,
+                                           backend.name, backend.version)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # RTX's "no-op" notice, when forced
+            cache, use = trt_timing_cache.attach(config, path)
+    say(f"{graph}: building ({backend.name} {backend.version}, SM {sm})", None)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    result.seconds = time.perf_counter() - t0
+    if plan is None:
+        errs = [ln for ln in log if ln.startswith(("[E]", "[F]"))]
+        raise StageError(f"{graph}: {backend.name} build failed for SM {sm}: "
+                         f"{errs[-1][4:].splitlines()[0] if errs else 'no error logged'}")
+    if cache is not None and use is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            trt_timing_cache.save(config, cache, use)
+        result.timing_cache = {"used": True, **use.as_dict()}
+    data = memoryview(plan)
+    out_path.write_bytes(data)
+    result.bytes = data.nbytes
+    result.sha256 = hashlib.sha256(data).hexdigest()
+    # ru_maxrss is KiB on Linux: the worker process's peak so far (one node per process)
+    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    say(f"{graph}: built {result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s", 1.0)
+    return result
+
+
+def graph_quant_dtypes(onnx_path: Path) -> set[str]:
+    """Low-precision types the graph's Q/DQ use ({"int8", "fp8", "int4"}), read without weights."""
+    import onnx
+    from onnx import TensorProto as T
+
+    kinds = {T.INT8: "int8", T.UINT8: "int8", T.INT4: "int4", T.UINT4: "int4", T.FLOAT8E4M3FN: "fp8",
+             T.FLOAT8E4M3FNUZ: "fp8", T.FLOAT8E5M2: "fp8", T.FLOAT8E5M2FNUZ: "fp8"}
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    types = {i.name: i.data_type for i in m.graph.initializer}
+    out: set[str] = set()
+    for n in m.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        # the zero point's dtype, the Q's output_dtype attribute, or the quantized weight itself
+        cands = [types.get(x) for x in n.input[:1] + n.input[2:3]]
+        cands += [a.i for a in n.attribute if a.name == "output_dtype"]
+        out |= {kinds[c] for c in cands if c in kinds}
+    return out
+
+
+def refuse_unsupported(graph: str, precision: str, quant: set[str], target: dict[str, Any]) -> None:
+    """Refuse, before any build, a precision the target's hardware does not have."""
+    from pipeline.targets import load_catalog, with_fp8
+
+    name, sm = target["name"], target["sm"]
+    have = tuple(target.get("precisions", ()))
+    if precision == "fp8" or "fp8" in quant:
+        if "fp8" not in have or sm_int(sm) < 89:
+            raise StageError(
+                f"{graph}: FP8 needs SM >= 8.9 and target {name} is SM {sm} (the graph "
+                f"{'asks for fp8' if precision == 'fp8' else 'holds FP8 Q/DQ'}); targets with FP8: "
+                f"{', '.join(with_fp8(load_catalog()))}")
+    if precision not in (*have, "fp16"):
+        raise StageError(f"{graph}: target {name} (SM {sm}) does not support {precision} (it has: {', '.join(have)})")
+    if "int8" in quant and sm_int(sm) < 75:
+        raise StageError(f"{graph}: INT8 tensor cores need SM >= 7.5 and target {name} is SM {sm}")

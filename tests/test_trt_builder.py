@@ -1,0 +1,162 @@
+"""Real TensorRT-RTX builds on CPU of tiny Q/DQ graphs: precision, refusals, timing cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.stage import StageError
+from pipeline.targets import load_catalog, with_fp8
+from stages.lib import trt_probe_graphs as G
+from stages.lib.engine_profiles import profile_for, vision_patch_counts
+from stages.lib.layer_report import report_from_log
+from stages.lib.trt_backend import host_problem, local_gpu_sms, resolve_backend
+from stages.lib.trt_builder import BuildOptions, build_engine, graph_quant_dtypes, refuse_unsupported
+
+CONV_PROFILE = {"x": ((1, 8, 16, 16), (1, 8, 32, 32), (2, 8, 64, 64))}
+MHA_PROFILE = {"x": ((1, 8, 64), (1, 32, 64), (2, 128, 64))}
+
+
+def _build(tmp: Path, graph: Path, sm: str, profile: dict, **kw):  # type: ignore[no-untyped-def]
+    be = resolve_backend("tensorrt-rtx", sm)
+    return build_engine(be, graph, tmp / f"{graph.stem}.engine", sm, profile, BuildOptions(**kw))
+
+
+def test_tensorrt_rtx_is_importable() -> None:
+    # CI installs TensorRT-RTX: its absence is a failure, not a skip
+    assert host_problem("tensorrt-rtx", "8.6") is None
+    be = resolve_backend("tensorrt-rtx", "8.6")
+    assert be.aot and be.version[0].isdigit()
+
+
+def test_int8_conv_relu_sm86(tmp_path: Path) -> None:
+    g = G.conv_relu(tmp_path / "conv.onnx", "int8")
+    assert graph_quant_dtypes(g) == {"int8"}
+    r = _build(tmp_path, g, "8.6", CONV_PROFILE)
+    assert r.bytes > 10_000 and r.path.stat().st_size == r.bytes and len(r.sha256) == 64
+    assert "compute_capability=SM86" in r.options_applied
+    s = report_from_log(r.log)
+    assert s.conv_layers == 2 and s.conv_fused_activation == 2
+    assert s.gemm_conv_precisions == {"Int8": 2} and s.low_precision_share == 1.0
+    assert [i["name"] for i in r.inputs] == ["x"] and r.inputs[0]["dtype"] == "half"
+    assert r.inputs[0]["shape"] == [-1, 8, -1, -1]
+
+
+def test_fp8_sm89_builds_fp8_gemms(tmp_path: Path) -> None:
+    g = G.mha_mlp(tmp_path / "mha.onnx", "fp8")
+    assert graph_quant_dtypes(g) == {"fp8"}
+    s = report_from_log(_build(tmp_path, g, "8.9", MHA_PROFILE).log)
+    assert s.fused_mha == 1
+    assert set(s.gemm_conv_precisions) == {"FP8"} and s.low_precision_share == 1.0
+
+
+def test_fp8_for_sm86_refused_before_building(tmp_path: Path) -> None:
+    g = G.conv_relu(tmp_path / "conv.onnx", "fp8")
+    rtx3090 = load_catalog()["rtx3090"].model_dump()
+    with pytest.raises(StageError) as e:
+        refuse_unsupported("vision", "int8", graph_quant_dtypes(g), rtx3090)  # the graph holds FP8 Q/DQ
+    msg = str(e.value)
+    assert "FP8 needs SM >= 8.9" in msg and "rtx3090 is SM 8.6" in msg
+    assert ", ".join(with_fp8(load_catalog())) in msg
+    with pytest.raises(StageError, match="asks for fp8"):
+        refuse_unsupported("decoder", "fp8", set(), rtx3090)
+    refuse_unsupported("vision", "fp8", {"fp8"}, load_catalog()["rtx4090"].model_dump())  # allowed
+
+
+def test_builder_failure_is_a_stage_error(tmp_path: Path) -> None:
+    # what the refusal above prevents: the builder itself only fails deep inside Myelin
+    g = G.conv_relu(tmp_path / "conv.onnx", "fp8")
+    with pytest.raises(StageError, match="HW-specific datatypes"):
+        _build(tmp_path, g, "8.6", CONV_PROFILE)
+
+
+def test_full_tensorrt_missing_fails_clearly() -> None:
+    problem = host_problem("tensorrt", "8.0")
+    if problem is None:  # a GPU host with TensorRT and an SM 8.0 GPU: it must resolve
+        assert resolve_backend("tensorrt", "8.0").name == "tensorrt"
+        return
+    assert "TensorRT" in problem and "8.0" in problem
+    with pytest.raises(StageError, match="TensorRT"):
+        resolve_backend("tensorrt", "8.0")
+    if local_gpu_sms() is None:
+        assert "GPU" in problem or "not importable" in problem
+
+
+def test_rtx_refuses_hopper() -> None:
+    assert "cannot compile for SM 9.0" in (host_problem("tensorrt-rtx", "9.0") or "")
+
+
+def test_timing_cache_file_created_locked_and_reused(tmp_path: Path) -> None:
+    # the file mechanics (lock, merge, atomic replace) through the real API; RTX accepts the
+    # calls (and ignores the content), full TensorRT fills the same file with tactic timings
+    g = G.mha_mlp(tmp_path / "mha.onnx", "int8")
+    opts = {"timing_cache_dir": tmp_path / "tc", "target_name": "rtx4090", "timing_cache_on_rtx": True}
+    first = _build(tmp_path, g, "8.9", MHA_PROFILE, **opts)
+    assert first.timing_cache is not None and first.timing_cache["used"] and not first.timing_cache["warm"]
+    path = Path(first.timing_cache["path"])
+    assert path.is_file() and path.stat().st_size == first.timing_cache["saved_bytes"] > 0
+    assert "tensorrt-rtx" in path.name and "rtx4090" in path.name and "sm8.9" in path.name
+    assert Path(str(path) + ".lock").exists()  # filelock's lock file: concurrent builds serialize on it
+    second = _build(tmp_path, g, "8.9", MHA_PROFILE, **opts)
+    assert second.timing_cache is not None and second.timing_cache["warm"]
+    assert second.timing_cache["loaded_bytes"] == first.timing_cache["saved_bytes"]
+    assert second.sha256 == first.sha256  # a timing cache never changes the engine
+
+
+def test_rtx_build_skips_the_noop_timing_cache(tmp_path: Path) -> None:
+    g = G.conv_relu(tmp_path / "conv.onnx", "int8")
+    r = _build(tmp_path, g, "8.6", CONV_PROFILE, timing_cache_dir=tmp_path / "tc", target_name="rtx3090")
+    assert r.timing_cache is not None and r.timing_cache["used"] is False and "no-ops" in r.timing_cache["reason"]
+    assert not (tmp_path / "tc").exists()
+
+
+def test_profile_must_cover_dynamic_inputs(tmp_path: Path) -> None:
+    g = G.conv_relu(tmp_path / "conv.onnx", "fp16")
+    with pytest.raises(StageError, match="dynamic inputs without a profile: x"):
+        _build(tmp_path, g, "8.9", {})
+    with pytest.raises(StageError, match="does not fit input x"):
+        _build(tmp_path, g, "8.9", {"x": ((1, 3, 16, 16), (1, 3, 16, 16), (1, 3, 16, 16))})
+
+
+def test_weight_stripped_needs_a_gpu_with_rtx(tmp_path: Path) -> None:
+    g = G.mha_mlp(tmp_path / "mha.onnx", "fp16")
+    if local_gpu_sms():
+        r = _build(tmp_path, g, "8.9", MHA_PROFILE, weight_stripped=True)
+        assert "STRIP_PLAN" in r.options_applied
+        return
+    with pytest.raises(StageError, match="weight-stripped .* need a GPU at build time"):
+        _build(tmp_path, g, "8.9", MHA_PROFILE, weight_stripped=True)
+
+
+def test_compatibility_options(tmp_path: Path) -> None:
+    g = G.conv_relu(tmp_path / "conv.onnx", "int8")
+    r = _build(tmp_path, g, "8.6", CONV_PROFILE, hardware_compatible=True, version_compatible=True)
+    assert {"hardware_compatibility_level=AMPERE_PLUS", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"} <= set(
+        r.options_applied)
+    r75 = _build(tmp_path, g, "7.5", CONV_PROFILE, hardware_compatible=True)
+    assert any("hardware_compatible" in u for u in r75.options_unavailable)
+
+
+def test_vision_patch_counts() -> None:
+    vis = {"min_image": (56, 56), "opt_image": (224, 224), "max_image": (448, 448), "max_images": 2}
+    assert vision_patch_counts(vis, 14, 2) == (16, 256, 2048)
+    # sides snap to multiples of patch*merge as the Qwen processor does
+    assert vision_patch_counts({**vis, "min_image": (60, 50)}, 14, 2)[0] == 4 * 4
+
+
+def test_profile_for_decoder_and_vision() -> None:
+    profiles = {"vision": {"min_image": (56, 56), "opt_image": (224, 224), "max_image": (448, 448), "max_images": 2},
+                "decoder": {"batch": {"min": 1, "opt": 1, "max": 2}, "seq": {"min": 1, "opt": 64, "max": 256},
+                            "past": {"min": 0, "opt": 64, "max": 256}}}
+    dec = {"inputs": [{"name": "inputs_embeds", "shape": ["batch", "seq", 32]},
+                      {"name": "attention_mask", "shape": ["batch", "total"]},
+                      {"name": "past_key_values.0.key", "shape": ["batch", 2, "past", 16]}]}
+    p = profile_for("decoder", dec, profiles)
+    assert p["inputs_embeds"] == ((1, 1, 32), (1, 64, 32), (2, 256, 32))
+    assert p["attention_mask"] == ((1, 1), (1, 128), (2, 512))
+    assert p["past_key_values.0.key"][0] == (1, 2, 0, 16)
+    vis = {"inputs": [{"name": "pixel_values", "shape": ["patches", 1176]}], "spec": {"patch_size": 14, "merge_size": 2}}
+    assert profile_for("vision", vis, profiles)["pixel_values"] == ((16, 1176), (256, 1176), (2048, 1176))
+    with pytest.raises(StageError, match="no patch_size"):
+        profile_for("vision", {"inputs": vis["inputs"]}, profiles)
