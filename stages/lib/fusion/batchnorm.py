@@ -1,0 +1,75 @@
+"""Rule ``fold_batchnorm``: BatchNormalization folded into the Conv before it, and the
+Conv→[BN]→[residual Add]→activation→[MaxPool] chains tagged as one fusible partition.
+
+Folding uses onnxscript's own rewrite rule (W' = W·γ/σ, b' = (b − μ)·γ/σ + β, checked that the
+weights are constant initializers not shared with other nodes): a BN left in place is a separate
+scale layer in TensorRT and a place where the Q/DQ stage could cut the conv from its epilogue.
+
+The partition tags (see ``annotate``) tell the Q/DQ stage which edges TensorRT fuses itself:
+TensorRT folds a following activation (and a residual Add on the conv output) into the conv's
+epilogue and a MaxPool into the same partition only when no Q/DQ sits between them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from stages.lib.fusion import annotate
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+# Activations TensorRT's conv kernels run as a fused epilogue.
+FUSIBLE_ACTIVATIONS = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "Elu", "Selu", "Softplus"}
+)
+
+
+def fold_batchnorm(model: ir.Model) -> int:
+    """Fold every foldable BN into its Conv/ConvTranspose; returns how many were folded."""
+    from onnxscript.rewriter import RewriteRuleSet
+    from onnxscript.rewriter.rules.common import (
+        fuse_batchnorm_into_conv_rule,
+        fuse_batchnorm_into_conv_transpose_rule,
+    )
+
+    rules = RewriteRuleSet([fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule])
+    return int(rules.apply_to_model(model))
+
+
+def _sole_consumer(value: ir.Value, graph_outputs: set[ir.Value]) -> ir.Node | None:
+    """The one node reading ``value``, or None when it fans out or is a graph output
+    (a fanned-out or exported intermediate cannot be fused into an epilogue)."""
+    if value in graph_outputs:
+        return None
+    users = {node for node, _ in value.uses()}
+    return users.pop() if len(users) == 1 else None
+
+
+def annotate_conv_partitions(model: ir.Model, start: int = 0) -> int:
+    """Tag Conv→[BN]→[Add]→act→[MaxPool] (at least Conv→act) chains; returns how many."""
+    graph = model.graph
+    outputs = set(graph.outputs)
+    count = start
+    for conv in list(graph):
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+            continue
+        chain: list[tuple[ir.Node, str]] = [(conv, "conv")]
+        nxt = _sole_consumer(conv.outputs[0], outputs)
+        if nxt is not None and nxt.op_type == "BatchNormalization":
+            chain.append((nxt, "bn"))
+            nxt = _sole_consumer(nxt.outputs[0], outputs)
+        if nxt is not None and nxt.op_type == "Add":
+            chain.append((nxt, "residual_add"))
+            nxt = _sole_consumer(nxt.outputs[0], outputs)
+        if nxt is None or nxt.op_type not in FUSIBLE_ACTIVATIONS:
+            continue  # no activation to fuse: nothing TensorRT would keep together for us
+        chain.append((nxt, "act"))
+        pool = _sole_consumer(nxt.outputs[0], outputs)
+        if pool is not None and pool.op_type == "MaxPool":
+            chain.append((pool, "pool"))
+        group = f"conv_act/{count:04d}"
+        for node, role in chain:
+            annotate.tag(node, group, "conv_act", role)
+        count += 1
+    return count - start
