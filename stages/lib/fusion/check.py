@@ -58,7 +58,7 @@ def random_feeds(
 
 
 def compare(
-    before: onnx.ModelProto | bytes, after: onnx.ModelProto | bytes, feeds: dict[str, np.ndarray]
+    before: onnx.ModelProto | bytes | str, after: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """{"max_abs": worst |after − before| over all outputs, "ref_max": max |before|,
     "per_output": [...]} computed in float64 from outputs in the graph's own dtype."""
