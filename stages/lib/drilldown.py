@@ -1,0 +1,261 @@
+"""Layer-wise drill-down: where, block by block, does a graph start to disagree with PyTorch?
+
+1. Find each transformer block's output tensor in the ONNX graph. Blocks are recognised by the
+   module path the exporter records: ``pkg.torch.onnx.name_scopes`` / ``namespace`` metadata
+   (``torch.onnx.export(dynamo=True)``: node names are ``node_add_3``, useless) or the node name
+   (``/blocks.3/Add``, TorchScript). A block's output is the last tensor, in graph order, that a
+   node of block k produces and a node outside block k consumes: the residual sum that feeds
+   block k+1 (or the Q/DQ pair in front of it). Nodes a quantizer added without a scope are
+   simply "outside", which keeps that rule true in Q/DQ graphs.
+2. Mark those tensors as extra graph outputs and run once in onnxruntime with all graph
+   optimizations off (NOTES §3: ORT's Q/DQ fusions change rounding and reject FP8).
+3. Capture the same points in PyTorch with forward hooks on the model's block modules.
+4. Compare per block (stages/lib/metrics) and name the first block where the error jumps:
+   the first block whose rel-L2 increase over the previous block is at least ``share`` of the
+   largest increase and above ``floor`` (quantization noise grows smoothly block after block;
+   a broken block adds a step, and later amplification of that step does not move the answer
+   because the *first* block over the bar wins).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages.lib.metrics import compare
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+
+_PROTO_LIMIT = 2**31 - 2**26  # protobuf refuses to serialize 2 GB
+_BLOCK = re.compile(r"(?:^|[/.: ])(blocks|layers)\.(\d+)(?=$|[/.: _])")
+
+
+def session(model: str | Path | bytes) -> ort.InferenceSession:
+    """An ORT CPU session with graph optimizations disabled (the quantized-graph reference)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def node_block(node: onnx.NodeProto, kind: str) -> int | None:
+    """Block index of a node for ``kind`` ("blocks" or "layers"), or None if outside blocks."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    texts: list[str] = []
+    if "pkg.torch.onnx.name_scopes" in meta:
+        try:
+            texts += [str(s) for s in ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])]
+        except (ValueError, SyntaxError):
+            pass
+    texts += [meta.get("namespace", ""), node.name]
+    for t in texts:
+        for m in _BLOCK.finditer(t if t.startswith("/") else "/" + t):
+            if m.group(1) == kind:
+                return int(m.group(2))
+    return None
+
+
+def block_outputs(model: onnx.ModelProto, kind: str) -> dict[int, str]:
+    """Block index -> the tensor name of that block's output (see module docstring)."""
+    nodes = list(model.graph.node)
+    blocks = [node_block(n, kind) for n in nodes]
+    consumers: dict[str, set[int | None]] = {}
+    for b, n in zip(blocks, nodes, strict=True):
+        for i in n.input:
+            consumers.setdefault(i, set()).add(b)
+    out: dict[int, str] = {}
+    for b, n in zip(blocks, nodes, strict=True):  # graph order: later producers win
+        if b is None:
+            continue
+        for o in n.output:
+            if o and any(c != b for c in consumers.get(o, ())):
+                out[b] = o
+    return dict(sorted(out.items()))
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns ``names`` (types from shape inference when known)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+        vinfo = {v.name: v for v in inferred.graph.value_info}
+    except Exception:  # noqa: BLE001 - inference fails on some contrib ops; ORT infers at load
+        vinfo = {}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(vinfo.get(n) or helper.make_empty_tensor_value_info(n))
+    return m
+
+
+def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[str],
+               workdir: Path | None = None) -> dict[str, np.ndarray]:
+    """Run the graph once with ``names`` marked as outputs; returns those tensors."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=True)
+    marked = with_outputs(model, names)
+    if marked.ByteSize() < _PROTO_LIMIT:
+        # From bytes: nothing is written next to the (read-only, cached) input graph.
+        sess = session(marked.SerializeToString())
+    else:  # over the protobuf limit: a temporary copy with external data, in our own folder
+        if workdir is None:
+            raise ValueError(f"{model_path.name} is over 2 GB: drill-down needs a workdir for a marked copy")
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / f"marked_{model_path.name}"
+        onnx.save(marked, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+        sess = session(tmp)
+    del model, marked
+    known = {i.name for i in sess.get_inputs()}
+    vals = sess.run(list(names), {k: v for k, v in feeds.items() if k in known})
+    return dict(zip(names, vals, strict=True))
+
+
+def capture_torch(points: Sequence[tuple[Any, str]], fn: Callable[[], Any]) -> list[np.ndarray]:
+    """Tensors at ``(module, "out" | "in")`` points during ``fn()``: a module's output (first
+    element of a tuple) or its hidden-state input (first positional or ``hidden_states``)."""
+    import torch
+
+    got: dict[int, np.ndarray] = {}
+
+    def keep(i: int, t: Any) -> None:
+        t = t[0] if isinstance(t, tuple | list) else t
+        got.setdefault(i, t.detach().float().cpu().numpy())  # first call only: one forward pass
+
+    handles = []
+    for i, (mod, where) in enumerate(points):
+        if where == "in":
+            handles.append(mod.register_forward_pre_hook(
+                lambda _m, a, kw, i=i: keep(i, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda _m, _a, out, i=i: keep(i, out)))
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in range(len(points)) if i not in got]
+    if missing:
+        raise RuntimeError(f"forward hooks at points {missing} never fired")
+    return [got[i] for i in range(len(points))]
+
+
+def row_order(before: np.ndarray, after: np.ndarray) -> np.ndarray | None:
+    """Indices ``p`` with ``after == before[p]`` row-wise (a pure reordering such as Qwen2.5-VL's
+    window permutation), found by exact row matching, or None if it is not one."""
+    a, b = before.reshape(before.shape[0], -1), after.reshape(after.shape[0], -1)
+    if a.shape != b.shape:
+        return None
+    where = {r.tobytes(): i for i, r in enumerate(a)}
+    if len(where) != len(a):
+        return None  # repeated rows: ambiguous
+    p = [where.get(r.tobytes(), -1) for r in b]
+    return np.asarray(p) if min(p) >= 0 else None
+
+
+def compare_blocks(onnx_outs: dict[int, np.ndarray], torch_outs: Sequence[np.ndarray],
+                   orders: Sequence[np.ndarray | None] = (None,)) -> tuple[list[dict[str, Any]], int]:
+    """Per-block figures. ``orders`` are candidate row permutations of the PyTorch tensors (e.g.
+    Qwen2.5-VL's window order vs processor order); the one that matches block 0 best is used
+    for all blocks. Returns (rows, index of the order used)."""
+
+    def aligned(t: np.ndarray, o: np.ndarray | None, size: int) -> np.ndarray | None:
+        if t.size != size:
+            return None
+        if o is not None:
+            t = t.reshape(len(o), -1)[o] if t.size % len(o) == 0 else t
+        return t.reshape(-1)
+
+    first = min(onnx_outs) if onnx_outs else None
+    best = 0
+    if first is not None and first < len(torch_outs) and len(orders) > 1:
+        cos = []
+        for o in orders:
+            a = aligned(torch_outs[first], o, onnx_outs[first].size)
+            cos.append(compare(onnx_outs[first].reshape(-1), a).cosine if a is not None else -2.0)
+        best = int(np.nanargmax(cos))
+    rows = []
+    for b, out in sorted(onnx_outs.items()):
+        ref = aligned(torch_outs[b], orders[best], out.size) if b < len(torch_outs) else None
+        if ref is None:
+            rows.append({"block": b, "status": "shape mismatch", "shape": list(out.shape)})
+            continue
+        rows.append({"block": b, "status": "ok", "shape": list(out.shape),
+                     **compare(out.reshape(-1), ref).as_dict()})
+    return rows, best
+
+
+def find_jump(rows: Sequence[dict[str, Any]], share: float = 0.5, floor: float = 1e-3) -> dict[str, Any]:
+    """The first block whose rel-L2 step is >= ``share`` x the largest step and > ``floor``."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return {"block": None, "why": "no block could be compared"}
+    prev, steps = 0.0, []
+    for r in ok:
+        rel = float(r["rel_l2"]) if np.isfinite(r["rel_l2"]) else float("inf")
+        steps.append(rel - prev)
+        prev = rel
+    big = max(steps)
+    if not big > floor:
+        return {"block": None, "why": f"no rel-L2 step above {floor:g} (largest {big:.3g})", "steps": steps}
+    for r, s in zip(ok, steps, strict=True):
+        if s >= share * big:
+            return {"block": int(r["block"]), "step": s, "largest_step": big, "steps": steps,
+                    "why": f"rel-L2 rises by {s:.3g} at block {r['block']} (largest step {big:.3g})"}
+    return {"block": None, "why": "unreachable", "steps": steps}  # pragma: no cover
+
+
+def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, jump: int | None = None) -> Path:
+    """Per-block cosine and rel-L2 (PNG, Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    xs = [r["block"] for r in ok]
+    fig, ax1 = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax1.plot(xs, [r["rel_l2"] for r in ok], "o-", color="tab:red", label="rel L2")
+    ax1.set_xlabel("block")
+    ax1.set_ylabel("rel L2", color="tab:red")
+    ax2 = ax1.twinx()
+    ax2.plot(xs, [1 - r["cosine"] for r in ok], "s--", color="tab:blue", label="1 - cosine")
+    ax2.set_ylabel("1 - cosine", color="tab:blue")
+    if jump is not None:
+        ax1.axvline(jump, color="k", ls=":", lw=1)
+    ax1.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def drilldown(model_path: Path, feeds: dict[str, np.ndarray], kind: str, torch_outs: Sequence[np.ndarray],
+              orders: Sequence[np.ndarray | None] = (None,), workdir: Path | None = None) -> dict[str, Any]:
+    """Mark, run, compare and locate. ``torch_outs``: per-block PyTorch outputs for ``feeds``."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    points = block_outputs(proto, kind)
+    if not points:
+        return {"kind": kind, "blocks": [], "jump": {"block": None, "why": f"no '{kind}.N' scopes in the graph"}}
+    got = run_marked(model_path, feeds, list(points.values()), workdir)
+    rows, order = compare_blocks({b: got[t] for b, t in points.items()}, torch_outs, orders)
+    for r in rows:
+        r["tensor"] = points[r["block"]]
+    return {"kind": kind, "blocks": rows, "order": order, "jump": find_jump(rows)}

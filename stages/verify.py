@@ -1,0 +1,236 @@
+"""verify@T: does what we ship compute what the PyTorch model computes, and if not, where not?
+
+Per graph x precision x target, on the held-out set of the ``reference`` stage:
+- the quantized ONNX graphs in onnxruntime (CPU, optimizations off): vision features, decoder
+  prefill logits (cosine, rel-L2, max-abs, norm ratio; top-1/top-5 next-token agreement) and an
+  N-token greedy multimodal generation through the graphs under test (token agreement);
+- the engines, only where they can execute (a GPU of the target's SM plus the runtime); else
+  the row says "engine comparison not run: <why>" with status "not-run", never "pass".
+Gates come from ``gates[<precision>]`` (the precision each graph was quantized to is read from
+``quantize.json``). A miss raises GateFailed with a table of what missed, after the drill-down
+(``stages/lib/drilldown.py``) has named the first block where the error jumps.
+
+``verify.json``: {"target", "sm", "reference": {...}, "rows": [{"graph", "precision", "target",
+"runtime", "status": "pass|fail|not-run", "reason", "figures", "per_sample", "gates": [...]}],
+"drilldown": {graph: {"kind", "blocks": [...], "jump": {"block", "why", ...}, "plot"}},
+"passed": bool, "not_run": [reasons]}.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
+
+GRAPHS = ("vision", "decoder")
+TORCH_BLOCKS = {"vision": "blocks", "decoder": "layers"}  # module-list names, as the exporter scopes them
+
+
+def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
+    assert target is not None
+    return {
+        "gates": {k: g.model_dump(mode="json") for k, g in sorted(cfg.gates.items())},
+        "drilldown": cfg.verify.drilldown,
+        "generate_tokens": cfg.verify.generate_tokens,
+        "target": target.name, "sm": target.sm, "builder": target.builder,
+    }
+
+
+def _row(graph: str, precision: str, target: str, runtime: str, status: str, **kw: Any) -> dict[str, Any]:
+    return {"graph": graph, "precision": precision, "target": target, "runtime": runtime, "status": status,
+            "reason": kw.pop("reason", None), **kw}
+
+
+def _gated_row(graph: str, precision: str, p: dict[str, Any], runtime: str, figures: dict[str, Any],
+               per_sample: list[Any], gate: dict[str, Any]) -> tuple[dict[str, Any], list[GateCheck]]:
+    from stages.lib.verify_graphs import gate_checks
+
+    checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
+    status = "pass" if all(c.passed for c in checks) else "fail"
+    row = _row(graph, precision, p["target"], runtime, status, figures=figures, per_sample=per_sample,
+               gates=[c.__dict__ for c in checks])
+    return row, checks
+
+
+def _engine_row(ctx: StageContext, graph: str, precision: str, sample: dict[str, np.ndarray],
+                feeds: dict[str, np.ndarray], ref: dict[str, np.ndarray], gate: dict[str, Any],
+                ) -> tuple[dict[str, Any], list[GateCheck]]:
+    """Deserialize + run the engine on the very feeds the ONNX graph got, where that is possible."""
+    p = ctx.params
+    engine = ctx.inputs["engine"] / f"{graph}.engine"
+
+    def not_run(why: str) -> tuple[dict[str, Any], list[GateCheck]]:
+        return _row(graph, precision, p["target"], "tensorrt", "not-run",
+                    reason=f"engine comparison not run: {why}"), []
+
+    if not engine.is_file():
+        return not_run(f"no {engine.name} in the engine stage's output")
+    try:
+        from stages.lib import engine_parity
+        from stages.lib.trt_backend import resolve_backend
+
+        backend = resolve_backend(p["builder"], p["sm"])
+    except (ImportError, StageError) as e:
+        return not_run(str(e))
+    work = ctx.out / ".engine_io"
+    work.mkdir(exist_ok=True)
+    heldout = engine_parity.heldout_path(work, graph)
+    np.savez(heldout, **{f"in.{k}": v for k, v in feeds.items()}, **{f"ref.{k}": v for k, v in ref.items()})
+    try:
+        why = engine_parity.why_not(backend, p["sm"], heldout)
+        if why:
+            return not_run(why)
+        res = engine_parity.run_parity(backend, engine, heldout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _gated_row(graph, precision, p, "tensorrt", res["worst"], [res["outputs"]], gate)
+
+
+def _drilldown(ctx: StageContext, graph: str, path: Path, specs: Any, sample: dict[str, np.ndarray],
+               model: Any) -> dict[str, Any]:
+    import torch
+
+    from stages.lib import drilldown as dd
+    from stages.lib.verify_graphs import decoder_feeds, vision_feeds
+
+    if graph == "vision":
+        visual = model.model.visual
+        blocks = list(visual.blocks)
+        pv, grid = torch.from_numpy(sample["pixel_values"]), torch.from_numpy(sample["image_grid_thw"])
+        points = [(visual.patch_embed, "out"), (blocks[0], "in"), *[(b, "out") for b in blocks]]
+        got = dd.capture_torch(points, lambda: model.model.get_image_features(pv, grid))
+        # Qwen2.5-VL reorders patches into attention windows before the blocks; the exported
+        # graph may keep processor order. Both orders are candidates; block 0 decides.
+        perm = dd.row_order(got[0], got[1])
+        orders = [None] if perm is None or (perm == np.arange(len(perm))).all() else [None, np.argsort(perm)]
+        res = dd.drilldown(path, vision_feeds(specs, sample), "blocks", got[2:], orders, ctx.out / ".drilldown")
+    else:
+        lm = model.model.language_model
+        kw = {"inputs_embeds": torch.from_numpy(sample["inputs_embeds"]),
+              "attention_mask": torch.from_numpy(sample["attention_mask"]),
+              "position_ids": torch.from_numpy(sample["position_ids"]), "use_cache": False}
+        deep = [torch.from_numpy(sample[f"deepstack.{k}"]) for k in range(specs.text.deepstack_layers)]
+        if deep:
+            ids = torch.from_numpy(sample["input_ids"])
+            kw |= {"visual_pos_masks": ids == specs.text.image_token_id, "deepstack_visual_embeds": deep}
+        got = dd.capture_torch([(b, "out") for b in lm.layers], lambda: lm(**kw))
+        res = dd.drilldown(path, decoder_feeds(path, specs, sample), "layers", got, (None,), ctx.out / ".drilldown")
+    shutil.rmtree(ctx.out / ".drilldown", ignore_errors=True)
+    if res["blocks"]:
+        png = ctx.out / f"drilldown_{graph}.png"
+        dd.plot(res["blocks"], f"{graph} ({ctx.params['target']}): error per block vs PyTorch", png,
+                res["jump"].get("block"))
+        res["plot"] = png.name
+    return res
+
+
+def _miss_table(checks: list[GateCheck]) -> str:
+    lines = ["| gate | value | needs |", "|---|---:|---|"]
+    lines += [f"| {c.name} | {c.value:.6g} | {c.op} {c.threshold:g} |" for c in checks if not c.passed]
+    return "\n".join(lines)
+
+
+def _run(ctx: StageContext) -> StageResult:
+    from stages.lib import verify_graphs as vg
+    from stages.reference import load_reference
+
+    p = ctx.params
+    qdir = ctx.inputs["quantize"]
+    quant = json.loads((qdir / "quantize.json").read_text())
+    meta, samples = load_reference(ctx.inputs["reference"])
+    specs = vg.load_specs(ctx.inputs["checkpoint"])
+    graphs = [g for g in GRAPHS if (qdir / f"{g}.onnx").is_file()]
+    if not graphs:
+        raise StageError(f"{qdir}: no vision.onnx or decoder.onnx to verify")
+    rows: list[dict[str, Any]] = []
+    checks: list[GateCheck] = []
+    prec = {g: str((quant.get(g) or {}).get("precision", "fp16")) for g in graphs}
+
+    def gate(g: str) -> dict[str, Any]:
+        if prec[g] not in p["gates"]:
+            raise StageError(f"quantize.json says {g} is {prec[g]!r}, which has no gate (gates: {', '.join(p['gates'])})")
+        return dict(p["gates"][prec[g]])
+
+    measured: dict[str, Any] = {}
+    for i, g in enumerate(graphs):
+        ctx.report(f"{g} ({prec[g]}) in onnxruntime", i / (len(graphs) + 2))
+        fn = vg.measure_vision if g == "vision" else vg.measure_decoder
+        measured[g] = fn(qdir / f"{g}.onnx", specs, samples)
+        row, cs = _gated_row(g, prec[g], p, "onnxruntime", measured[g].figures, measured[g].per_sample, gate(g))
+        rows.append(row)
+        checks += cs
+    if "decoder" in graphs:
+        ctx.report("greedy generation through the graphs under test", len(graphs) / (len(graphs) + 2))
+        embed, embed_src = vg.embed_graph(qdir, specs, ctx.out / ".embed")
+        vis = qdir / "vision.onnx" if "vision" in graphs else None
+        gen = vg.measure_generation(vis, qdir / "decoder.onnx", embed, specs, samples, int(p["generate_tokens"]))
+        shutil.rmtree(ctx.out / ".embed", ignore_errors=True)
+        label = "+".join(f"{g}:{prec[g]}" for g in graphs)
+        gate_d = {k: v for k, v in gate("decoder").items() if k == "tokens"}
+        row, cs = _gated_row("generation", label, p, "onnxruntime", gen.figures, gen.per_sample, gate_d)
+        row["embed"] = embed_src
+        rows.append(row)
+        checks += cs
+    for g in graphs:
+        s0 = samples[0]
+        feeds = vg.vision_feeds(specs, s0) if g == "vision" else vg.decoder_feeds(qdir / f"{g}.onnx", specs, s0)
+        ref = {"image_features": s0["vision_features"]} if g == "vision" else {"logits": s0["logits"]}
+        row, cs = _engine_row(ctx, g, prec[g], s0, feeds, ref, gate(g))
+        rows.append(row)
+        checks += cs
+    failed_graphs = {r["graph"] for r in rows if r["status"] == "fail"}
+    if "generation" in failed_graphs:
+        failed_graphs.add("decoder")
+    want = [g for g in graphs if p["drilldown"] == "always" or (p["drilldown"] == "on-failure" and g in failed_graphs)]
+    drill: dict[str, Any] = {}
+    if want:
+        from stages.lib.checkpoints import load_model
+
+        model = load_model(specs.path, dtype="fp32")
+        for g in want:
+            ctx.report(f"drill-down: {g} per block", 0.9)
+            drill[g] = _drilldown(ctx, g, qdir / f"{g}.onnx", specs, samples[0], model)
+    not_run = [r["reason"] for r in rows if r["status"] == "not-run"]
+    passed = all(c.passed for c in checks)
+    doc = {"target": p["target"], "sm": p["sm"], "builder": p["builder"],
+           "reference": {"samples": len(samples), "image_sizes": [s["image_size"] for s in meta["samples"]],
+                         "generate_tokens": int(p["generate_tokens"])},
+           "rows": rows, "drilldown": drill, "passed": passed, "not_run": not_run}
+    (ctx.out / "verify.json").write_text(json.dumps(doc, indent=1, default=float))
+    summary = {f"{r['graph']}.{r['runtime']}": {"precision": r["precision"], "status": r["status"],
+               **{k: v for k, v in (r.get("figures") or {}).items() if isinstance(v, int | float | bool)}}
+               for r in rows}
+    metrics = {"rows": summary, "passed": passed, "not_run": not_run,
+               "drilldown": {g: {"jump_block": d["jump"].get("block"), "why": d["jump"].get("why"),
+                                 "blocks": [{k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")}
+                                            for b in d["blocks"]]} for g, d in drill.items()}}
+    result = StageResult(metrics=metrics, gates=checks, notes=list(not_run))
+    for g, d in drill.items():
+        result.notes.append(f"drill-down {g}: {d['jump'].get('why')}")
+    if not passed:
+        jumps = "; ".join(f"{g}: first jump at block {d['jump'].get('block')}" for g, d in drill.items())
+        raise GateFailed(f"parity gate missed on {p['target']}" + (f" ({jumps})" if jumps else "") +
+                         "\n" + _miss_table(checks), result)
+    return result
+
+
+STAGE = Stage(
+    name="verify",
+    version="1",
+    run=_run,
+    params=_params,
+    deps=("reference", "quantize", "engine", "checkpoint"),
+    outputs=("verify.json",),
+    per_target=True,
+    toolchain=("onnxruntime", "onnx", "polygraphy", "torch", "transformers", "matplotlib"),
+    description="parity of the quantized graphs (and engines where they run) against the PyTorch reference",
+)
