@@ -146,6 +146,69 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_r
     return model.eval()
 
 
+VISION_CLASSES = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+    "qwen3_vl": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
+}
+_VISION_PREFIXES = ("model.visual.", "visual.")  # transformers 5 layout, then the original hub one
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return [root / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(root.glob("*.safetensors"))
+
+
+def load_vision(path: str | Path, family: str, dtype: torch.dtype | None = None) -> Any:
+    """The vision encoder alone, its weights streamed tensor by tensor from the shards.
+
+    Loading the whole VLM to export its ViT would hold the decoder too (GBs); here the
+    encoder is built on the meta device and only ``*visual.*`` tensors are read, each
+    converted to ``dtype`` as it is read: peak memory is one copy of the encoder's weights.
+    """
+    import importlib
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    validate_checkpoint(path)
+    dtype = dtype or torch.float32
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    vcfg = config.vision_config
+    vcfg._attn_implementation = "eager"
+    mod_name, cls_name = VISION_CLASSES[family]
+    cls = getattr(importlib.import_module(mod_name), cls_name)
+    with torch.device("meta"):
+        visual = cls._from_config(vcfg, dtype=dtype)
+    state: dict[str, Any] = {}
+    for shard in weight_files(path):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                for prefix in _VISION_PREFIXES:
+                    if key.startswith(prefix):
+                        state[key[len(prefix):]] = f.get_tensor(key).to(dtype)
+                        break
+    missing, unexpected = visual.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise StageError(f"checkpoint {path}: vision weights do not match the config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them on CPU.
+    for name, buf in list(visual.named_buffers()):
+        if buf.is_meta:
+            owner = visual.get_submodule(name.rsplit(".", 1)[0]) if "." in name else visual
+            fresh = type(owner)(owner.config) if hasattr(owner, "config") else None
+            if fresh is None:
+                raise StageError(f"cannot materialise buffer {name} of the vision encoder")
+            owner.load_state_dict(fresh.state_dict(), strict=False)
+            for bname, b in fresh.named_buffers(recurse=False):
+                setattr(owner, bname, b)
+    return visual.eval()
+
+
 # --- tiny random checkpoints -------------------------------------------------------------
 
 

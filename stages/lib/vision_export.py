@@ -1,0 +1,289 @@
+"""The work of the ``export_vision`` stage: export, io spec, onnxruntime parity, BYO ONNX."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.stage import StageContext, StageError, StageResult
+from stages.export_vision import finish, gate_checks, peak_rss_bytes, timer, write_json
+
+ORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _round(side: int, factor: int) -> int:
+    return max(factor, round(side / factor) * factor)
+
+
+def patches_for(spec: Any, hw: list[int] | tuple[int, int]) -> int:
+    """Patches of one image of this size (sides rounded to the merge factor, as the processor does)."""
+    f, p = spec.factor, spec.patch_size
+    return (_round(hw[0], f) // p) * (_round(hw[1], f) // p)
+
+
+def images_at(sizes: list[list[int]], spec: Any, image_proc: Any, seed: int) -> tuple[Any, Any]:
+    from stages.lib.hostside import vision as hv
+
+    if image_proc is None:  # no processor in the checkpoint: sizes snapped to the merge factor
+        sizes = [[_round(h, spec.factor), _round(w, spec.factor)] for h, w in sizes]
+    imgs = [hv.synthetic_image(h, w, seed + i) for i, (h, w) in enumerate(sizes)]
+    return hv.preprocess(imgs, spec, image_proc)
+
+
+def io_spec(spec: Any, family: str, dtype: str, params: dict[str, Any], out_dim: int) -> dict[str, Any]:
+    from stages.lib.hostside import vision as hv
+    from stages.lib.patches import vision as pv
+
+    shapes = {"pixel_values": ("float32", ["patches", spec.patch_dim]),
+              "rotary_cos": ("float32", ["patches", spec.head_dim]),
+              "rotary_sin": ("float32", ["patches", spec.head_dim]),
+              "attn_segments": ("int64", ["patches"]), "window_segments": ("int64", ["patches"]),
+              "pos_interp_index": ("int64", ["patches", 4]), "pos_interp_weight": ("float32", ["patches", 4]),
+              "image_features": (ORT_DTYPES[dtype], ["tokens", out_dim]),
+              "deepstack_features": (ORT_DTYPES[dtype], [len(spec.deepstack_layers), "tokens", out_dim])}
+    prof = params["profile"]
+    n = {"min": patches_for(spec, prof["min_image"]), "opt": patches_for(spec, prof["opt_image"]),
+         "max": patches_for(spec, prof["max_image"]) * prof["max_images"]}
+    ins = hv.input_names(spec)
+
+    def entry(name: str) -> dict[str, Any]:
+        return {"name": name, "dtype": shapes[name][0], "shape": shapes[name][1]}
+
+    return {
+        "inputs": [entry(x) for x in ins],
+        "outputs": [entry(x) for x in pv.output_names(family)],
+        "profile": {**prof, "patches": n, "tokens": {k: v // spec.merge_size**2 for k, v in n.items()},
+                    "shapes": {x: {k: [n[k] if d == "patches" else d for d in shapes[x][1]] for k in n} for x in ins}},
+        "dtype": dtype,
+        "opset": params["opset"],
+        "family": family,
+        "spec": spec.as_dict(),
+        "layout": "patches: processor order (spatial-merge block-major), images concatenated",
+    }
+
+
+def _export(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str], onnx_path: Path,
+            opset: int) -> str:
+    import torch
+
+    axes: dict[str, dict[int, str]] = {n: {0: "patches"} for n in names}
+    axes["image_features"] = {0: "tokens"}
+    if "deepstack_features" in outs:
+        axes["deepstack_features"] = {1: "tokens"}
+    try:
+        torch.onnx.export(module, args, str(onnx_path), input_names=names, output_names=outs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+        return "torchscript"
+    except Exception as ts_err:  # noqa: BLE001 - fall back to the dynamo exporter, keep both reasons
+        from torch.export import Dim
+
+        p = Dim("patches", min=4, max=1 << 20)
+        shapes = [{0: p}] * 4 + ([tuple({0: p} for _ in names[4:])] if len(names) > 4 else [])
+        try:
+            prog = torch.onnx.export(module, args, input_names=names, output_names=outs, dynamic_shapes=tuple(shapes),
+                                     opset_version=opset, dynamo=True)
+            prog.save(str(onnx_path), external_data=False)  # type: ignore[union-attr]
+        except Exception as dyn_err:  # noqa: BLE001
+            raise StageError(f"vision export failed: torchscript: {str(ts_err).splitlines()[0]}; "
+                             f"dynamo: {str(dyn_err).splitlines()[0]}") from None
+        return "dynamo"
+
+
+def _consolidate(onnx_path: Path) -> None:
+    """One ``vision.onnx.data`` file when the graph is over 2 GB (TorchScript writes one per tensor)."""
+    import onnx
+
+    extra = [f for f in onnx_path.parent.iterdir() if f != onnx_path and f.suffix not in (".json",)]
+    size = onnx_path.stat().st_size + sum(f.stat().st_size for f in extra)
+    if not extra and size < 2 * 1024**3:
+        return
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    for f in extra:
+        f.unlink()
+    onnx.save(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=onnx_path.name + ".data", size_threshold=1024)
+
+
+def bf16_as_fp32(onnx_path: Path, dst: Path) -> Path:
+    """The BF16 graph with every BF16 tensor/cast widened to FP32, for onnxruntime CPU (no BF16
+    kernels). Weights keep their BF16-rounded values, so parity still sees the weight rounding;
+    activation rounding is not simulated (the report says so)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+
+    def widen(t: Any) -> Any:
+        w = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+        return w
+
+    g = model.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == bf16:
+            g.initializer[i].CopyFrom(widen(t))
+    for node in g.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == bf16:
+                a.i = f32
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+                a.t.CopyFrom(widen(a.t))
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.type.tensor_type.elem_type == bf16:
+            v.type.tensor_type.elem_type = f32
+    onnx.save(model, str(dst))
+    return dst
+
+
+def run_parity(onnx_path: Path, reference: Any, spec: Any, image_proc: Any, params: dict[str, Any],
+               family: str) -> tuple[Any, list[dict[str, Any]]]:
+    """ORT vs the unpatched FP32 torch encoder on each verify size alone, then all at once."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from stages.lib.hostside import vision as hv
+    from stages.lib.metrics import Parity, compare, worst
+
+    if params["dtype"] == "bf16":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # never beside the outputs: not an artefact
+            sess = ort.InferenceSession(str(bf16_as_fp32(onnx_path, Path(tmp) / "vision_fp32.onnx")),
+                                        providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sizes = params["verify_sizes"]
+    cases = [[s] for s in sizes] + ([sizes[: params["profile"]["max_images"]]] if len(sizes) > 1 else [])
+    rows, pars = [], []
+    for i, case in enumerate(cases):
+        pvals, grid = images_at(case, spec, image_proc, params["seed"] + 10 * i)
+        feeds = hv.vision_inputs(spec, pvals, grid)
+        with torch.no_grad():
+            ref = reference(torch.from_numpy(pvals), grid_thw=torch.from_numpy(grid))
+        refs = [ref.pooler_output.float().numpy()]
+        if family == "qwen3_vl":
+            refs.append(torch.stack(list(ref.deepstack_features)).float().numpy())
+        try:
+            outs = sess.run(None, {n: feeds[n] for n in hv.input_names(spec)})
+            got = [compare(np.asarray(o, np.float32), r) for o, r in zip(outs, refs, strict=True)]
+        except Exception as e:  # noqa: BLE001 - a graph with a baked shape fails here: a gate miss
+            bad = Parity(float("nan"), float("inf"), float("inf"), float("inf"), False)
+            got = [bad]
+            rows.append({"grid_thw": grid.tolist(), "error": str(e).splitlines()[0][:300]})
+        else:
+            rows.append({"grid_thw": grid.tolist(), **{f"{n}": g.as_dict() for n, g in
+                                                       zip(("image_features", "deepstack_features"), got, strict=False)}})
+        pars.extend(got)
+    return worst(pars), rows
+
+
+def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult:
+    import torch
+
+    from stages.lib import checkpoints as ck
+    from stages.lib.hostside import vision as hv
+    from stages.lib.patches import vision as pv
+
+    p = ctx.params
+    onnx_path = ctx.out / "vision.onnx"
+    try:
+        image_proc, _ = ck.load_processor(path)
+    except Exception:  # noqa: BLE001 - a checkpoint without processor files: numpy patchifier
+        image_proc = None
+    ctx.report("loading the vision encoder", 0.05)
+    t0 = timer()
+    visual = ck.load_vision(path, family, _torch_dtype(p["dtype"]))
+    spec = hv.VisionSpec.from_config(family, visual.config, image_proc)
+    weight_bytes = sum(t.numel() * t.element_size() for t in visual.state_dict().values())
+    islands = pv.keep_fp32(visual, tuple(p["fp32_vision_blocks"])) if p["dtype"] != "fp32" else []
+    names, outs = hv.input_names(spec), pv.output_names(family)
+    pvals, grid = images_at([p["sample_image"]], spec, image_proc, p["seed"] + 999)
+    feeds = hv.vision_inputs(spec, pvals, grid)
+    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    ctx.report("exporting vision.onnx", 0.2)
+    with pv.patch_vision_attention(family), torch.no_grad():
+        exporter = _export(pv.export_module(visual, family), args, names, outs, onnx_path, p["opset"])
+    out_dim = int(visual.merger.mlp[-1].out_features if family != "qwen3_vl" else visual.merger.linear_fc2.out_features)
+    del visual, args
+    _consolidate(onnx_path)
+    export_s = timer() - t0
+    onnx_bytes = sum(f.stat().st_size for f in ctx.out.glob("vision.onnx*"))
+    import onnx
+
+    onnx.checker.check_model(str(onnx_path))
+
+    ctx.report("parity in onnxruntime", 0.6)
+    reference = ck.load_vision(path, family, torch.float32)  # FP32 reference even for FP16 exports
+    parity, rows = run_parity(onnx_path, reference, spec, image_proc, p, family)
+    gate = p["gate"] if p["dtype"] == "fp32" else p["gate_fp16"]
+    checks = gate_checks("vision", parity, gate)
+    how = "onnxruntime CPU" + (" (bf16 widened to fp32: no bf16 kernels)" if p["dtype"] == "bf16" else "")
+    spec_json = io_spec(spec, family, p["dtype"], p, out_dim)
+    spec_json.update({"exporter": exporter, "fp32_islands": islands, "sample_grid_thw": grid.tolist(),
+                      "parity": {"reference": "pytorch fp32 (unpatched)", "runtime": how, "worst": parity.as_dict(),
+                                 "gate": gate, "cases": rows}})
+    write_json(ctx.out / "vision.json", spec_json)
+    metrics = {"cosine": parity.cosine, "max_abs": parity.max_abs, "rel_l2": parity.rel_l2,
+               "norm_ratio": parity.norm_ratio, "export_seconds": round(export_s, 3), "onnx_bytes": onnx_bytes,
+               "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss_bytes(), "exporter": exporter,
+               "dtype": p["dtype"], "family": family}
+    return finish(metrics, checks, [f"vision exported with {exporter}, FP32 islands: {len(islands)}"])
+
+
+def bring_your_own(ctx: StageContext) -> StageResult:
+    """A user's FP32 ONNX as vision.onnx: validated, run once in ORT; it is its own reference."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    src = ctx.params["vision_onnx"]
+    t0 = timer()
+    model = onnx.load(src["path"], load_external_data=True)
+    onnx.checker.check_model(model)
+    inputs = {i.name: i for i in model.graph.input}
+    if src["input_name"] not in inputs:
+        raise StageError(f"model.vision_onnx.input_name {src['input_name']!r} is not an input of {src['path']} "
+                         f"(inputs: {', '.join(inputs)})")
+    dst = ctx.out / "vision.onnx"
+    if Path(src["path"] + ".data").is_file() or model.ByteSize() > 2 * 1024**3:
+        onnx.save(model, str(dst), save_as_external_data=True, location="vision.onnx.data")
+    else:
+        shutil.copyfile(src["path"], dst)
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    meta = sess.get_inputs()
+    h, w = src["resize"]
+    rng = np.random.default_rng(ctx.params["seed"])
+    img = (rng.random((h, w, 3), dtype=np.float32) - np.asarray(src["mean"])) / np.asarray(src["std"])
+    x = img.transpose(2, 0, 1)[None] if src["layout"] == "NCHW" else img[None]
+    feeds = {src["input_name"]: x.astype(np.float32)}
+    extra = [i.name for i in meta if i.name not in feeds]
+    if extra:
+        raise StageError(f"{src['path']} has inputs besides {src['input_name']!r}: {', '.join(extra)}")
+    outs = sess.run(None, feeds)
+    if not all(np.isfinite(o).all() for o in outs if np.issubdtype(o.dtype, np.floating)):
+        raise StageError(f"{src['path']} produces non-finite outputs on a normalised random image")
+
+    def shape(v: Any) -> list[Any]:
+        return [d if isinstance(d, int) else str(d) for d in v.shape]
+
+    write_json(ctx.out / "vision.json", {
+        "inputs": [{"name": i.name, "dtype": i.type.removeprefix("tensor(").rstrip(")"), "shape": shape(i)} for i in meta],
+        "outputs": [{"name": o.name, "dtype": o.type.removeprefix("tensor(").rstrip(")"), "shape": shape(o)}
+                    for o in sess.get_outputs()],
+        "profile": {"image": [h, w], "batch": shape(meta[0])[0]},
+        "dtype": "fp32", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
+        "family": "byo", "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")},
+        "parity": {"reference": "itself in onnxruntime fp32", "output_shapes": [list(o.shape) for o in outs]},
+    })
+    return StageResult(metrics={"export_seconds": round(timer() - t0, 3), "onnx_bytes": dst.stat().st_size,
+                                "peak_rss_bytes": peak_rss_bytes(), "cosine": 1.0, "dtype": "fp32", "family": "byo"},
+                       notes=[f"bring-your-own ONNX {src['path']}: parity reference is the graph itself"])
