@@ -246,3 +246,19 @@ def make_collector(model: ir.Model) -> tuple[Collector, Any]:
     outs = [o.name for o in model.graph.outputs if o.name]
     col = Collector(names=names + [o for o in outs if o not in names], channels=chans, producers=producers)
     return col, session(expose(model, col.names))
+
+
+def locate_nonfinite(model: ir.Model, feed: Mapping[str, np.ndarray]) -> str | None:
+    """Re-run one failing sample with every node output exposed; name the first node (graph
+    order) whose output is NaN/Inf, so the error points at the layer, not where it surfaced."""
+    from stages.lib.qdq.graphio import run, session
+
+    names = [o.name for n in model.graph for o in n.outputs if o.name]
+    outs = run(session(expose(model, names)), feed, names)
+    producer = {o.name: n for n in model.graph for o in n.outputs if o.name}
+    for name in names:
+        x = outs.get(name)
+        if x is not None and np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all():
+            node = producer[name]
+            return f"first NaN/Inf at tensor {name!r}, output of node {node.name} ({node.op_type})"
+    return None

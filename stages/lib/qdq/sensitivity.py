@@ -50,12 +50,13 @@ class Evaluator:
         self.calls = 0
 
     def __call__(self, built: Built) -> float:
+        from stages.lib.qdq.calibset import cast_feed
         from stages.lib.qdq.graphio import run, session
 
         self.calls += 1
         sess = session(built.model)
-        cos = [min_cosine(run(sess, f, self.outputs), {k: r[k] for k in self.outputs}) for f, r in
-               zip(self.feeds, self.refs, strict=True)]
+        cos = [min_cosine(run(sess, cast_feed(sess, f), self.outputs), {k: r[k] for k in self.outputs})
+               for f, r in zip(self.feeds, self.refs, strict=True)]
         return float(min(cos))
 
 

@@ -1,0 +1,134 @@
+"""Calibrate: per-tensor activation ranges of the fused vision and decoder graphs.
+
+Runs the graphs themselves in onnxruntime on the calibration set (a folder of images plus a
+JSONL of prompts, or the deterministic synthetic set), streaming: each sample updates running
+histograms and is dropped. Its own cached artifact, so changing only the Q/DQ recipe (mode,
+keep patterns, budget) re-runs `quantize` and not this.
+
+Outputs: `ranges_<graph>.json` {"graph", "method", "percentile", "samples", "source",
+"order": [tensor...], "tensors": {name: {"amax", "amax_fp8", "max_abs", "min", "max", "shape",
+"producer"}}} and `ranges_<graph>.npz` (per tensor index i in "order": hist_i [2048] counts of
+|x|, width_i bin width, chan_ms_i E[x_k^2] per input channel for MatMul/Gemm inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.stage import Stage, StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
+
+GRAPHS = ("vision", "decoder")
+
+
+def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
+    c = cfg.calibration
+    return {
+        "source": c.source,
+        "images": str(c.images) if c.images else None,
+        "prompts": str(c.prompts) if c.prompts else None,
+        "samples": c.samples,
+        "image_sizes": [list(s) for s in c.image_sizes],
+        "prompt_len": c.prompt_len,
+        "method": c.method,
+        "percentile": c.percentile,
+        "seed": c.seed,
+    }
+
+
+def _external(cfg: BuildConfig) -> list[Path]:
+    """The folder's images and the prompts file: their content enters the cache key."""
+    c = cfg.calibration
+    if c.source != "folder" or c.images is None or c.prompts is None:
+        return []
+    from stages.lib.qdq.calibset import IMAGE_SUFFIXES
+
+    files = sorted(p for p in c.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if c.images.is_dir() else []
+    return [*files, c.prompts] if c.prompts.is_file() else files
+
+
+def samples(p: dict[str, Any]) -> Any:
+    from stages.lib.qdq import calibset
+
+    sizes = [tuple(s) for s in p["image_sizes"]]
+    if p["source"] == "folder":
+        return calibset.folder_samples(Path(p["images"]), Path(p["prompts"]), int(p["samples"]), sizes)
+    return calibset.synthetic_samples(int(p["samples"]), sizes, int(p["seed"]))
+
+
+def graph_path(folder: Path, name: str) -> Path:
+    path = folder / f"{name}.onnx"
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the fuse stage did not produce {name}.onnx")
+    return path
+
+
+def _run(ctx: StageContext) -> StageResult:
+    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.qdq import calibrators as C
+    from stages.lib.qdq import graphio
+    from stages.lib.qdq.calibset import Feeder, cast_feed
+
+    p, t0 = ctx.params, time.time()
+    fused = ctx.inputs["fuse"]
+    ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+    embed = graphio.session(graph_path(fused, "embed"))
+    feeder = Feeder(ckpt, family, int(p["prompt_len"]), embed)
+    cols, sessions, models = {}, {}, {}
+    for g in GRAPHS:
+        models[g] = graphio.load(graph_path(fused, g))
+        cols[g], sessions[g] = C.make_collector(models[g])
+    vis_outputs = [o.name for o in sessions["vision"].get_outputs()]
+    n = int(p["samples"])
+    seq_lens = []
+    for i, s in enumerate(samples(p)):
+        ctx.report(f"calibration sample {i + 1}/{n} ({s.name})", i / n)
+        graph = "vision"
+        try:
+            feed, grid = feeder.vision(s)
+            vout = graphio.run(sessions["vision"], cast_feed(sessions["vision"], feed), cols["vision"].names)
+            cols["vision"].update(vout)
+            vis = {k: np.asarray(vout[k], np.float32) for k in vis_outputs if k in vout}
+            graph = "decoder"
+            dfeed = feeder.decoder(s, grid, vis, sessions["decoder"].get_inputs())
+            seq_lens.append(int(dfeed["inputs_embeds"].shape[1]))
+            cols["decoder"].update(graphio.run(sessions["decoder"], cast_feed(sessions["decoder"], dfeed),
+                                               cols["decoder"].names))
+        except C.NonFiniteActivation as e:
+            bad = cast_feed(sessions[graph], feed if graph == "vision" else dfeed)
+            first = C.locate_nonfinite(models[graph], bad)
+            raise StageError(f"calibration sample {s.name}: {e} in {graph}.onnx" + (f"; {first}" if first else "")) from None
+        except ValueError as e:  # processor / host-side shape errors name the sample
+            raise StageError(f"calibration sample {s.name}: {str(e).splitlines()[0]}") from None
+    metrics: dict[str, Any] = {"samples": n, "source": p["source"], "method": p["method"],
+                               "decoder_seq_lens": sorted(set(seq_lens))}
+    for g in GRAPHS:
+        col = cols[g]
+        ranges = {"graph": g, "method": p["method"], "percentile": p["percentile"], "samples": col.samples,
+                  "source": p["source"], "order": col.names, "tensors": col.ranges(p["method"], p["percentile"])}
+        (ctx.out / f"ranges_{g}.json").write_text(json.dumps(ranges, indent=1))
+        np.savez_compressed(ctx.out / f"ranges_{g}.npz", **col.arrays())
+        metrics[f"{g}_tensors"] = len(ranges["tensors"])
+    metrics["seconds"] = round(time.time() - t0, 2)
+    return StageResult(metrics=metrics)
+
+
+STAGE = Stage(
+    name="calibrate",
+    version="1",
+    run=_run,
+    params=_params,
+    deps=("fuse", "checkpoint"),
+    outputs=("ranges_vision.json", "ranges_decoder.json", "ranges_vision.npz", "ranges_decoder.npz"),
+    toolchain=("onnx", "onnxruntime", "numpy", "transformers", "pillow"),
+    external=_external,
+    description="activation ranges of the fused graphs on the calibration set (streaming histograms)",
+)

@@ -1,0 +1,177 @@
+"""Calibration (and held-out) inputs for the exported graphs, built from images and prompts.
+
+A sample is one image plus one prompt of prefill length. The vision graph gets the checkpoint's
+own processor output plus the host-side tables (`stages.lib.hostside.vision`); the decoder gets
+`inputs_embeds` from the embed graph with the vision graph's features merged at the image
+placeholders, M-RoPE `position_ids`, a full attention mask and zero-length past KV: prefill
+shapes, so no decoder matmul looks like a GEMV (NOTES §2.6).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.stage import StageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+WORDS = ("describe the image colors shape left right top bottom red blue green square light dark what "
+         "is in a picture count objects near far").split()
+
+
+@dataclass
+class Sample:
+    name: str  # file name or synthetic-<i>: errors name it
+    image: np.ndarray  # HxWx3 uint8
+    text: str
+
+
+def image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise StageError(f"calibration.images {folder} is not a readable folder")
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as e:
+        raise StageError(f"calibration.images {folder} is not readable ({e.strerror})") from None
+    if not files:
+        raise StageError(f"calibration.images {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB").resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise StageError(f"calibration image {path} is corrupt or unreadable ({type(e).__name__})") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise StageError(f"calibration.prompts {path} is not readable ({e.strerror})") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise StageError(f"{path}:{i}: not a JSON object") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise StageError(f'{path}:{i}: expected {{"prompt": "...", "image": optional file name}}')
+        out.append(rec)
+    if not out:
+        raise StageError(f"calibration.prompts {path} has no prompts")
+    return out
+
+
+def folder_samples(images: Path, prompts: Path, n: int, sizes: Sequence[tuple[int, int]]) -> Iterator[Sample]:
+    files = image_files(images)
+    recs = read_prompts(prompts)
+    by_name = {p.name: p for p in files}
+    for i in range(n):
+        rec = recs[i % len(recs)]
+        if rec.get("image"):
+            if rec["image"] not in by_name:
+                raise StageError(f"{prompts}: prompt {i + 1} names image {rec['image']!r}, not in {images}")
+            path = by_name[rec["image"]]
+        else:
+            path = files[i % len(files)]
+        yield Sample(path.name, read_image(path, sizes[i % len(sizes)]), rec["prompt"])
+
+
+def synthetic_samples(n: int, sizes: Sequence[tuple[int, int]], seed: int) -> Iterator[Sample]:
+    """Deterministic structured images (gradients, rectangles, noise) and word prompts."""
+    from stages.reference import synthetic_image
+
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        h, w = sizes[i % len(sizes)]
+        yield Sample(f"synthetic-{i}", synthetic_image(int(h), int(w), rng), " ".join(rng.choice(WORDS, 48)))
+
+
+class Feeder:
+    """Turns samples into feeds for the vision and decoder graphs of one checkpoint."""
+
+    def __init__(self, checkpoint: Path, family: str, prompt_len: int, embed_sess: Any):
+        from transformers import AutoConfig
+
+        from stages.lib.checkpoints import load_processor
+        from stages.lib.hostside.text import TextSpec
+        from stages.lib.hostside.vision import VisionSpec
+
+        self.config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
+        self.image_processor, self.tokenizer = load_processor(checkpoint)
+        self.vspec = VisionSpec.from_config(family, self.config.vision_config, self.image_processor)
+        self.tspec = TextSpec.from_config(family, self.config)
+        self.prompt_len, self.embed = prompt_len, embed_sess
+
+    def vision(self, s: Sample) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        from stages.lib.hostside.vision import preprocess, vision_inputs
+
+        pv, grid = preprocess([s.image], self.vspec, self.image_processor)
+        return vision_inputs(self.vspec, pv, grid), grid
+
+    def prompt_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) or [0]
+        while len(ids) < self.prompt_len:  # prefill length: repeat short prompts
+            ids += ids
+        return ids[: self.prompt_len]
+
+    def decoder(self, s: Sample, grid: np.ndarray, vision_out: Mapping[str, np.ndarray],
+                inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Feeds for every declared decoder input (`inputs`: the session's NodeArg list)."""
+        from stages.lib.hostside import text as T
+
+        c, ids = self.config, self.prompt_ids(s.text)
+        n_img = int(np.prod(grid, axis=1).sum()) // self.vspec.merge_size**2
+        k = len(ids) // 3  # text on both sides of the image, as the reference set does
+        seq = ids[:k] + [c.vision_start_token_id] + [c.image_token_id] * n_img + [c.vision_end_token_id] + ids[k:]
+        input_ids = np.asarray([seq], np.int64)
+        embeds = self.embed.run(None, {self.embed.get_inputs()[0].name: input_ids})[0]
+        outs = list(vision_out.values())
+        feats = outs[0]
+        embeds = T.merge_image_features(embeds, input_ids, feats, int(c.image_token_id))
+        mask = np.ones_like(input_ids)
+        pos, _ = T.rope_index(self.tspec, input_ids, image_grid_thw=grid, attention_mask=mask)
+        feed: dict[str, np.ndarray] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        deep = [v for k2, v in vision_out.items() if "deepstack" in k2]
+        vmask = T.visual_mask(input_ids, self.tspec)
+        for a in inputs:
+            if a.name.startswith("past_key_values."):
+                shape = [1 if i == 0 else (0 if not isinstance(d, int) else d) for i, d in enumerate(a.shape)]
+                shape[2] = 0  # zero-length past: prefill
+                feed[a.name] = np.zeros(shape, np.float32)
+            elif a.name.startswith("deepstack_embeds."):
+                j = int(a.name.rsplit(".", 1)[1])
+                dense = np.zeros(embeds.shape, np.float32)
+                if j < len(deep):
+                    dense[vmask] = deep[j]
+                feed[a.name] = dense
+            elif a.name not in feed:
+                raise StageError(f"decoder input {a.name!r} is not one calibration knows how to feed")
+        return feed
+
+
+def cast_feed(sess: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast each array to the dtype the session declares (fp16 graphs take fp16 inputs)."""
+    types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+    out = {}
+    for a in sess.get_inputs():
+        if a.name not in feed:
+            raise StageError(f"graph input {a.name!r} has no feed")
+        dt = types.get(a.type)
+        out[a.name] = np.ascontiguousarray(feed[a.name].astype(dt) if dt is not None else feed[a.name])
+    return out

@@ -1,0 +1,77 @@
+"""Held-out inputs and parity for quantized graphs: the `reference` stage's set, never calibration.
+
+Feeds come from `reference.npz` (the same tensors PyTorch saw), so a quantized graph is scored
+both against the unquantized graph (the error quantization adds) and against PyTorch (what a
+user gets), with the metrics the export stage uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.lib.metrics import compare, topk_agreement, worst
+
+
+def vision_feeds(samples: Sequence[Mapping[str, np.ndarray]], vspec: Any) -> list[dict[str, np.ndarray]]:
+    from stages.lib.hostside.vision import vision_inputs
+
+    return [vision_inputs(vspec, s["pixel_values"], s["image_grid_thw"]) for s in samples]
+
+
+def decoder_feeds(samples: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[Any], tspec: Any) -> list[dict[str, np.ndarray]]:
+    """Prefill feeds with the reference's merged `inputs_embeds` and zero-length past."""
+    from stages.lib.hostside.text import visual_mask
+
+    out = []
+    for s in samples:
+        f: dict[str, np.ndarray] = {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"],
+                                    "position_ids": s["position_ids"]}
+        vmask = visual_mask(s["input_ids"], tspec)
+        for a in inputs:
+            if a.name.startswith("past_key_values."):
+                shape = [d if isinstance(d, int) else 0 for d in a.shape]
+                shape[0], shape[2] = 1, 0
+                f[a.name] = np.zeros(shape, np.float32)
+            elif a.name.startswith("deepstack_embeds."):
+                dense = np.zeros(s["inputs_embeds"].shape, np.float32)
+                key = "deepstack." + a.name.rsplit(".", 1)[1]
+                if key in s:
+                    dense[vmask] = s[key]
+                f[a.name] = dense
+        out.append(f)
+    return out
+
+
+def torch_refs(graph: str, samples: Sequence[Mapping[str, np.ndarray]], output: str) -> list[dict[str, np.ndarray]] | None:
+    key = "vision_features" if graph == "vision" else "logits"
+    if not all(key in s for s in samples):
+        return None
+    return [{output: s[key]} for s in samples]
+
+
+def parity(outs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]], output: str,
+           logits: bool) -> dict[str, Any]:
+    """Worst-case parity of `output` over the samples (+ top-1 agreement for logits)."""
+    pars = []
+    for o, r in zip(outs, refs, strict=True):
+        a, b = np.asarray(o[output], np.float32), np.asarray(r[output], np.float32)
+        pars.append(compare(a.reshape(b.shape) if a.size == b.size else a, b))
+    d: dict[str, Any] = worst(pars).as_dict()
+    if logits:
+        d["top1"] = float(min(topk_agreement(np.asarray(o[output], np.float32), np.asarray(r[output], np.float32))
+                              for o, r in zip(outs, refs, strict=True)))
+    d["samples"] = len(pars)
+    return d
+
+
+def run_all(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """Run a graph (ir.Model, proto or path) on every feed, optimizations off."""
+    from stages.lib.qdq.calibset import cast_feed
+    from stages.lib.qdq.graphio import run, session
+
+    sess = session(Path(model) if isinstance(model, str) else model)
+    return [{k: np.asarray(v, np.float32) for k, v in run(sess, cast_feed(sess, f), outputs).items()} for f in feeds]

@@ -1,0 +1,176 @@
+"""Quantize: explicit Q/DQ graphs per target precision (int8, fp8, int4-weight; fp16 = copy).
+
+Per graph: the placement rules of `stages.lib.qdq.rules`, calibrated ranges from `calibrate`,
+`keep_high_precision` patterns and, with `accuracy_budget`, the sensitivity fallback. Parity is
+measured on the `reference` stage's held-out set (never the calibration set) against both the
+unquantized graph and PyTorch, in onnxruntime with optimizations disabled. `key_uses_target` is
+False: targets resolving to the same precisions share one cache entry.
+
+`quantize.json`: {graph: {"precision", "qdq_pairs", "weight_dq", "weights": {"weights_total",
+"weights_quantized", "share"}, "kept_high_precision": [{"node"|"group", "why"}], "skipped": {rule:
+count}, "sensitivity", "parity": {"vs_unquantized", "vs_reference"}, "checker", "opset", ...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
+
+GRAPHS = ("vision", "decoder")
+HIGH = ("fp16", "fp32", "bf16")
+IO_SPECS = ("vision.json", "decoder.json")
+
+
+def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
+    if target is None:
+        raise StageError("quantize is a per-target stage and needs a target")
+    prec = {"vision": target.resolve_precision(cfg.precision.vision)[0],
+            "decoder": target.resolve_precision(cfg.precision.decoder)[0]}
+    return {
+        "precision": prec,
+        "quantize": cfg.quantize.model_dump(mode="json"),
+        "gates": {p: cfg.gates[p].model_dump(mode="json") for p in set(prec.values()) if p in cfg.gates},
+    }
+
+
+def _graph_outputs(sess: Any, graph: str) -> list[str]:
+    names = [o.name for o in sess.get_outputs()]
+    if graph == "decoder":
+        return ["logits"] if "logits" in names else names[:1]
+    return [n for n in names if not n.startswith("present")][:1]
+
+
+def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any], feeds: list[dict[str, Any]],
+                    torch_samples: list[dict[str, Any]]) -> tuple[dict[str, Any], list[GateCheck]]:
+    import onnx
+
+    from stages.lib.qdq import graphio, heldout, sensitivity
+    from stages.lib.qdq.recipe import Calib, Recipe, weight_share
+    from stages.lib.qdq.rules import rules_for
+
+    src = ctx.inputs["fuse"] / f"{graph}.onnx"
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
+    sess = graphio.session(proto)
+    outputs = _graph_outputs(sess, graph)
+    refs = heldout.run_all(proto, feeds, outputs)
+    calib = Calib.load(ctx.inputs["calibrate"] / f"ranges_{graph}.json")
+    recipe = Recipe(mode, keep=tuple(gq["keep_high_precision"]), int4_block=int(gq["int4_block"]))
+    ev = sensitivity.Evaluator(feeds, refs, outputs)
+    rules = rules_for(mode)
+    try:
+        built, sens = sensitivity.run(proto, recipe, calib, gq.get("accuracy_budget"), ev)
+    except ValueError as e:
+        raise StageError(f"{graph}.onnx: cannot quantize to {mode}: {str(e).splitlines()[0]}") from None
+    weights = [s for s in built.placement.sites if s.kind == "weight"]
+    if not weights and not sens.kept and not built.placement.kept:
+        ops = "/".join(rules.ops)
+        raise StageError(f"{graph}.onnx cannot take {mode}: it has no {ops} with constant weights to quantize")
+    if mode == "int4-weight" and built.stats["weight_dq"] == 0 and not built.placement.kept:
+        raise StageError(f"{graph}.onnx cannot take int4-weight: no MatMul/Gemm weight fits an INT4 block")
+    try:
+        graphio.check(built.model)
+    except Exception as e:  # noqa: BLE001 - a checker failure is a bug in our output: name it
+        raise StageError(f"{graph}.onnx after {mode} Q/DQ fails onnx.checker: {str(e).splitlines()[0]}") from None
+    graphio.save(built.model, ctx.out / f"{graph}.onnx")
+    outs = heldout.run_all(ctx.out / f"{graph}.onnx", feeds, outputs)
+    logits = graph == "decoder"
+    par: dict[str, Any] = {"vs_unquantized": heldout.parity(outs, refs, outputs[0], logits)}
+    trefs = heldout.torch_refs(graph, torch_samples, outputs[0])
+    if trefs is not None:
+        par["vs_reference"] = heldout.parity(outs, trefs, outputs[0], logits)
+    kept = [{"node": k["node"], "why": k["why"]} for k in built.placement.kept if "sensitivity" not in k["why"]]
+    kept += [{"group": k["group"], "nodes": k["nodes"], "why": k["why"]} for k in sens.kept]
+    model_opset = built.model.opset_imports.get("", 0)
+    entry = {
+        "precision": mode, "source": str(src.name), "output": outputs[0], "opset": model_opset,
+        "qdq_pairs": int(built.stats.get("qdq_pairs", 0)), "weight_dq": int(built.stats.get("weight_dq", 0)),
+        "weights": weight_share(graphio.load(src).graph, built.placement, built.stats),
+        "kept_high_precision": kept,
+        "skipped": dict(Counter(s["rule"] for s in built.placement.skipped)),
+        "skipped_nodes": built.placement.skipped[:200],
+        "sensitivity": sens.as_dict(), "parity": par, "checker": True, "ort": "ORT_DISABLE_ALL",
+        "held_out": "reference", "int4_blocks": built.stats.get("blocks"),
+    }
+    gate = ctx.params["gates"].get(mode, {})
+    basis = par.get("vs_reference", par["vs_unquantized"])
+    checks = [GateCheck.check(f"{graph}.{mode}.cosine", basis["cosine"], float(gate.get("cosine", 0.99)))]
+    if gate.get("norm_ratio") is not None:
+        checks.append(GateCheck.check(f"{graph}.{mode}.norm_ratio", basis["norm_ratio"], float(gate["norm_ratio"]), "<="))
+    if logits and gate.get("top1") is not None:
+        checks.append(GateCheck.check(f"{graph}.{mode}.top1", basis["top1"], float(gate["top1"])))
+    return entry, checks
+
+
+def _run(ctx: StageContext) -> StageResult:
+    from stages.lib.qdq import heldout
+    from stages.lib.qdq.calibset import Feeder
+    from stages.lib.qdq.graphio import session
+    from stages.reference import load_reference
+
+    t0 = time.time()
+    p, fused = ctx.params, ctx.inputs["fuse"]
+    from stages.lib.checkpoints import resolve_checkpoint
+
+    ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+    feeder = Feeder(ckpt, family, 8, session(fused / "embed.onnx"))
+    _, samples = load_reference(ctx.inputs["reference"])
+    report: dict[str, Any] = {}
+    gates: list[GateCheck] = []
+    for name in ("embed.onnx", *IO_SPECS):  # embeddings are a Gather: nothing to quantize
+        if (fused / name).is_file():
+            shutil.copy2(fused / name, ctx.out / name)
+    for graph in GRAPHS:
+        mode = p["precision"][graph]
+        ctx.report(f"{graph}: {mode}", GRAPHS.index(graph) / len(GRAPHS))
+        if mode in HIGH:
+            shutil.copy2(fused / f"{graph}.onnx", ctx.out / f"{graph}.onnx")
+            report[graph] = {"precision": mode, "qdq_pairs": 0, "weight_dq": 0, "copied": True, "checker": None}
+            continue
+        if graph == "vision":
+            feeds = heldout.vision_feeds(samples, feeder.vspec)
+        else:
+            feeds = heldout.decoder_feeds(samples, session(fused / "decoder.onnx").get_inputs(), feeder.tspec)
+        report[graph], checks = _quantize_graph(ctx, graph, mode, p["quantize"][graph], feeds, samples)
+        gates += checks
+    for name in IO_SPECS:  # io specs, when fuse carried them through (the dtype line stays the graph's)
+        if not (ctx.out / name).is_file():
+            report.setdefault("notes", []).append(f"{name} not in the fuse folder; not copied")
+    (ctx.out / "quantize.json").write_text(json.dumps(report, indent=2))
+    metrics = {g: {k: report[g].get(k) for k in ("precision", "qdq_pairs", "weight_dq")} for g in GRAPHS}
+    for g in GRAPHS:
+        if "parity" in report[g]:
+            metrics[g]["parity"] = {k: {m: v.get(m) for m in ("cosine", "top1") if m in v}
+                                    for k, v in report[g]["parity"].items()}
+            metrics[g]["weights_share"] = round(report[g]["weights"]["share"], 4)
+            metrics[g]["kept"] = len(report[g]["kept_high_precision"])
+    metrics["seconds"] = round(time.time() - t0, 2)
+    result = StageResult(metrics=metrics, gates=gates)
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        f = failed[0]
+        raise GateFailed(f"quantize gate {f.name}: {f.value:.5f} {'<' if f.op == '>=' else '>'} {f.threshold} "
+                         "(keep layers high precision: quantize.<graph>.keep_high_precision / accuracy_budget)", result)
+    return result
+
+
+STAGE = Stage(
+    name="quantize",
+    version="1",
+    run=_run,
+    params=_params,
+    deps=("fuse", "calibrate", "checkpoint", "reference"),
+    outputs=("vision.onnx", "decoder.onnx", "embed.onnx", "quantize.json"),
+    per_target=True,
+    key_uses_target=False,
+    toolchain=("onnx", "onnxruntime", "onnx-ir", "numpy", "ml-dtypes"),
+    description="explicit Q/DQ graphs (int8/fp8/int4-weight) with calibrated scales and mixed precision",
+)

@@ -1,0 +1,118 @@
+"""The quantize stage: per-target precision, shared keys, quantize.json, parity, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pipeline.config import BuildConfig
+from pipeline.stage import GateFailed, StageContext, StageError
+from pipeline.targets import load_catalog
+from stages import calibrate, quantize
+from tests import qdq_stage_fixtures as F
+
+PATCH_DIM = 3 * 2 * 14 * 14
+CAT = load_catalog()
+
+
+def _cfg(**over) -> BuildConfig:
+    base = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"}, "targets": ["rtx4090"],
+            "calibration": {"samples": 2, "image_sizes": [[112, 112]], "prompt_len": 20}}
+    return BuildConfig.model_validate({**base, **over})
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    ck = F.checkpoint(root)
+    fz = F.fuse_folder(root, PATCH_DIM)
+    cal = root / "calibrate"
+    cal.mkdir()
+    cfg = _cfg()
+    calibrate.STAGE.run(StageContext("calibrate", calibrate.STAGE.params(cfg, None), {"fuse": fz, "checkpoint": ck},
+                                     cal, None, []))
+    return {"fuse": fz, "calibrate": cal, "checkpoint": ck, "reference": F.reference_folder(root, ck, fz)}
+
+
+def _run(cfg, target, upstream, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    t = CAT[target]
+    ctx = StageContext(f"quantize@{target}", quantize.STAGE.params(cfg, t), upstream, out, t.model_dump(), [])
+    return quantize.STAGE.run(ctx), json.loads((out / "quantize.json").read_text())
+
+
+def test_declaration_and_shared_keys():
+    s = quantize.STAGE
+    assert s.per_target and not s.key_uses_target and set(s.deps) >= {"fuse", "calibrate", "checkpoint"}
+    cfg = _cfg()
+    assert s.params(cfg, CAT["rtx4090"]) == s.params(cfg, CAT["rtx5090"])  # both resolve to fp8
+    assert s.params(cfg, CAT["rtx3090"])["precision"] == {"vision": "int8", "decoder": "int8"}
+    assert s.params(cfg, CAT["rtx4090"]) != s.params(cfg, CAT["rtx3090"])
+
+
+@pytest.mark.parametrize("target,mode", [("rtx3090", "int8"), ("rtx4090", "fp8")])
+def test_best_precision_graphs(upstream, tmp_path, target, mode):
+    res, q = _run(_cfg(), target, upstream, tmp_path)
+    for g in ("vision", "decoder"):
+        e = q[g]
+        assert e["precision"] == mode and e["qdq_pairs"] > 0 and e["checker"] is True
+        assert 0.5 < e["weights"]["share"] <= 1.0
+        assert e["parity"]["vs_unquantized"]["cosine"] > 0.98
+        m = onnx.load(str(tmp_path / f"{g}.onnx"))
+        onnx.checker.check_model(m, full_check=True)
+        want = onnx.TensorProto.FLOAT8E4M3FN if mode == "fp8" else onnx.TensorProto.INT8
+        assert any(i.data_type == want for i in m.graph.initializer)
+    assert "top1" in q["decoder"]["parity"]["vs_unquantized"]
+    assert (tmp_path / "embed.onnx").is_file() and (tmp_path / "vision.json").is_file()
+    assert res.gates and all(g.passed for g in res.gates)
+
+
+def test_mixed_per_graph_and_keep_patterns(upstream, tmp_path):
+    cfg = _cfg(precision={"vision": "fp16", "decoder": "int4-weight"},
+               quantize={"decoder": {"keep_high_precision": ["*up_proj*"], "int4_block": 64}})
+    _, q = _run(cfg, "rtx4090", upstream, tmp_path)
+    assert q["vision"]["copied"] and q["vision"]["qdq_pairs"] == 0
+    d = q["decoder"]
+    assert d["precision"] == "int4-weight" and d["opset"] == 21 and d["qdq_pairs"] == 0
+    kept = {k["node"]: k["why"] for k in d["kept_high_precision"]}
+    assert "up_proj" in kept["/model/layers.0/mlp/up_proj/MatMul"]
+    assert "lm_head" in kept["/lm_head/MatMul"]  # excluded by default in int4
+    assert d["weight_dq"] == 1 and d["parity"]["vs_unquantized"]["cosine"] > 0.98
+
+
+def test_accuracy_budget_triggers_fallback(upstream, tmp_path):
+    cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"},
+               quantize={"decoder": {"accuracy_budget": 0.99999}})
+    _, q = _run(cfg, "rtx3090", upstream, tmp_path)
+    s = q["decoder"]["sensitivity"]
+    assert s["budget"] == 0.99999 and len(s["ranking"]) >= 2
+    assert s["met"] == (s["cosine_final"] >= 0.99999)
+    if s["cosine_full"] < 0.99999:
+        assert q["decoder"]["kept_high_precision"] and "sensitivity" in q["decoder"]["kept_high_precision"][0]["why"]
+
+
+def test_int4_on_graph_without_matmul_weights_names_graph(upstream, tmp_path):
+    import shutil
+
+    from onnx import TensorProto, helper
+
+    fz = tmp_path / "fz"
+    shutil.copytree(upstream["fuse"], fz)
+    g = helper.make_graph([helper.make_node("Relu", ["pixel_values"], ["image_features"], name="relu")], "v",
+                          [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT16, ["n", PATCH_DIM])],
+                          [helper.make_tensor_value_info("image_features", TensorProto.FLOAT16, ["n", PATCH_DIM])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 10
+    onnx.save(m, str(fz / "vision.onnx"))
+    cfg = _cfg(precision={"vision": "int4-weight", "decoder": "fp16"})
+    with pytest.raises(StageError, match=r"vision\.onnx cannot take int4-weight"):
+        _run(cfg, "rtx4090", {**upstream, "fuse": fz}, tmp_path / "out")
+
+
+def test_gate_failure_is_raised(upstream, tmp_path):
+    cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"}, gates={"int8": {"cosine": 1.0, "norm_ratio": None}})
+    with pytest.raises(GateFailed, match="decoder.int8.cosine"):
+        _run(cfg, "rtx3090", upstream, tmp_path)
