@@ -207,6 +207,7 @@ def _run(ctx: StageContext) -> StageResult:
            "rows": rows, "drilldown": drill, "passed": passed, "not_run": not_run}
     (ctx.out / "verify.json").write_text(json.dumps(doc, indent=1, default=float))
     summary = {f"{r['graph']}.{r['runtime']}": {"precision": r["precision"], "status": r["status"],
+               **({"reason": r["reason"]} if r["reason"] else {}),
                **{k: v for k, v in (r.get("figures") or {}).items() if isinstance(v, int | float | bool)}}
                for r in rows}
     metrics = {"rows": summary, "passed": passed, "not_run": not_run,

@@ -221,27 +221,10 @@ def find_jump(rows: Sequence[dict[str, Any]], share: float = 0.5, floor: float =
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, jump: int | None = None) -> Path:
-    """Per-block cosine and rel-L2 (PNG, Agg backend: no display needed)."""
-    import matplotlib
+    """Per-block cosine and rel-L2 as a PNG (the same figure the HTML report embeds)."""
+    from pipeline.plots import block_errors_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r.get("status") == "ok"]
-    xs = [r["block"] for r in ok]
-    fig, ax1 = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax1.plot(xs, [r["rel_l2"] for r in ok], "o-", color="tab:red", label="rel L2")
-    ax1.set_xlabel("block")
-    ax1.set_ylabel("rel L2", color="tab:red")
-    ax2 = ax1.twinx()
-    ax2.plot(xs, [1 - r["cosine"] for r in ok], "s--", color="tab:blue", label="1 - cosine")
-    ax2.set_ylabel("1 - cosine", color="tab:blue")
-    if jump is not None:
-        ax1.axvline(jump, color="k", ls=":", lw=1)
-    ax1.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    path.write_bytes(block_errors_png([r for r in rows if r.get("status") == "ok"], title, jump))
     return path
 
 

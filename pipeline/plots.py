@@ -1,0 +1,67 @@
+"""PNG figures for the build report and the verify stage (matplotlib, Agg: no display needed).
+
+matplotlib is imported inside the functions: ``import pipeline`` must stay light.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def block_errors_png(rows: Sequence[dict[str, Any]], title: str, jump: int | None = None) -> bytes:
+    """Per-block rel-L2 (left axis) and 1 - cosine (right axis, log) vs PyTorch; the jump marked."""
+    plt = _pyplot()
+    ok = [r for r in rows if r.get("cosine") is not None and r.get("rel_l2") is not None]
+    xs = [int(r["block"]) for r in ok]
+    fig, ax1 = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax1.plot(xs, [float(r["rel_l2"]) for r in ok], "o-", color="tab:red", label="rel L2")
+    ax1.set_xlabel("block")
+    ax1.set_ylabel("rel L2", color="tab:red")
+    ax2 = ax1.twinx()
+    ax2.plot(xs, [max(1 - float(r["cosine"]), 1e-16) for r in ok], "s--", color="tab:blue")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("1 - cosine", color="tab:blue")
+    if xs:
+        ax1.set_xticks(xs)
+    if jump is not None:
+        ax1.axvline(jump, color="k", ls=":", lw=1.2)
+        ax1.annotate(f"first jump: block {jump}", (jump, ax1.get_ylim()[1]), fontsize=8, va="top", ha="left")
+    ax1.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def timings_png(nodes: Sequence[dict[str, Any]]) -> bytes:
+    """Horizontal bars: seconds per node this run (cached nodes: what building them cost, hatched)."""
+    plt = _pyplot()
+    names = [str(n["id"]) for n in nodes]
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(names) + 1.0), dpi=100)
+    for i, n in enumerate(nodes):
+        cached = n.get("status") == "cached"
+        secs = float((n.get("built_seconds") if cached else n.get("seconds")) or 0.0)
+        color = {"ran": "tab:green", "cached": "tab:gray", "failed": "tab:red"}.get(str(n.get("status")), "tab:orange")
+        ax.barh(i, secs, color=color, hatch="//" if cached else None, alpha=0.6 if cached else 1.0)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (hatched: cached; bar shows the original build)")
+    return _png(fig)

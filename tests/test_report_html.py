@@ -1,0 +1,123 @@
+"""report.html: self-contained, every parity row with its status, opens in headless Chromium
+with no script or console errors, and a screenshot is taken."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.report_html import parity_rows, render_html, write_html_report
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Records script errors, failed resource loads, console.error calls and undecodable images on
+# the <body> so that --dump-dom shows them (headless Chromium has no other channel for them).
+PROBE = """<script>(function(){var errs=[];
+addEventListener('error',function(e){errs.push('error:'+(e.message||(e.target&&(e.target.src||e.target.href))||'?'))},true);
+var ce=console.error;console.error=function(){errs.push('console:'+[].join.call(arguments,' '));ce.apply(console,arguments)};
+addEventListener('load',function(){[].forEach.call(document.images,function(i){if(!(i.complete&&i.naturalWidth>0))errs.push('image:'+i.alt)});
+document.body.setAttribute('data-probe',errs.length?errs.join('|'):'clean')});})();</script>"""
+
+
+def _node(id_: str, stage: str, target: str | None, status: str, metrics: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    return {"id": id_, "stage": stage, "target": target, "key": kw.get("key", id_ + "-key"), "cached": status == "cached",
+            "status": status, "reason": "", "seconds": kw.get("seconds", 1.0), "peak_rss_mb": 100.0, "outputs": {},
+            "metrics": metrics, "gates": [], "notes": [], "error": kw.get("error"), "built_seconds": kw.get("built")}
+
+
+def sample_doc() -> dict[str, Any]:
+    blocks = [{"block": i, "cosine": 1 - 10.0 ** (-6 + 3 * (i >= 2)), "rel_l2": 1e-3 * (1 + 40 * (i >= 2)),
+               "max_abs": 0.01 * (i + 1)} for i in range(4)]
+    rows = {
+        "vision.onnxruntime": {"precision": "fp8", "status": "pass", "cosine": 0.9991, "rel_l2": 0.04, "max_abs": 0.2,
+                               "norm_ratio": 0.01, "finite": True},
+        "decoder.onnxruntime": {"precision": "fp8", "status": "fail", "cosine": 0.95, "rel_l2": 0.3, "max_abs": 2.0,
+                                "norm_ratio": 0.2, "finite": True, "top1": 0.7, "top5": 0.9},
+        "generation.onnxruntime": {"precision": "vision:fp8+decoder:fp8", "status": "fail", "tokens": 0.5},
+        "vision.tensorrt": {"precision": "fp8", "status": "not-run",
+                            "reason": "engine comparison not run: no CUDA GPU on this host"},
+    }
+    verify = {"rows": rows, "passed": False, "drilldown": {"decoder": {"jump_block": 2, "why": "rel-L2 rises at block 2",
+                                                                       "blocks": blocks}}}
+    return {
+        "config": "/x/default.yaml", "config_name": "default <b>&", "started": "2026-11-21T09:00:00",
+        "wall_seconds": 3.5, "result": "failed", "toolchain": {"torch": "2.13.0"}, "summary": {},
+        "nodes": [
+            _node("checkpoint", "checkpoint", None, "cached", {}, built=4.0),
+            _node("quantize@rtx4090", "quantize", "rtx4090", "ran",
+                  {"vision": {"precision": "fp8", "kept": 0}, "decoder": {"precision": "fp8", "kept": 1}}),
+            _node("engine@rtx4090", "engine", "rtx4090", "ran",
+                  {"vision": {"precision": "fp8", "layers": 12, "fused_mha": 2, "low_precision_gemm_share": 1.0,
+                              "bytes": 1000, "build_seconds": 2.0, "parity": "not run: no CUDA GPU"}}),
+            _node("verify@rtx4090", "verify", "rtx4090", "failed", verify, error="parity gate missed"),
+            _node("verify@rtx3090", "verify", "rtx3090", "skipped", {}, key=None, error="engine@rtx3090 failed"),
+        ],
+    }
+
+
+def test_parity_rows_cover_every_row_and_never_promote_not_run() -> None:
+    rows = parity_rows(sample_doc())
+    assert {(r["target"], r["graph"], r["runtime"], r["status"]) for r in rows} == {
+        ("rtx4090", "vision", "onnxruntime", "pass"), ("rtx4090", "decoder", "onnxruntime", "fail"),
+        ("rtx4090", "generation", "onnxruntime", "fail"), ("rtx4090", "vision", "tensorrt", "not-run"),
+        ("rtx3090", "(all)", "-", "not-run")}
+
+
+def test_html_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    doc = sample_doc()
+    # the cache supplies details (kept layers) when the entry is there
+    q = tmp_path / "cache" / "quantize@rtx4090-key" / "out"
+    q.mkdir(parents=True)
+    (q / "quantize.json").write_text(json.dumps({"decoder": {"kept_high_precision": [{"node": "lm_head_MatMul",
+                                                                                       "why": "pattern *lm_head*"}]}}))
+    html = render_html(doc, tmp_path / "cache")
+    assert "default &lt;b&gt;&amp;" in html and "<b>&" not in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html), "external resource in report.html"
+    assert "<script" not in html
+    assert html.count("data:image/png;base64,") == 2  # timings + one drill-down figure
+    assert "lm_head_MatMul" in html and "engine comparison not run: no CUDA GPU" in html
+    assert html.count("class=\"not-run\"") == 2 and html.count("class=\"fail\"") == 2
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.fail("chromium is not installed; the HTML report test needs a headless browser: "
+                    "apt-get update && apt-get install -y chromium")
+    return exe
+
+
+def _browse(exe: str, args: list[str], page: Path) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+                              capture_output=True, text=True, timeout=120)
+
+
+def test_html_opens_in_headless_chromium_without_errors(tmp_path: Path) -> None:
+    exe = _chromium()
+    run = tmp_path / "runs" / "default" / "20260101-000000-1"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(sample_doc()))
+    page = write_html_report(run)
+    assert page == run / "report.html"
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("<head>", "<head>" + PROBE, 1))
+    r = _browse(exe, ["--virtual-time-budget=5000", "--dump-dom"], probed)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r'data-probe="([^"]*)"', r.stdout)
+    assert m is not None, f"page did not finish loading in Chromium:\n{r.stdout[:500]}\n{r.stderr[-1500:]}"
+    assert m.group(1) == "clean", f"errors in report.html: {m.group(1)}"
+    shot = tmp_path / "report.png"
+    r = _browse(exe, ["--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,2400",
+                      "--hide-scrollbars"], page)
+    assert r.returncode == 0, r.stderr[-2000:]
+    console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or ":ERROR:" in ln)]
+    assert not console, console
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
