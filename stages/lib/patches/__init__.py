@@ -2,3 +2,4 @@
 
 Import the submodule you need (``stages.lib.patches.vision``); nothing heavy is imported here.
 """
+from stages.lib.patches import text as text  # noqa: E402  (decoder export patches; light: no torch at import)

@@ -1,0 +1,162 @@
+"""Export the language decoder (+ token embedding) to ONNX and prove it computes what PyTorch does.
+
+Outputs: ``decoder.onnx`` (one graph for prefill and decode; I/O in ``stages/lib/decoder_export``),
+``embed.onnx`` (``input_ids`` -> ``inputs_embeds``), ``decoder.json`` (io spec, host spec for
+``hostside/text.py``, parity figures). The image-feature merge is a host step
+(``hostside.text.merge_image_features``), so the decoder graph never sees image placeholders.
+
+Parity (``stages/lib/decoder_parity``): logits vs the FP32 PyTorch model on held-out shapes and a
+greedy multimodal generation through embed + merge + decoder vs ``model.generate``. Image
+features come from ``vision.onnx`` when the optional ``export_vision`` input is present, else
+from the model's own vision tower (``vision_source`` in the metrics says which).
+
+Gates: ``gates.export`` for FP32 exports, ``gates.fp16`` for FP16/BF16 ones. For reduced
+precision, token agreement on a random tiny model can legitimately differ by a token once two
+logits are near-tied, so it is gated only when the gate sets ``tokens`` (always reported).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig, TargetSpec
+
+
+def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
+    e, v = cfg.export, cfg.verify
+    gate_name = "export" if e.dtype == "fp32" else "fp16"
+    return {
+        "dtype": e.dtype,
+        "opset": e.opset,
+        "sample_prompt_len": e.sample_prompt_len,
+        "profile": cfg.profiles.decoder.model_dump(),
+        "gate_name": gate_name,
+        "gate": cfg.gates[gate_name].model_dump(),
+        "verify": {"image_sizes": [list(s) for s in v.image_sizes], "prompt_len": v.prompt_len,
+                   "generate_tokens": v.generate_tokens, "seed": v.seed},
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+
+
+def peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(rss / 1024**2 if sys.platform == "darwin" else rss / 1024)
+
+
+def _gates(summary: dict[str, Any], gate: dict[str, Any]) -> list[GateCheck]:
+    checks = [GateCheck.check("decoder.cosine", summary["cosine"], gate["cosine"], ">=")]
+    for key in ("rel_l2", "max_abs", "norm_ratio"):
+        if gate.get(key) is not None:
+            checks.append(GateCheck.check(f"decoder.{key}", summary[key], gate[key], "<="))
+    if gate.get("top1") is not None:
+        checks.append(GateCheck.check("decoder.top1", summary["top1"], gate["top1"], ">="))
+    if gate.get("tokens") is not None:
+        checks.append(GateCheck.check("decoder.tokens", summary["token_agreement"], gate["tokens"], ">="))
+    return checks
+
+
+def _onnx_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(("decoder.onnx", "embed.onnx")))
+
+
+def _run(ctx: StageContext) -> StageResult:
+    import torch
+
+    from stages.lib import decoder_export as dx
+    from stages.lib.checkpoints import VLM_FAMILIES, load_model, load_processor, resolve_checkpoint
+    from stages.lib.decoder_parity import run_parity
+    from stages.lib.generate import OrtPipeline
+    from stages.lib.hostside.text import TextSpec
+
+    p = ctx.params
+    path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+    if family not in VLM_FAMILIES:
+        raise StageError(f"export_decoder needs a vision-language checkpoint ({', '.join(VLM_FAMILIES)}); got {family}")
+    dtype, opset = p["dtype"], int(p["opset"])
+    prof = p["profile"]
+    # torch.export specialises sizes 0 and 1: trace with >= 2 on every dynamic axis.
+    sample = {"batch": max(2, prof["batch"]["opt"]), "seq": int(p["sample_prompt_len"]),
+              "past": max(2, min(prof["past"]["opt"], 8))}
+
+    ctx.report(f"loading {family} in {dtype}", 0.05)
+    model = load_model(path, dtype=dtype, trust_remote_code=p["trust_remote_code"])
+    spec = TextSpec.from_config(family, model.config)
+    n_deep = spec.deepstack_layers
+    dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
+    ctx.report("exporting decoder (torch.onnx dynamo)", 0.1)
+    facts = dx.export_decoder_graph(model, family, n_deep, dec_path, dtype, opset, sample)
+    dx.name_dims(dec_path, facts["layers"], n_deep)
+    t0 = time.perf_counter()
+    dx.export_embed_graph(dx.embed_table(model), emb_path, opset)
+    export_seconds = facts["export_seconds"] + (time.perf_counter() - t0)
+    export_rss = peak_rss_mb()
+    if dtype != "fp32":
+        # the reference is the FP32 model; drop the export copy first (never two copies at once)
+        del model
+        gc.collect()
+        model = load_model(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
+    # the reference runs the checkpoint's own attention (eager from load_model), unpatched
+    ctx.report("parity: logits on held-out shapes + greedy generation", 0.6)
+    vision_dir = ctx.inputs.get("export_vision")
+    pipe = OrtPipeline(dec_path, emb_path, spec,
+                       vision_path=(vision_dir / "vision.onnx") if vision_dir else None,
+                       vision_spec=_vision_spec(vision_dir) if vision_dir else None)
+    image_processor, _tok = load_processor(path)
+    v = p["verify"]
+    with torch.no_grad():
+        report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
+                            prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],
+                            new_tokens=int(v["generate_tokens"]), seed=int(v["seed"]),
+                            vision_source="onnx" if vision_dir else "torch")
+    summary = report.summary()
+    checks = _gates(summary, p["gate"])
+    notes = []
+    if summary["vision_source"] == "torch":
+        notes.append("decoder parity used the PyTorch vision tower for image features (no export_vision input)")
+    if p["gate"].get("tokens") is None:
+        notes.append(f"token agreement {summary['token_agreement']:.3f} reported, not gated (gates.{p['gate_name']}.tokens unset)")
+    metrics = {
+        "family": family, "dtype": dtype, "opset": opset, "exporter": facts["exporter"],
+        **{k: summary[k] for k in ("cosine", "max_abs", "rel_l2", "norm_ratio", "top1", "token_agreement", "vision_source")},
+        "export_seconds": round(export_seconds, 3), "export_peak_rss_mb": round(export_rss, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "onnx_bytes": _onnx_bytes(ctx.out),
+    }
+    io = dx.io_spec(dec_path)
+    meta = {**io, "embed": dx.io_spec(emb_path), "profile": prof, "dtype": dtype, "opset": opset,
+            "family": family, "host": spec.as_dict(), "sample": sample,
+            "parity": {**summary, "gate": p["gate_name"], "gates": [c.__dict__ for c in checks]}}
+    (ctx.out / "decoder.json").write_text(json.dumps(meta, indent=2))
+    result = StageResult(metrics=metrics, gates=checks, notes=notes)
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        figures = ", ".join(f"{c.name} = {c.value:.6g} (needs {c.op} {c.threshold:g})" for c in failed)
+        raise GateFailed(f"decoder parity gate missed: {figures}", result)
+    return result
+
+
+def _vision_spec(vision_dir: Path) -> Any:
+    from stages.lib.hostside.vision import VisionSpec
+
+    return VisionSpec.from_dict(json.loads((vision_dir / "vision.json").read_text())["spec"])
+
+
+STAGE = Stage(
+    name="export_decoder",
+    version="1",
+    run=_run,
+    params=_params,
+    deps=("checkpoint",),
+    outputs=("decoder.onnx", "embed.onnx", "decoder.json"),
+    toolchain=("torch", "transformers", "onnx", "onnxruntime", "onnxscript"),
+    description="export the language decoder (KV cache, M-RoPE) and token embedding to ONNX with parity gates",
+)
