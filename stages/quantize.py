@@ -87,7 +87,9 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     trefs = heldout.torch_refs(graph, torch_samples, outputs[0])
     if trefs is not None:
         par["vs_reference"] = heldout.parity(outs, trefs, outputs[0], logits)
-    kept = [{"node": k["node"], "why": k["why"]} for k in built.placement.kept if "sensitivity" not in k["why"]]
+    scopes = built.placement.scopes
+    kept = [{"node": k["node"], "module": scopes.get(k["node"], ""), "why": k["why"]}
+            for k in built.placement.kept if "sensitivity" not in k["why"]]
     kept += [{"group": k["group"], "nodes": k["nodes"], "why": k["why"]} for k in sens.kept]
     model_opset = built.model.opset_imports.get("", 0)
     entry = {

@@ -144,3 +144,15 @@ def test_no_dq_feeds_a_never_cut_op_after_insertion(mode):
             for use in node.outputs[0].uses():
                 assert use.node.op_type not in NEVER_CUT_OPS, (node.name, use.node.op_type)
     assert np.isfinite(len(list(built.model.graph)))
+
+
+def test_keep_patterns_match_the_exported_module_path():
+    proto = G.mha_block()
+    node = next(n for n in proto.graph.node if n.name == "attn/k_proj/MatMul")
+    node.name = "node_linear_1"  # dynamo-style name; the module path lives in metadata
+    entry = node.metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.name_scopes", "['', 'model', 'model.layers.0.self_attn.k_proj', 'linear_1']"
+    pl = plan(_ir(proto).graph, "int8", keep=("*self_attn.k_proj",))
+    assert pl.kept == [{"node": "node_linear_1", "pattern": "*self_attn.k_proj",
+                        "why": "keep_high_precision pattern '*self_attn.k_proj'"}]
+    assert pl.scopes["node_linear_1"] == "model.layers.0.self_attn.k_proj"

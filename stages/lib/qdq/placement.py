@@ -35,6 +35,7 @@ class Placement:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"node","rule","why"}
     kept: list[dict[str, str]] = field(default_factory=list)  # {"node","pattern","why"}
     groups: dict[str, list[str]] = field(default_factory=dict)  # group id -> tensors
+    scopes: dict[str, str] = field(default_factory=dict)  # node name -> module path (when exported)
 
     def site(self, tensor: str, kind: str | None = None) -> Site | None:
         return next((s for s in self.sites if s.tensor == tensor and kind in (None, s.kind)), None)
@@ -50,6 +51,24 @@ def ensure_names(graph: ir.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
+
+
+def scope_of(node: ir.Node) -> str:
+    """The PyTorch module path of a node (torch.onnx dynamo's name_scopes metadata), or "".
+
+    Dynamo names nodes `node_linear_3`; the module path (`model.layers.0.self_attn.q_proj`) is
+    what users write keep patterns against and what sensitivity groups by.
+    """
+    import ast
+
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return ""
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return ""
+    return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
 
 
 def is_const(v: ir.Value | None) -> bool:
@@ -167,12 +186,14 @@ def plan(
         if keep_nodes and node.name in keep_nodes:
             pl.kept.append({"node": node.name, "pattern": "", "why": keep_nodes[node.name]})
             return True
+        scope = pl.scopes.get(node.name, "")
         for pat, why in patterns:
-            if fnmatch.fnmatchcase(node.name, pat):
+            if fnmatch.fnmatchcase(node.name, pat) or (scope and fnmatch.fnmatchcase(scope, pat)):
                 pl.kept.append({"node": node.name, "pattern": pat, "why": why})
                 return True
         return False
 
+    pl.scopes = {n.name: sc for n in graph if (sc := scope_of(n))}
     mha_done: set[str] = set()
     for node in graph:
         op = node.op_type

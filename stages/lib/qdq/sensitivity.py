@@ -83,7 +83,7 @@ def run(proto: onnx.ModelProto, recipe: Recipe, calib: Calib, budget: float | No
         return full, SensitivityReport(None, cos_full, cos_full, True, evaluations=1)
     groups: dict[str, list[str]] = {}
     for node in sorted(full.placement.quantized_nodes()):
-        groups.setdefault(group_of(node), []).append(node)
+        groups.setdefault(group_of(full.placement.scopes.get(node) or node), []).append(node)
     all_nodes = {n for ns in groups.values() for n in ns}
     ranking = []
     for g, nodes in groups.items():
