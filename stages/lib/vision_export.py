@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,11 @@ def _export(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str
     if "deepstack_features" in outs:
         axes["deepstack_features"] = {1: "tokens"}
     try:
-        torch.onnx.export(module, args, str(onnx_path), input_names=names, output_names=outs,
-                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of dynamo; chosen on purpose (module doc).
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(module, args, str(onnx_path), input_names=names, output_names=outs,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
         return "torchscript"
     except Exception as ts_err:  # noqa: BLE001 - fall back to the dynamo exporter, keep both reasons
         from torch.export import Dim

@@ -87,17 +87,15 @@ def patch_vision_attention(family: str) -> Iterator[None]:
 
 
 def segment_mask(segments: Any) -> Any:
-    """[N] segment ids -> [1, 1, N, N] FP32 additive mask (0 same segment, -1e30... otherwise).
+    """[N] segment ids -> [1, 1, N, N] FP32 additive mask (0 same segment, finfo.min otherwise).
 
     A finite large negative instead of -inf: a row is never fully masked (a patch always
     sees itself), and finite values keep FP16/INT8 builders away from inf arithmetic.
     """
     import torch
 
-    same = segments.unsqueeze(0) == segments.unsqueeze(1)
-    neg = torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float32)
-    zero = torch.tensor(0.0, dtype=torch.float32)
-    return torch.where(same, zero, neg).unsqueeze(0).unsqueeze(0)
+    differ = (segments.unsqueeze(0) != segments.unsqueeze(1)).to(torch.float32)
+    return (differ * torch.finfo(torch.float32).min).unsqueeze(0).unsqueeze(0)
 
 
 def _fp32_island() -> type:
