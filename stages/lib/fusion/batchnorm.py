@@ -46,6 +46,24 @@ def _sole_consumer(value: ir.Value, graph_outputs: set[ir.Value]) -> ir.Node | N
     return users.pop() if len(users) == 1 else None
 
 
+def _conv_branch(v: ir.Value | None) -> bool:
+    """v is a Conv (or Conv→BN) output read only once: a branch TensorRT can fuse into an Add."""
+    if v is None or len({n for n, _ in v.uses()}) != 1:
+        return False
+    p = v.producer()
+    if p is not None and p.op_type == "BatchNormalization":
+        p = p.inputs[0].producer() if p.inputs[0] is not None else None
+    return p is not None and p.op_type == "Conv"
+
+
+def _owns_add(add: ir.Node, ours: ir.Value) -> bool:
+    """A projection-shortcut Add has a conv on both inputs; the one on input 0 takes the Add
+    (the same choice the Q/DQ stage makes: input 1 is then the skip it quantizes)."""
+    if add.inputs[0] is ours:
+        return True
+    return not _conv_branch(add.inputs[0])
+
+
 def annotate_conv_partitions(model: ir.Model, start: int = 0) -> int:
     """Tag Conv→[BN]→[Add]→act→[MaxPool] (at least Conv→act) chains; returns how many."""
     graph = model.graph
@@ -60,6 +78,8 @@ def annotate_conv_partitions(model: ir.Model, start: int = 0) -> int:
             chain.append((nxt, "bn"))
             nxt = _sole_consumer(nxt.outputs[0], outputs)
         if nxt is not None and nxt.op_type == "Add":
+            if not _owns_add(nxt, chain[-1][0].outputs[0]):
+                continue  # the other branch's conv fuses this Add; ours ends without an activation
             chain.append((nxt, "residual_add"))
             nxt = _sole_consumer(nxt.outputs[0], outputs)
         if nxt is None or nxt.op_type not in FUSIBLE_ACTIVATIONS:
