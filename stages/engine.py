@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import GateCheck, Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
-    from pipeline.config import BuildConfig, TargetSpec
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
 
 GRAPHS = ("vision", "decoder", "embed")
 REQUIRED = ("vision", "decoder")

@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.stage import StageError
 
 Triple = tuple[int, int, int]
+Shape = tuple[int, ...]
 
 
 def _find(spec: Any, *keys: str) -> int | None:
@@ -77,7 +78,7 @@ def _decoder_axes(decoder: dict[str, Any]) -> dict[str, Triple]:
             "total": total, "total_seq": total, "kv_len": total}  # type: ignore[dict-item]
 
 
-def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], ...]]:
+def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -> dict[str, tuple[Shape, Shape, Shape]]:
     """{input name: (min shape, opt shape, max shape)} for every input with a named axis.
 
     `profiles` is `cfg.profiles.model_dump()`; the vision graph uses `profiles["vision"]`,
@@ -87,7 +88,7 @@ def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -
         axes = _vision_axes(io_spec, profiles["vision"])
     else:
         axes = _decoder_axes(profiles["decoder"])
-    out: dict[str, tuple[tuple[int, ...], ...]] = {}
+    out: dict[str, tuple[Shape, Shape, Shape]] = {}
     for inp in io_spec.get("inputs", []):
         shape = inp["shape"]
         if all(isinstance(d, int) and d >= 0 for d in shape):
@@ -102,5 +103,6 @@ def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -
                 known = ", ".join(sorted(axes))
                 hint = "" if graph != "vision" or "patches" in axes else " (the io spec has no patch_size)"
                 raise StageError(f"{graph}: input {inp['name']} axis {d!r} has no profile rule{hint}; known axes: {known}")
-        out[inp["name"]] = tuple(tuple(x[i] for x in dims) for i in range(3))
+        lo, opt, hi = (tuple(x[i] for x in dims) for i in range(3))
+        out[inp["name"]] = (lo, opt, hi)
     return out

@@ -133,7 +133,7 @@ def make_logger(trt: Any, sink: list[str], verbose: bool = True) -> Any:
 
     class _Logger(trt.ILogger):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
-            trt.ILogger.__init__(self)
+            super().__init__()
 
         def log(self, severity: Any, msg: str) -> None:
             if severity <= floor:
@@ -150,7 +150,7 @@ def make_progress_monitor(trt: Any, report: Any) -> Any | None:
 
     class _Monitor(base):  # type: ignore[misc,valid-type]
         def __init__(self) -> None:
-            base.__init__(self)
+            super().__init__()
             self.steps: dict[str, int] = {}
             self.top: str | None = None
 

@@ -63,8 +63,13 @@ def _dtype_name(dt: Any) -> str:
     return str(getattr(dt, "name", dt)).split(".")[-1].lower()
 
 
+def _dims(t: tensorrt.ITensor) -> list[int]:
+    d = t.shape
+    return [int(d[i]) for i in range(len(d))]
+
+
 def _io(t: tensorrt.ITensor) -> dict[str, Any]:
-    return {"name": t.name, "dtype": _dtype_name(t.dtype), "shape": [int(d) for d in t.shape]}
+    return {"name": t.name, "dtype": _dtype_name(t.dtype), "shape": _dims(t)}
 
 
 def _parse(trt: Any, network: tensorrt.INetworkDefinition, logger: Any, onnx_path: Path) -> None:
@@ -81,7 +86,7 @@ def _set_profile(builder: tensorrt.Builder, network: tensorrt.INetworkDefinition
     dynamic = []
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        shape = [int(d) for d in t.shape]
+        shape = _dims(t)
         if t.name not in spec:
             if any(d < 0 for d in shape):
                 dynamic.append(t.name)
@@ -91,7 +96,7 @@ def _set_profile(builder: tensorrt.Builder, network: tensorrt.INetworkDefinition
             if len(s) != len(shape) or any(d >= 0 and d != v for d, v in zip(shape, s, strict=True)):
                 raise StageError(f"{graph}: profile shape {list(s)} does not fit input {t.name} {shape}")
         if t.is_shape_tensor:
-            profile.set_shape_input(t.name, lo, opt, hi)
+            profile.set_shape_input(t.name, list(lo), list(opt), list(hi))
         else:
             profile.set_shape(t.name, lo, opt, hi)
     if dynamic:
@@ -138,12 +143,16 @@ def _configure(backend: Backend, config: tensorrt.IBuilderConfig, sm: str, opts:
                 result.options_unavailable.append(f"{n} ({backend.name} {backend.version} has no such flag)")
 
 
+def _quiet(message: str, fraction: float | None = None) -> None:
+    pass
+
+
 def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, profile: ProfileSpec,
                  opts: BuildOptions, report: Report | None = None, graph: str = "") -> BuildResult:
     """Parse, configure and build one engine into `out_path`; StageError on any failure."""
     trt = backend.trt
     graph = graph or onnx_path.stem
-    say: Report = report or (lambda m, f=None: None)
+    say: Report = report or _quiet
     log: list[str] = []
     logger = make_logger(trt, log)
     builder: tensorrt.Builder = trt.Builder(logger)
@@ -154,7 +163,10 @@ def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, pro
                          [_io(network.get_output(i)) for i in range(network.num_outputs)], log)
     _configure(backend, config, sm, opts, result)
     _set_profile(builder, network, config, profile, graph)
-    monitor = make_progress_monitor(trt, lambda m, f=None: say(f"{graph}: {m}", f))
+    def graph_say(m: str, f: float | None = None) -> None:
+        say(f"{graph}: {m}", f)
+
+    monitor = make_progress_monitor(trt, graph_say)
     if monitor is not None:
         config.progress_monitor = monitor
     cache = use = None
