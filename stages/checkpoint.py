@@ -47,6 +47,13 @@ def _run(ctx: StageContext) -> StageResult:
         ck.generate_tiny(p["family"], ctx.out / "model", seed=int(p["seed"]))
         path, family = "model", p["family"]
         files = ck.checkpoint_files(ctx.out / "model")
+    elif p["generate"] == "cnn-tiny":
+        from stages.lib.cnn_export import generate_tiny_cnn  # the CNN (ResNet) path's own generator
+
+        ctx.report("generating a tiny ResNet checkpoint", 0.1)
+        generate_tiny_cnn(ctx.out / "model", seed=int(p["seed"]))
+        path, family = "model", ck.detect_family(ctx.out / "model")
+        files = ck.checkpoint_files(ctx.out / "model")
     elif p["generate"] is not None:
         raise StageError(f"model.generate: {p['generate']} is not produced by the checkpoint stage")
     else:

@@ -102,11 +102,14 @@ def _run(ctx: StageContext) -> StageResult:
 
         return bring_your_own(ctx)
     path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-    if family in VISION_ONLY_FAMILIES:
-        from stages.lib.cnn_export import export_cnn  # owned by the fusion work; CNN backbones only
-
-        return StageResult(metrics=export_cnn(path, ctx.out, p))
     check_sizes(p)
+    if family in VISION_ONLY_FAMILIES:
+        from stages.lib.cnn_export import export_cnn  # CNN backbones: exported by the fusion work's module
+        from stages.lib.metrics import Parity
+
+        metrics = export_cnn(path, ctx.out, p)  # raises GateFailed itself on a parity miss
+        gate = p["gate"] if p["dtype"] == "fp32" else p["gate_fp16"]
+        return StageResult(metrics=metrics, gates=gate_checks("vision", Parity(**metrics["parity"]), gate))
     from stages.lib.vision_export import export_and_verify
 
     return export_and_verify(ctx, path, family)

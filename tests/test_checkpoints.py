@@ -123,3 +123,33 @@ def test_tiny_generates_varied_tokens(tiny: dict[str, Path], family: str) -> Non
     new = out[0, ids["input_ids"].shape[1]:].tolist()
     assert len(new) == 16
     assert len(set(new)) >= 6, new
+
+
+def _stage_run(cfg_model: dict, out: Path) -> tuple[dict, object]:
+    from pipeline.config import BuildConfig
+    from pipeline.stage import StageContext
+    from stages import checkpoint as stage
+
+    cfg = BuildConfig.model_validate({"name": "t", "model": cfg_model, "targets": ["rtx4090"]})
+    out.mkdir(parents=True, exist_ok=True)
+    params = stage.STAGE.params(cfg, None)
+    json.dumps(params)  # JSON-able: it is hashed into the cache key
+    res = stage.STAGE.run(StageContext("checkpoint", params, {}, out, None, []))
+    ext = stage.STAGE.external(cfg) if stage.STAGE.external else []
+    return json.loads((out / "checkpoint.json").read_text()), (res, ext)
+
+
+def test_checkpoint_stage_generated_and_user(tiny: dict[str, Path], tmp_path: Path) -> None:
+    meta, (res, ext) = _stage_run({"generate": "tiny", "family": "qwen3_vl", "seed": 1}, tmp_path / "gen")
+    assert meta == {"path": "model", "family": "qwen3_vl"} and ext == []
+    assert ck.resolve_checkpoint(tmp_path / "gen") == (tmp_path / "gen" / "model", "qwen3_vl")
+    meta, (res, ext) = _stage_run({"checkpoint": str(tiny["qwen2_5_vl"])}, tmp_path / "user")
+    assert meta == {"path": str(tiny["qwen2_5_vl"].resolve()), "family": "qwen2_5_vl"}
+    assert not (tmp_path / "user" / "model").exists()  # user weights are referenced, never copied
+    names = {p.name for p in ext}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= names
+
+
+def test_checkpoint_stage_cnn_tiny(tmp_path: Path) -> None:
+    meta, _ = _stage_run({"generate": "cnn-tiny"}, tmp_path / "cnn")
+    assert meta["family"] == "resnet" and (tmp_path / "cnn" / "model" / "config.json").is_file()
