@@ -48,6 +48,8 @@ def _io_spec(folder: Path, graph: str) -> dict[str, Any]:
     """The graph's io spec; for a graph without one, its axis names read from the ONNX inputs."""
     p = folder / f"{graph}.json"
     spec: dict[str, Any] = json.loads(p.read_text()) if p.is_file() else {}
+    if graph == "embed" and not spec and (folder / "decoder.json").is_file():
+        spec = json.loads((folder / "decoder.json").read_text()).get("embed") or {}  # export_decoder nests it
     if not spec.get("inputs"):
         import onnx
 
