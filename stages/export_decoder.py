@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,19 +109,30 @@ def _run(ctx: StageContext) -> StageResult:
     # the reference runs the checkpoint's own attention (eager from load_model), unpatched
     ctx.report("parity: logits on held-out shapes + greedy generation", 0.6)
     vision_dir = ctx.inputs.get("export_vision")
-    pipe = OrtPipeline(dec_path, emb_path, spec,
-                       vision_path=(vision_dir / "vision.onnx") if vision_dir else None,
-                       vision_spec=_vision_spec(vision_dir) if vision_dir else None)
     image_processor, _tok = load_processor(path)
     v = p["verify"]
-    with torch.no_grad():
-        report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
-                            prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],
-                            new_tokens=int(v["generate_tokens"]), seed=int(v["seed"]),
-                            vision_source="onnx" if vision_dir else "torch")
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:  # widened BF16 copies: never beside the outputs
+        run_dec, run_emb = dec_path, emb_path
+        if dtype == "bf16":
+            from stages.lib.vision_export import bf16_as_fp32
+
+            run_dec = bf16_as_fp32(dec_path, Path(tmp) / "decoder_fp32.onnx")
+            run_emb = bf16_as_fp32(emb_path, Path(tmp) / "embed_fp32.onnx")
+            notes.append("bf16 widened to fp32 for onnxruntime CPU (no BF16 kernels): weight rounding is "
+                         "checked, BF16 activation rounding is not")
+        pipe = OrtPipeline(run_dec, run_emb, spec,
+                           vision_path=(vision_dir / "vision.onnx") if vision_dir else None,
+                           vision_spec=_vision_spec(vision_dir) if vision_dir else None)
+        with torch.no_grad():
+            report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
+                                prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],
+                                new_tokens=int(v["generate_tokens"]), seed=int(v["seed"]),
+                                vision_source="onnx" if vision_dir else "torch")
+        del pipe
     summary = report.summary()
     checks = _gates(summary, p["gate"])
-    notes = []
+    notes += [f"{case} failed to run: {msg}" for case, msg in summary["errors"].items()]
     if summary["vision_source"] == "torch":
         notes.append("decoder parity used the PyTorch vision tower for image features (no export_vision input)")
     if p["gate"].get("tokens") is None:
@@ -140,6 +152,9 @@ def _run(ctx: StageContext) -> StageResult:
     failed = [c for c in checks if not c.passed]
     if failed:
         figures = ", ".join(f"{c.name} = {c.value:.6g} (needs {c.op} {c.threshold:g})" for c in failed)
+        if summary["errors"]:
+            case, msg = next(iter(summary["errors"].items()))
+            figures += f"; {len(summary['errors'])} case(s) did not run, first {case}: {msg}"
         raise GateFailed(f"decoder parity gate missed: {figures}", result)
     return result
 

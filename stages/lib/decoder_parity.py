@@ -26,6 +26,7 @@ class ParityReport:
     tokens: np.ndarray
     ref_tokens: np.ndarray
     vision_source: str  # "onnx" (export_vision graph) or "torch" (the model's own vision tower)
+    errors: dict[str, str]  # cases the exported graphs could not run, with the runtime's message
 
     def summary(self) -> dict[str, Any]:
         w = worst(list(self.cases.values()))
@@ -37,6 +38,7 @@ class ParityReport:
             "top1": self.top1,
             "token_agreement": token_agreement(self.tokens, self.ref_tokens),
             "vision_source": self.vision_source,
+            "errors": self.errors,
             "cases": {k: v.as_dict() for k, v in self.cases.items()},
             "tokens": self.tokens.tolist(),
             "ref_tokens": self.ref_tokens.tolist(),
@@ -140,16 +142,30 @@ def _random_case(pipe: OrtPipeline, model: Any, rng: np.random.Generator, batch:
     return out, ref
 
 
+FAILED = Parity(float("nan"), float("inf"), float("inf"), float("inf"), False)
+
+
 def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_sizes: list[tuple[int, int]],
                prompt_len: int, sample_seq: int, new_tokens: int, seed: int, vision_source: str) -> ParityReport:
-    """``model`` is the FP32 reference; ``pipe`` runs the exported graphs."""
+    """``model`` is the FP32 reference; ``pipe`` runs the exported graphs.
+
+    A case the graph cannot even run (e.g. an export that baked the sample's shapes) counts as
+    failed (NaN cosine) with the runtime's message in ``errors``, so the gate reports it.
+    """
     import torch
 
     rng = np.random.default_rng(seed)
     cases: dict[str, Parity] = {}
     tops: list[float] = []
+    errors: dict[str, str] = {}
 
-    def add(name: str, out: np.ndarray, ref: np.ndarray, keep: np.ndarray | None = None) -> None:
+    def run_case(name: str, fn: Any) -> None:
+        try:
+            out, ref, keep = fn()
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+            cases[name], errors[name] = FAILED, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            tops.append(0.0)
+            return
         o, r = (out[keep], ref[keep]) if keep is not None else (out, ref)
         cases[name] = compare(o.astype(np.float32), r)
         tops.append(topk_agreement(o.astype(np.float32), r))
@@ -157,24 +173,31 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
     prompt = make_prompt(model, image_processor, image_sizes, prompt_len, seed)
     if vision_source == "torch":
         prompt.image_features, prompt.deepstack_features = torch_visual_features(model, prompt)
-    embeds, deep = pipe.prompt_embeds(prompt)
-    pos, _ = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
-    out, _ = pipe.step(embeds, prompt.mask(), pos, pipe.empty_past(embeds.shape[0]), deep)
-    with torch.no_grad():
-        ref = model(
-            input_ids=torch.as_tensor(prompt.input_ids), attention_mask=torch.as_tensor(prompt.mask()),
-            pixel_values=torch.as_tensor(prompt.pixel_values), image_grid_thw=torch.as_tensor(prompt.image_grid_thw),
-            mm_token_type_ids=torch.as_tensor(host.mm_token_types(prompt.input_ids, pipe.spec)),
-        ).logits.float().numpy()
-    add("multimodal_prefill_b2_padded", out, ref, prompt.mask().astype(bool))
+
+    def multimodal() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        embeds, deep = pipe.prompt_embeds(prompt)
+        pos, _ = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
+        out, _ = pipe.step(embeds, prompt.mask(), pos, pipe.empty_past(embeds.shape[0]), deep)
+        with torch.no_grad():
+            ref = model(
+                input_ids=torch.as_tensor(prompt.input_ids), attention_mask=torch.as_tensor(prompt.mask()),
+                pixel_values=torch.as_tensor(prompt.pixel_values), image_grid_thw=torch.as_tensor(prompt.image_grid_thw),
+                mm_token_type_ids=torch.as_tensor(host.mm_token_types(prompt.input_ids, pipe.spec)),
+            ).logits.float().numpy()
+        return out, ref, prompt.mask().astype(bool)  # padded positions carry no meaning
+
+    run_case("multimodal_prefill_b2_padded", multimodal)
     for name, (b, s, p, distinct) in {
         f"prefill_b1_s{sample_seq + 5}": (1, sample_seq + 5, 0, False),
         "chunk_b2_s7_past11": (2, 7, 11, True),
         "decode_b2_s1_past20": (2, 1, 20, False),
     }.items():
-        out, ref = _random_case(pipe, model, rng, b, s, p, distinct)
-        add(name, out, ref)
-    tokens = pipe.generate(prompt, new_tokens)
+        run_case(name, lambda b=b, s=s, p=p, d=distinct: (*_random_case(pipe, model, rng, b, s, p, d), None))
     ref_prompt = Prompt(prompt.input_ids, prompt.attention_mask, prompt.pixel_values, prompt.image_grid_thw)
     ref_tokens = torch_generate(model, ref_prompt, new_tokens)
-    return ParityReport(cases, float(min(tops)), tokens, ref_tokens, vision_source)
+    try:
+        tokens = pipe.generate(prompt, new_tokens)
+    except Exception as e:
+        errors["generate"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        tokens = np.full_like(ref_tokens, -1)
+    return ParityReport(cases, float(min(tops)), tokens, ref_tokens, vision_source, errors)
