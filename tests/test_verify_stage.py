@@ -1,0 +1,173 @@
+"""verify stage: gates, engine rows that never pass without running, and (slow) the real chain
+on the tiny default: every graph x precision meets its default gate; one corrupted weight scale
+in block k of a Q/DQ graph fails the gate and the drill-down names block k."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.config import BuildConfig
+from pipeline.stage import GateFailed, StageContext, StageError
+from pipeline.targets import load_catalog
+from stages.lib.verify_graphs import gate_checks
+from stages.verify import STAGE, _engine_row
+
+DEFAULT: dict[str, Any] = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"},
+                           "targets": ["rtx3090", "rtx4090"]}
+CHAIN = ("checkpoint", "reference", "export_vision", "export_decoder", "fuse", "calibrate", "quantize", "engine")
+
+
+def _ctx(target: str, out: Path, inputs: dict[str, Path], **over: Any) -> StageContext:
+    cfg = BuildConfig.model_validate({**DEFAULT, **over})
+    t = load_catalog()[target]
+    return StageContext(node_id=f"verify@{target}", params=STAGE.params(cfg, t), inputs=inputs, out=out,
+                        target=t.model_dump(), external=[])
+
+
+def test_params_carry_gates_and_target() -> None:
+    ctx = _ctx("rtx4090", Path("."), {})
+    assert ctx.params["gates"]["fp16"]["cosine"] == 0.9999 and ctx.params["gates"]["int4-weight"]["cosine"] == 0.98
+    assert (ctx.params["target"], ctx.params["sm"], ctx.params["builder"]) == ("rtx4090", "8.9", "tensorrt-rtx")
+
+
+def test_gate_checks_fail_on_misses_and_non_finite() -> None:
+    gate = {"cosine": 0.99, "norm_ratio": 0.25, "top1": 0.9, "tokens": None, "rel_l2": None, "max_abs": None}
+    ok = gate_checks("decoder.int8", {"cosine": 0.995, "norm_ratio": 0.1, "top1": 0.95, "finite": True}, gate)
+    assert [c.name for c in ok] == ["decoder.int8.cosine", "decoder.int8.norm_ratio", "decoder.int8.top1"]
+    assert all(c.passed for c in ok)
+    bad = gate_checks("vision.fp8", {"cosine": float("nan"), "norm_ratio": 0.3, "finite": False}, gate)
+    assert [c.passed for c in bad] == [False, False, False]
+
+
+@pytest.mark.parametrize("with_engine", [False, True])
+def test_engine_comparison_without_gpu_is_not_run_never_pass(tmp_path: Path, with_engine: bool) -> None:
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    if with_engine:
+        (engine / "vision.engine").write_bytes(b"not an engine: it must never be reported as compared")
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = _ctx("rtx4090", out, {"engine": engine})
+    feeds = {"pixel_values": np.zeros((4, 1176), np.float32)}
+    row, checks = _engine_row(ctx, "vision", "fp8", {}, feeds, {"image_features": np.zeros((1, 64))},
+                              ctx.params["gates"]["fp8"])
+    assert row["status"] == "not-run" and checks == []
+    assert row["reason"].startswith("engine comparison not run: ")
+    assert not any(out.iterdir())  # nothing left behind in the node's outputs
+
+
+# --- the real chain on the tiny default (slow) ---------------------------------------------
+
+
+def _run_stage(name: str, cfg: BuildConfig, target: str | None, inputs: dict[str, Path], out: Path) -> None:
+    st = importlib.import_module(f"stages.{name}").STAGE
+    t = load_catalog()[target] if (st.per_target and target) else None
+    out.mkdir(parents=True)
+    ctx = StageContext(node_id=name, params=st.params(cfg, t), inputs={d: inputs[d] for d in st.deps}, out=out,
+                       target=t.model_dump() if t else None, external=[])
+    st.run(ctx)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Stage output folders per target, built by the real stages (shared ones once)."""
+    cfg = BuildConfig.model_validate(DEFAULT)
+    root = tmp_path_factory.mktemp("chain")
+    shared: dict[str, Path] = {}
+    out: dict[str, dict[str, Path]] = {}
+    for target in DEFAULT["targets"]:
+        folders = dict(shared)
+        for name in CHAIN:
+            st = importlib.import_module(f"stages.{name}").STAGE
+            if name in folders:
+                continue
+            dest = root / (f"{name}@{target}" if st.per_target else name)
+            try:
+                _run_stage(name, cfg, target, folders, dest)
+            except StageError as e:
+                if name != "engine":
+                    pytest.fail(f"upstream stage {name} failed on the tiny default: {e}")
+                shutil.rmtree(dest)  # no builder here: verify must then say why engines were not compared
+                dest.mkdir()
+            folders[name] = dest
+            if not st.per_target:
+                shared[name] = dest
+        out[target] = folders
+    return out
+
+
+def _verify(chain: dict[str, Path], target: str, out: Path, quantize: Path | None = None, **over: Any) -> Any:
+    inputs = {k: chain[k] for k in ("reference", "engine", "checkpoint")}
+    inputs["quantize"] = quantize or chain["quantize"]
+    out.mkdir()
+    return STAGE.run(_ctx(target, out, inputs, **over))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", DEFAULT["targets"])
+def test_default_rows_meet_default_gates(chain: dict[str, dict[str, Path]], tmp_path: Path, target: str) -> None:
+    res = _verify(chain[target], target, tmp_path / "v", verify={"drilldown": "always"})
+    doc = json.loads((tmp_path / "v" / "verify.json").read_text())
+    quant = json.loads((chain[target]["quantize"] / "quantize.json").read_text())
+    rows = {(r["graph"], r["runtime"]): r for r in doc["rows"]}
+    for g in ("vision", "decoder"):
+        r = rows[(g, "onnxruntime")]
+        assert r["precision"] == quant[g]["precision"] and r["status"] == "pass", r
+        gate = BuildConfig.model_validate(DEFAULT).gates[r["precision"]]  # the default gate
+        assert r["figures"]["cosine"] >= gate.cosine and r["figures"]["norm_ratio"] <= (gate.norm_ratio or 0.25)
+        assert rows[(g, "tensorrt")]["status"] in ("not-run", "pass")  # never "pass" unless it ran
+        if rows[(g, "tensorrt")]["status"] == "not-run":
+            assert rows[(g, "tensorrt")]["reason"].startswith("engine comparison not run: ")
+        assert (tmp_path / "v" / f"drilldown_{g}.png").stat().st_size > 1000
+        assert len(doc["drilldown"][g]["blocks"]) == 2  # the tiny model: 2 ViT blocks, 2 decoder layers
+    assert 0.0 <= rows[("decoder", "onnxruntime")]["figures"]["top1"] <= 1.0
+    assert rows[("generation", "onnxruntime")]["figures"]["tokens"] >= 0.0
+    assert doc["passed"] is True and res.metrics["passed"] is True
+    assert all(g.passed for g in res.gates)
+
+
+def _corrupt_scale(src: Path, dst: Path, graph: str, kind: str, block: int) -> str:
+    """Copy a quantize folder and multiply one weight DequantizeLinear scale used in ``block`` by 8."""
+    import onnx
+    from onnx import numpy_helper
+
+    from stages.lib.drilldown import node_block
+
+    shutil.copytree(src, dst)
+    m = onnx.load(str(dst / f"{graph}.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    users: dict[str, list[Any]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits and any(
+                node_block(u, kind) == block for u in users.get(n.output[0], [])):
+            t = inits[n.input[1]]
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.asarray(8, numpy_helper.to_array(t).dtype),
+                                               t.name))
+            onnx.save(m, str(dst / f"{graph}.onnx"))
+            return t.name
+    raise AssertionError(f"no weight DequantizeLinear feeds {kind}.{block} in {graph}.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("graph", "kind"), [("decoder", "layers"), ("vision", "blocks")])
+def test_broken_scale_fails_gate_and_drilldown_names_block(chain: dict[str, dict[str, Path]], tmp_path: Path,
+                                                           graph: str, kind: str) -> None:
+    target, block = "rtx4090", 1
+    bad = tmp_path / "q"
+    _corrupt_scale(chain[target]["quantize"], bad, graph, kind, block)
+    with pytest.raises(GateFailed) as e:
+        _verify(chain[target], target, tmp_path / "v", quantize=bad)
+    m = e.value.result.metrics
+    assert m["rows"][f"{graph}.onnxruntime"]["status"] == "fail"
+    assert m["drilldown"][graph]["jump_block"] == block, m["drilldown"][graph]
+    assert f"| {graph}." in str(e.value) and f"first jump at block {block}" in str(e.value)
