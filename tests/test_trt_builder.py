@@ -160,3 +160,29 @@ def test_profile_for_decoder_and_vision() -> None:
     assert profile_for("vision", vis, profiles)["pixel_values"] == ((16, 1176), (256, 1176), (2048, 1176))
     with pytest.raises(StageError, match="no patch_size"):
         profile_for("vision", {"inputs": vis["inputs"]}, profiles)
+
+
+def test_progress_reaches_the_report(tmp_path: Path) -> None:
+    g = G.mha_mlp(tmp_path / "mha.onnx", "fp16")
+    seen: list[tuple[str, float | None]] = []
+    be = resolve_backend("tensorrt-rtx", "8.9")
+    build_engine(be, g, tmp_path / "e.engine", "8.9", MHA_PROFILE, BuildOptions(),
+                 lambda m, f=None: seen.append((m, f)), graph="vision")
+    assert all(m.startswith("vision: ") for m, _ in seen)
+    assert any(m.startswith("vision: trt: ") for m, _ in seen)  # IProgressMonitor phases
+    assert seen[-1] == (seen[-1][0], 1.0) and "built" in seen[-1][0]
+
+
+def test_external_data_is_read_next_to_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    src = G.mha_mlp(tmp_path / "src.onnx", "int8")
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(onnx.load(str(src)), str(ext / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    assert (ext / "model.onnx.data").stat().st_size > (ext / "model.onnx").stat().st_size
+    monkeypatch.chdir(tmp_path)  # not the model's folder: the parser must resolve data by the model path
+    r = _build(tmp_path, ext / "model.onnx", "8.9", MHA_PROFILE)
+    (tmp_path / "inline").mkdir()
+    assert r.sha256 == _build(tmp_path / "inline", src, "8.9", MHA_PROFILE).sha256  # same weights, same engine
