@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
-    from pipeline.config import BuildConfig, TargetSpec
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:

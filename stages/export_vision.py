@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
-    from pipeline.config import BuildConfig, TargetSpec
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
 
 _TWO_GB = 2 * 1024**3
 

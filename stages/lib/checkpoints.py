@@ -221,7 +221,7 @@ def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> A
     inter = 5632 if big else 128
     v_dim, v_depth, v_heads = (1024, 24, 16) if big else (32, 2, 2)
     special = {name: vocab_size - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    ids = {
+    ids: dict[str, Any] = {
         "image_token_id": special["<|image_pad|>"],
         "video_token_id": special["<|video_pad|>"],
         "vision_start_token_id": special["<|vision_start|>"],
@@ -231,7 +231,7 @@ def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> A
     # mrope sections (t, h, w) sum to head_dim / 2; the tiny model has head_dim 16 -> 8.
     half = head_dim // 2
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    text = {
+    text: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": inter,
@@ -246,10 +246,10 @@ def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> A
         "initializer_range": 0.02 if big else 0.2,
         "tie_word_embeddings": False,
     }
-    vis_common = {"depth": v_depth, "num_heads": v_heads, "in_channels": 3, "spatial_merge_size": 2,
+    vis_common: dict[str, Any] = {"depth": v_depth, "num_heads": v_heads, "in_channels": 3, "spatial_merge_size": 2,
                   "temporal_patch_size": 2, "initializer_range": 0.02 if big else 0.2}
     if family == "qwen2_vl":
-        vision = {**vis_common, "embed_dim": v_dim, "hidden_size": hidden, "mlp_ratio": 2, "patch_size": 14}
+        vision: dict[str, Any] = {**vis_common, "embed_dim": v_dim, "hidden_size": hidden, "mlp_ratio": 2, "patch_size": 14}
         return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     if family == "qwen2_5_vl":
         # window_size 56 -> 2x2 merged-token windows: several windows even on small test images.

@@ -61,7 +61,8 @@ class VisionSpec:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> VisionSpec:
         tuples = ("fullatt_blocks", "deepstack_layers", "image_mean", "image_std")
-        return VisionSpec(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in d.items()}
+        return VisionSpec(**kwargs)
 
     @staticmethod
     def from_config(family: str, vision_config: Any, image_processor: Any = None) -> VisionSpec:

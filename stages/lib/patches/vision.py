@@ -29,7 +29,7 @@ UPSTREAM: dict[str, tuple[str, str, str]] = {
 }
 
 
-def upstream_classes(family: str) -> tuple[type, type]:
+def upstream_classes(family: str) -> tuple[Any, Any]:
     mod_name, attn, block = UPSTREAM[family]
     mod = importlib.import_module(mod_name)
     return getattr(mod, attn), getattr(mod, block)
