@@ -124,9 +124,9 @@ def _make_rule_class() -> type:
                 return res.fail("mask dtype differs from Q's")
             return res
 
-        def rewrite(self, op, query, key_t, value, mask, has_mask=False, cast_up=False, **_):
+        def rewrite(self, op, query, key_t, value, mask, has_mask=False, **_):
             import numpy as np
-            from onnx_ir import DataType, tensor
+            from onnx_ir import tensor
 
             dt = query.dtype
             if self.mode == "canonical":
@@ -147,10 +147,10 @@ def _make_rule_class() -> type:
             args = [query, key, val]
             if has_mask:
                 args.append(mask)
-            attrs: dict[str, Any] = {"scale": float(self._scale)}
-            if cast_up and dt != DataType.FLOAT:
-                attrs["softmax_precision"] = int(DataType.FLOAT)  # keep the exporter's FP32 softmax
-            return op.Attention(*args, **attrs)
+            # No softmax_precision even where the export had an FP32 softmax: TensorRT's parser
+            # rejects the attribute ("not supported in TensorRT Attention", measured with
+            # TensorRT-RTX 1.7) and its MHA kernels keep the softmax in FP32 anyway.
+            return op.Attention(*args, scale=float(self._scale))
 
     return SdpaToFused
 
