@@ -306,8 +306,12 @@ def _image_processor(family: str, merge: int, patch: int) -> Any:
     )
 
 
-def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = "tiny") -> Path:
-    """Write a random-weight checkpoint of ``family`` (plus tokenizer and processor) to ``out_dir``."""
+def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = "tiny", dtype: str = "fp32") -> Path:
+    """Write a random-weight checkpoint of ``family`` (plus tokenizer and processor) to ``out_dir``.
+
+    ``scale="1b"`` gives the ~1B-parameter bench configuration; ``dtype="bf16"`` stores it the way
+    released Qwen checkpoints are stored (initialised in FP32 first, so seeds give the same values).
+    """
     import torch
 
     if family not in VLM_FAMILIES:
@@ -319,6 +323,8 @@ def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = 
     model = model_class(family)._from_config(cfg, dtype=torch.float32)
     model.eval()
     model.generation_config.do_sample = False
+    if dtype != "fp32":
+        model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
     # Shards of ~2 GB for the bench model exercise the sharded-index path of validate_checkpoint.
     model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
     _tiny_tokenizer(cfg.text_config.vocab_size).save_pretrained(out)

@@ -190,22 +190,30 @@ def run_parity(onnx_path: Path, reference: Any, spec: Any, image_proc: Any, para
     return worst(pars), rows
 
 
-def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult:
+def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: Any = None) -> dict[str, Any]:
+    """Load the encoder in the export dtype, export ``out/vision.onnx``; return export facts.
+
+    Only one copy of the encoder's weights is alive (streamed from the shards in the export
+    dtype); it is released before this returns, so the caller's parity reference never
+    coexists with it.
+    """
+    import onnx
     import torch
 
     from stages.lib import checkpoints as ck
     from stages.lib.hostside import vision as hv
     from stages.lib.patches import vision as pv
 
-    p = ctx.params
-    onnx_path = ctx.out / "vision.onnx"
+    report = report or (lambda msg, frac=None: None)
+    onnx_path = out / "vision.onnx"
     try:
         image_proc, _ = ck.load_processor(path)
     except Exception:  # noqa: BLE001 - a checkpoint without processor files: numpy patchifier
         image_proc = None
-    ctx.report("loading the vision encoder", 0.05)
+    report("loading the vision encoder", 0.05)
     t0 = timer()
     visual = ck.load_vision(path, family, _torch_dtype(p["dtype"]))
+    load_s = timer() - t0
     spec = hv.VisionSpec.from_config(family, visual.config, image_proc)
     weight_bytes = sum(t.numel() * t.element_size() for t in visual.state_dict().values())
     islands = pv.keep_fp32(visual, tuple(p["fp32_vision_blocks"])) if p["dtype"] != "fp32" else []
@@ -213,34 +221,42 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
     pvals, grid = images_at([p["sample_image"]], spec, image_proc, p["seed"] + 999)
     feeds = hv.vision_inputs(spec, pvals, grid)
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
-    ctx.report("exporting vision.onnx", 0.2)
+    report("exporting vision.onnx", 0.2)
     with pv.patch_vision_attention(family), torch.no_grad():
         exporter = _export(pv.export_module(visual, family), args, names, outs, onnx_path, p["opset"])
     out_dim = int(visual.merger.mlp[-1].out_features if family != "qwen3_vl" else visual.merger.linear_fc2.out_features)
     del visual, args
     _consolidate(onnx_path)
-    export_s = timer() - t0
-    onnx_bytes = sum(f.stat().st_size for f in ctx.out.glob("vision.onnx*"))
-    import onnx
-
     onnx.checker.check_model(str(onnx_path))
+    return {"exporter": exporter, "spec": spec, "image_proc": image_proc, "islands": islands, "grid": grid,
+            "out_dim": out_dim, "weight_bytes": weight_bytes, "export_seconds": timer() - t0, "load_seconds": load_s,
+            "onnx_bytes": sum(f.stat().st_size for f in out.glob("vision.onnx*"))}
 
+
+def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult:
+    import torch
+
+    from stages.lib import checkpoints as ck
+
+    p = ctx.params
+    f = export_graph(ctx.out, path, family, p, ctx.report)
+    export_rss = peak_rss_bytes()
     ctx.report("parity in onnxruntime", 0.6)
     reference = ck.load_vision(path, family, torch.float32)  # FP32 reference even for FP16 exports
-    parity, rows = run_parity(onnx_path, reference, spec, image_proc, p, family)
+    parity, rows = run_parity(ctx.out / "vision.onnx", reference, f["spec"], f["image_proc"], p, family)
     gate = p["gate"] if p["dtype"] == "fp32" else p["gate_fp16"]
     checks = gate_checks("vision", parity, gate)
     how = "onnxruntime CPU" + (" (bf16 widened to fp32: no bf16 kernels)" if p["dtype"] == "bf16" else "")
-    spec_json = io_spec(spec, family, p["dtype"], p, out_dim)
-    spec_json.update({"exporter": exporter, "fp32_islands": islands, "sample_grid_thw": grid.tolist(),
+    spec_json = io_spec(f["spec"], family, p["dtype"], p, f["out_dim"])
+    spec_json.update({"exporter": f["exporter"], "fp32_islands": f["islands"], "sample_grid_thw": f["grid"].tolist(),
                       "parity": {"reference": "pytorch fp32 (unpatched)", "runtime": how, "worst": parity.as_dict(),
                                  "gate": gate, "cases": rows}})
     write_json(ctx.out / "vision.json", spec_json)
     metrics = {"cosine": parity.cosine, "max_abs": parity.max_abs, "rel_l2": parity.rel_l2,
-               "norm_ratio": parity.norm_ratio, "export_seconds": round(export_s, 3), "onnx_bytes": onnx_bytes,
-               "weight_bytes": weight_bytes, "peak_rss_bytes": peak_rss_bytes(), "exporter": exporter,
-               "dtype": p["dtype"], "family": family}
-    return finish(metrics, checks, [f"vision exported with {exporter}, FP32 islands: {len(islands)}"])
+               "norm_ratio": parity.norm_ratio, "export_seconds": round(f["export_seconds"], 3),
+               "onnx_bytes": f["onnx_bytes"], "weight_bytes": f["weight_bytes"], "export_peak_rss_bytes": export_rss,
+               "peak_rss_bytes": peak_rss_bytes(), "exporter": f["exporter"], "dtype": p["dtype"], "family": family}
+    return finish(metrics, checks, [f"vision exported with {f['exporter']}, FP32 islands: {len(f['islands'])}"])
 
 
 def bring_your_own(ctx: StageContext) -> StageResult:
