@@ -75,15 +75,21 @@ def _run(ctx: StageContext) -> StageResult:
     from stages.lib.checkpoints import resolve_checkpoint
     from stages.lib.qdq import calibrators as C
     from stages.lib.qdq import graphio
-    from stages.lib.qdq.calibset import Feeder, cast_feed
+    from stages.lib.qdq.calibset import Feeder, ImageFeeder, cast_feed
 
     p, t0 = ctx.params, time.time()
     fused = ctx.inputs["fuse"]
-    ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-    embed = graphio.session(graph_path(fused, "embed"))
-    feeder = Feeder(ckpt, family, int(p["prompt_len"]), embed)
+    # A vision-only model (CNN backbone, bring-your-own ONNX) has no decoder: calibrate vision.
+    graphs = GRAPHS if (fused / "decoder.onnx").is_file() else ("vision",)
+    feeder: Any
+    if "decoder" in graphs:
+        ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+        feeder = Feeder(ckpt, family, int(p["prompt_len"]), graphio.session(graph_path(fused, "embed")))
+    else:
+        spec = fused / "vision.json"
+        feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
     cols, sessions, models = {}, {}, {}
-    for g in GRAPHS:
+    for g in graphs:
         models[g] = graphio.load(graph_path(fused, g))
         cols[g], sessions[g] = C.make_collector(models[g])
     vis_outputs = [o.name for o in sessions["vision"].get_outputs()]
@@ -96,6 +102,8 @@ def _run(ctx: StageContext) -> StageResult:
             feed, grid = feeder.vision(s)
             vout = graphio.run(sessions["vision"], cast_feed(sessions["vision"], feed), cols["vision"].names)
             cols["vision"].update(vout)
+            if "decoder" not in graphs:
+                continue
             vis = {k: np.asarray(vout[k], np.float32) for k in vis_outputs if k in vout}
             graph = "decoder"
             dfeed = feeder.decoder(s, grid, vis, sessions["decoder"].get_inputs())
@@ -110,7 +118,7 @@ def _run(ctx: StageContext) -> StageResult:
             raise StageError(f"calibration sample {s.name}: {str(e).splitlines()[0]}") from None
     metrics: dict[str, Any] = {"samples": n, "source": p["source"], "method": p["method"],
                                "decoder_seq_lens": sorted(set(seq_lens))}
-    for g in GRAPHS:
+    for g in graphs:
         col = cols[g]
         ranges = {"graph": g, "method": p["method"], "percentile": p["percentile"], "samples": col.samples,
                   "source": p["source"], "order": col.names, "tensors": col.ranges(p["method"], p["percentile"])}
@@ -127,7 +135,8 @@ STAGE = Stage(
     run=_run,
     params=_params,
     deps=("fuse", "checkpoint"),
-    outputs=("ranges_vision.json", "ranges_decoder.json", "ranges_vision.npz", "ranges_decoder.npz"),
+    # ranges_decoder.json/.npz too when the model has a decoder (a CNN/BYO vision model has none)
+    outputs=("ranges_vision.json", "ranges_vision.npz"),
     toolchain=("onnx", "onnxruntime", "numpy", "transformers", "pillow"),
     external=_external,
     description="activation ranges of the fused graphs on the calibration set (streaming histograms)",

@@ -113,49 +113,56 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
 
 
 def _run(ctx: StageContext) -> StageResult:
+    from stages.lib.checkpoints import resolve_checkpoint
     from stages.lib.qdq import heldout
-    from stages.lib.qdq.calibset import Feeder
+    from stages.lib.qdq.calibset import Feeder, ImageFeeder, Sample
     from stages.lib.qdq.graphio import session
     from stages.reference import load_reference
 
     t0 = time.time()
     p, fused = ctx.params, ctx.inputs["fuse"]
-    from stages.lib.checkpoints import resolve_checkpoint
-
-    ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-    feeder = Feeder(ckpt, family, 8, session(fused / "embed.onnx"))
+    graphs = GRAPHS if (fused / "decoder.onnx").is_file() else ("vision",)  # vision-only models
     _, samples = load_reference(ctx.inputs["reference"])
+    if "decoder" in graphs:
+        ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+        feeder: Any = Feeder(ckpt, family, 8, session(fused / "embed.onnx"))
+    else:
+        spec = fused / "vision.json"
+        feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
     report: dict[str, Any] = {}
     gates: list[GateCheck] = []
     for name in ("embed.onnx", *IO_SPECS):  # embeddings are a Gather: nothing to quantize
         if (fused / name).is_file():
             shutil.copy2(fused / name, ctx.out / name)
-    for graph in GRAPHS:
+    for graph in graphs:
         mode = p["precision"][graph]
         ctx.report(f"{graph}: {mode}", GRAPHS.index(graph) / len(GRAPHS))
         if mode in HIGH:
             shutil.copy2(fused / f"{graph}.onnx", ctx.out / f"{graph}.onnx")
             report[graph] = {"precision": mode, "qdq_pairs": 0, "weight_dq": 0, "copied": True, "checker": None}
             continue
-        if graph == "vision":
+        if graph == "vision" and isinstance(feeder, ImageFeeder):
+            if not all("image" in s for s in samples):
+                raise StageError(f"{ctx.inputs['reference']}: the held-out set has no images to feed vision.onnx")
+            feeds = [feeder.vision(Sample(f"held-out-{i}", s["image"], ""))[0] for i, s in enumerate(samples)]
+        elif graph == "vision":
             feeds = heldout.vision_feeds(samples, feeder.vspec)
         else:
             feeds = heldout.decoder_feeds(samples, session(fused / "decoder.onnx").get_inputs(), feeder.tspec)
         report[graph], checks = _quantize_graph(ctx, graph, mode, p["quantize"][graph], feeds, samples)
         gates += checks
-    for name in IO_SPECS:  # io specs, when fuse carried them through (the dtype line stays the graph's)
-        if not (ctx.out / name).is_file():
-            report.setdefault("notes", []).append(f"{name} not in the fuse folder; not copied")
+    # io specs travel with their graphs (fuse copies them from the exporters)
+    notes = [f"{g}.json not in the fuse folder; not copied" for g in graphs if not (ctx.out / f"{g}.json").is_file()]
     (ctx.out / "quantize.json").write_text(json.dumps(report, indent=2))
-    metrics = {g: {k: report[g].get(k) for k in ("precision", "qdq_pairs", "weight_dq")} for g in GRAPHS}
-    for g in GRAPHS:
+    metrics = {g: {k: report[g].get(k) for k in ("precision", "qdq_pairs", "weight_dq")} for g in graphs}
+    for g in graphs:
         if "parity" in report[g]:
             metrics[g]["parity"] = {k: {m: v.get(m) for m in ("cosine", "top1") if m in v}
                                     for k, v in report[g]["parity"].items()}
             metrics[g]["weights_share"] = round(report[g]["weights"]["share"], 4)
             metrics[g]["kept"] = len(report[g]["kept_high_precision"])
     metrics["seconds"] = round(time.time() - t0, 2)
-    result = StageResult(metrics=metrics, gates=gates)
+    result = StageResult(metrics=metrics, gates=gates, notes=notes)
     failed = [g for g in gates if not g.passed]
     if failed:
         f = failed[0]
@@ -170,7 +177,8 @@ STAGE = Stage(
     run=_run,
     params=_params,
     deps=("fuse", "calibrate", "checkpoint", "reference"),
-    outputs=("vision.onnx", "decoder.onnx", "embed.onnx", "quantize.json"),
+    # decoder.onnx and embed.onnx too when the model has a decoder (CNN/BYO vision models have none)
+    outputs=("vision.onnx", "quantize.json"),
     per_target=True,
     key_uses_target=False,
     toolchain=("onnx", "onnxruntime", "onnx-ir", "numpy", "ml-dtypes"),

@@ -116,3 +116,34 @@ def test_gate_failure_is_raised(upstream, tmp_path):
     cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"}, gates={"int8": {"cosine": 1.0, "norm_ratio": None}})
     with pytest.raises(GateFailed, match="decoder.int8.cosine"):
         _run(cfg, "rtx3090", upstream, tmp_path)
+
+
+def test_vision_only_cnn_model(tmp_path):
+    """A CNN / bring-your-own vision graph: no decoder, image preprocessing from vision.json."""
+    import numpy as np
+
+    from tests import qdq_graphs as G
+
+    fz = tmp_path / "fuse"
+    fz.mkdir()
+    m = G.conv_bn_relu_pool()
+    m.graph.input[0].name = "pixel_values"
+    m.graph.node[0].input[0] = "pixel_values"
+    onnx.save(m, str(fz / "vision.onnx"))
+    (fz / "vision.json").write_text(json.dumps({"preprocess": {"input_name": "pixel_values", "layout": "NCHW",
+                                                                "resize": [16, 16]}}))
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    rng = np.random.default_rng(5)
+    np.savez(ref / "reference.npz", **{f"s{i}.image": (rng.random((20, 24, 3)) * 255).astype(np.uint8) for i in range(2)})
+    (ref / "reference.json").write_text(json.dumps({"samples": [{}, {}]}))
+    cal = tmp_path / "calibrate"
+    cal.mkdir()
+    cfg = _cfg(precision={"vision": "int8", "decoder": "int8"})
+    res = calibrate.STAGE.run(StageContext("calibrate", calibrate.STAGE.params(cfg, None),
+                                           {"fuse": fz, "checkpoint": tmp_path}, cal, None, []))
+    assert "decoder_tensors" not in res.metrics and (cal / "ranges_vision.json").is_file()
+    up = {"fuse": fz, "calibrate": cal, "checkpoint": tmp_path, "reference": ref}
+    _, q = _run(cfg, "rtx3090", up, tmp_path / "q")
+    assert list(q) == ["vision"] and q["vision"]["qdq_pairs"] == 2 and q["vision"]["weight_dq"] == 2
+    assert q["vision"]["parity"]["vs_unquantized"]["cosine"] > 0.99

@@ -175,3 +175,27 @@ def cast_feed(sess: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
         dt = types.get(a.type)
         out[a.name] = np.ascontiguousarray(feed[a.name].astype(dt) if dt is not None else feed[a.name])
     return out
+
+
+class ImageFeeder:
+    """Feeds for a vision-only graph (CNN backbone or bring-your-own ONNX): one normalized
+    image tensor, preprocessed as its `vision.json` says (layout, mean/std, fixed resize)."""
+
+    def __init__(self, io_spec: Mapping[str, Any]):
+        pre = dict(io_spec.get("preprocess") or {})
+        inputs = io_spec.get("inputs") or [{"name": "pixel_values"}]
+        self.name = str(pre.get("input_name") or inputs[0]["name"])
+        self.layout = str(pre.get("layout") or io_spec.get("layout") or "NCHW")
+        self.mean = np.asarray(pre.get("mean", (0.485, 0.456, 0.406)), np.float32)
+        self.std = np.asarray(pre.get("std", (0.229, 0.224, 0.225)), np.float32)
+        self.resize = tuple(pre["resize"]) if pre.get("resize") else None  # BYO graphs have a fixed size
+
+    def vision(self, s: Sample) -> tuple[dict[str, np.ndarray], None]:
+        from PIL import Image
+
+        img = s.image
+        if self.resize is not None and img.shape[:2] != self.resize:
+            img = np.asarray(Image.fromarray(img).resize((self.resize[1], self.resize[0]), Image.Resampling.BICUBIC))
+        x = (img.astype(np.float32) / 255.0 - self.mean) / self.std
+        x = x.transpose(2, 0, 1) if self.layout == "NCHW" else x
+        return {self.name: np.ascontiguousarray(x[None])}, None
