@@ -131,14 +131,17 @@ def run(ctx: StageContext) -> StageResult:
                         "applied": built.options_applied, "unavailable": built.options_unavailable},
             "timing_cache": built.timing_cache, "parity": parity,
             "layers": {k: getattr(summary, k) for k in ("layers", "fused_mha", "low_precision_share",
-                                                          "conv_layers", "conv_fused_activation")},
+                                                          "conv_layers", "conv_fused_activation",
+                                                          "softmax_nodes", "softmax_in_mha")},
         }
         (ctx.out / f"{g}.engine.json").write_text(json.dumps(sidecar, indent=1))
         result.notes += [f"{g}: {o} not applied" for o in built.options_unavailable]
         result.metrics[g] = {
             "precision": precision, "bytes": built.bytes, "layers": summary.layers, "fused_mha": summary.fused_mha,
             "low_precision_gemm_share": summary.low_precision_share, "build_seconds": round(built.seconds, 3),
-            "conv_fused_activation": summary.conv_fused_activation, "peak_rss_mb": round(built.peak_rss_mb, 1),
+            "conv_fused_activation": summary.conv_fused_activation, "conv_layers": summary.conv_layers,
+            "softmax_in_mha": f"{summary.softmax_in_mha}/{summary.softmax_nodes}",
+            "peak_rss_mb": round(built.peak_rss_mb, 1),
             "parity": parity["status"],
         }
     return result

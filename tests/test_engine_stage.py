@@ -89,6 +89,7 @@ def test_int8_engines_for_rtx3090(tmp_path: Path) -> None:
     dprof = json.loads((out / "decoder.engine.json").read_text())["profile"]["x"]
     assert dprof == {"min": [1, 1, DIM], "opt": [1, 64, DIM], "max": [2, 256, DIM]}
     assert res.metrics["vision"]["fused_mha"] == 1 and res.metrics["decoder"]["fused_mha"] == 2
+    assert res.metrics["decoder"]["softmax_in_mha"] == "2/2"
     assert any("parity not run" in n for n in res.notes) and not res.gates
 
 

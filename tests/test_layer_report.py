@@ -80,6 +80,7 @@ def test_mha_block_is_one_fused_mha(tmp_path: Path, mode: str) -> None:
     assert s.low_precision_share == (0.0 if mode == "fp16" else 1.0)
     mha = [p for p in s.per_layer if p["kind"] == "mha"][0]
     assert "softmax" in " ".join(mha["onnx"])  # the Softmax ONNX node went into the MHA kernel
+    assert s.softmax_nodes == s.softmax_in_mha == 1
 
 
 def test_two_blocks_two_mha(tmp_path: Path) -> None:

@@ -116,6 +116,10 @@ class LayerSummary:
     low_precision_share: float  # share of GEMM/conv layers running INT8/FP8 (INT4/FP4)
     conv_layers: int
     conv_fused_activation: int
+    # attention coverage, when the ONNX op types are known: Softmax nodes of the graph and how
+    # many of them ended inside a fused MHA kernel (the rest run as separate gemm/softmax layers)
+    softmax_nodes: int | None = None
+    softmax_in_mha: int | None = None
     per_layer: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,6 +164,8 @@ def summarize(layers: list[Layer], onnx_ops: dict[str, str] | None = None) -> La
     fused = sum(_fused_activation(c, [x for o in c.output_names for x in by_input.get(o, [])], onnx_ops)
                 for c in convs)
     low = sum(lay.precision in LOW for lay in heavy)
+    softmax = {n for n, op in (onnx_ops or {}).items() if op == "Softmax"}
+    in_mha = {n for lay in layers if lay.is_mha for n in lay.onnx} & softmax
     return LayerSummary(
         layers=len(layers),
         layer_types=dict(Counter(lay.type for lay in layers)),
@@ -170,6 +176,8 @@ def summarize(layers: list[Layer], onnx_ops: dict[str, str] | None = None) -> La
         low_precision_share=round(low / len(heavy), 4) if heavy else 0.0,
         conv_layers=len(convs),
         conv_fused_activation=fused,
+        softmax_nodes=len(softmax) if onnx_ops is not None else None,
+        softmax_in_mha=len(in_mha) if onnx_ops is not None else None,
         per_layer=[{"name": lay.name, "type": lay.type, "kind": lay.kind, "precision": lay.precision,
                     "inputs": lay.inputs, "constants": lay.constants, "outputs": lay.outputs,
                     "tactic": lay.tactic, "onnx": lay.onnx} for lay in layers],
