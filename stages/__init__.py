@@ -2,8 +2,19 @@
 
 Listed by name so that reading the declarations imports no heavy toolchain: a stage module
 keeps torch/onnx/tensorrt imports inside its functions.
+
+    checkpoint -> export_vision, export_decoder -> fuse -> calibrate -> quantize@T -> engine@T
+    checkpoint -> reference ------------------------------------------^ (held-out set) -> verify@T
 """
 
 STAGE_MODULES: tuple[str, ...] = (
     "stages.checkpoint",
+    "stages.export_vision",
+    "stages.export_decoder",
+    "stages.fuse",
+    "stages.calibrate",
+    "stages.reference",
+    "stages.quantize",
+    "stages.engine",
+    "stages.verify",
 )
