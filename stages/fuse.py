@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 # max |fused − original| allowed, relative to max(1, max |original|), in the graph's own dtype:
 # FP32 rewrites only reassociate a scale; FP16 ones also drop the FP32 Cast around Softmax.
 TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 5e-2}
-# Sizes for named axes that the io spec's profile does not give: small, and mutually consistent
-# (total = seq + past) so mask and cache inputs agree.
+# Sizes for named axes: a small prefill (seq 8 after past 8) clamped into the io spec's profile
+# range; the "total" axes are then derived (seq + past) so mask and cache inputs agree.
 AXES = {"batch": 1, "seq": 8, "sequence": 8, "past": 8, "past_seq": 8, "past_len": 8,
-        "total": 16, "total_seq": 16, "kv_len": 16, "images": 1, "num_images": 1,
-        "height": 64, "width": 64}
+        "images": 1, "num_images": 1, "height": 64, "width": 64}
+TOTAL_AXES = ("total", "total_seq", "kv_len")
 _TWO_GB = 2 * 1024**3
 
 
@@ -40,11 +40,14 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
 
 
 def _axis_sizes(io_spec: dict[str, Any]) -> dict[str, int]:
-    """Named-axis sizes: the io spec profile's smallest non-empty setting, else ``AXES``."""
+    """Named-axis sizes: ``AXES`` (else 4) clamped into the io spec profile's [min, max]."""
     sizes = dict(AXES)
     for name, rng in (io_spec.get("profile") or {}).items():
-        if isinstance(rng, dict) and all(isinstance(rng.get(k), int) for k in ("min", "opt")):
-            sizes[name] = rng["min"] if rng["min"] > 0 else rng["opt"]
+        if isinstance(rng, dict) and all(isinstance(rng.get(k), int) for k in ("min", "max")):
+            sizes[name] = min(max(rng["min"], AXES.get(name, 4), 1), rng["max"])
+    seq = sizes.get("seq", AXES["seq"])
+    past = sizes.get("past", AXES["past"])
+    sizes.update({k: seq + past for k in TOTAL_AXES})
     return sizes
 
 
@@ -64,7 +67,7 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     import onnx_ir as ir
 
     from stages.lib.fusion import apply_rules, op_histogram, resolve_attention_mode
-    from stages.lib.fusion.check import compare, random_feeds
+    from stages.lib.fusion.check import compare, ort_run, random_feeds
 
     t0 = time.time()
     model = ir.load(src)
@@ -79,9 +82,15 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     _save(model, dst)
     del model  # ORT reads both graphs from disk, one session at a time: one copy of the weights
     feeds = random_feeds(onnx.load(str(src), load_external_data=False), _axis_sizes(io_spec), seed=seed)
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    try:
+        ort_run(str(src), feeds)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types; one line for the user
+        raise StageError(f"{src.name}: the exported graph does not run on inputs shaped from its io spec "
+                         f"{shapes}: {str(e).splitlines()[0][:300]}") from None
     try:
         cmp = compare(str(src), str(dst), feeds)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own types; one line for the user
+    except Exception as e:  # noqa: BLE001
         raise StageError(f"{src.name}: the fused graph no longer runs like the original: "
                          f"{str(e).splitlines()[0][:300]}") from None
     dtype = cmp["per_output"][0]["dtype"] if cmp["per_output"] else "float32"
@@ -91,7 +100,7 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
         "nodes_before": sum(ops_before.values()), "nodes_after": sum(ops_after.values()),
         "ops_before": ops_before, "ops_after": ops_after,
         "check": {"dtype": dtype, "max_abs": cmp["max_abs"], "ref_max": cmp["ref_max"], "tolerance": tol,
-                  "inputs": {k: list(v.shape) for k, v in feeds.items()}},
+                  "inputs": shapes},
         "seconds": round(time.time() - t0, 2),
     }
     if not cmp["max_abs"] <= tol:
@@ -142,7 +151,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
-    version="1",
+    version="2",
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),

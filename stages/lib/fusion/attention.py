@@ -80,13 +80,15 @@ def _make_rule_class() -> type:
                     [op.Mul(x, s), op.Div(x, s), x], tag_var=tag, tag_values=["Mul", "Div", "None"]
                 )
 
-            scores = scaled(op.MatMul(scaled(query, q_scale, "q_op"), scaled(key_t, k_scale, "k_op")),
-                            qk_scale, "qk_op")
+            def cast(x, tag):  # optional Cast (FP16 scores upcast to FP32 for softmax)
+                return pattern.OrValue([op.Cast(x), x], tag_var=tag, tag_values=[True, False])
+
+            scores = op.MatMul(scaled(query, q_scale, "q_op"), scaled(key_t, k_scale, "k_op"))
+            scores = cast(scaled(cast(scores, "cast_bmm"), qk_scale, "qk_op"), "cast_scale")
             scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask",
                                      tag_values=[True, False])
-            scores = pattern.OrValue([op.Cast(scores), scores], tag_var="cast_up", tag_values=[True, False])
-            probs = op.Softmax(scores, _outputs=["probs"])
-            probs = pattern.OrValue([op.Cast(probs), probs], tag_var="cast_down", tag_values=[True, False])
+            probs = op.Softmax(cast(scores, "cast_up"), _outputs=["probs"])
+            probs = cast(probs, "cast_down")
             probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs],
                                     tag_var="nan_guard", tag_values=[True, False])
             return op.MatMul(probs, value)
@@ -110,18 +112,17 @@ def _make_rule_class() -> type:
                 return res.fail("scale is not finite")
             if query.dtype is None or key_t.dtype != query.dtype or value.dtype != query.dtype:
                 return res.fail("Q, K, V dtypes unknown or different")
-            if m.get("cast_down") and not m.get("cast_up"):
-                return res.fail("a lone Cast after Softmax changes the output dtype")
+            ups = sum(bool(m.get(t)) for t in ("cast_bmm", "cast_scale", "cast_up"))
+            if ups > 1 or bool(m.get("cast_down")) != bool(ups):
+                return res.fail("Casts around the softmax are not one up/down pair")
             self._scale = scale
             if self.mode == "canonical":
-                extra = ("k_op", "qk_op", "cast_up", "cast_down", "nan_guard")
+                extra = ("k_op", "qk_op", "cast_bmm", "cast_scale", "cast_up", "cast_down", "nan_guard")
                 if m.get("q_op", "None") != "Div" and not any(m.get(t) not in (None, False, "None") for t in extra):
                     return res.fail("already canonical")  # else the rule would re-match its own output
                 return res
             if rank != 4 or value.shape is None or value.shape.rank() != 4:
                 return res.fail("ONNX Attention here needs 4-D Q/K/V (B, H, S, D)")
-            if mask is not None and mask.dtype not in (query.dtype, None) and mask.dtype.name != "BOOL":
-                return res.fail("mask dtype differs from Q's")
             return res
 
         def rewrite(self, op, query, key_t, value, mask, has_mask=False, **_):
@@ -136,8 +137,7 @@ def _make_rule_class() -> type:
                     q = op.Mul(query, op.Constant(value=s))
                 scores = op.MatMul(q, key_t)
                 if has_mask:
-                    m = mask if mask.dtype == dt else op.Cast(mask, to=dt)
-                    scores = op.Add(scores, m)
+                    scores = op.Add(scores, _mask_as(op, mask, dt))
                 return op.MatMul(op.Softmax(scores, axis=-1), value)
             key = _key_bhsd(op, key_t)
             val = value
@@ -146,13 +146,27 @@ def _make_rule_class() -> type:
                 key, val = k_src, v_src
             args = [query, key, val]
             if has_mask:
-                args.append(mask)
+                args.append(_mask_as(op, mask, dt))
             # No softmax_precision even where the export had an FP32 softmax: TensorRT's parser
             # rejects the attribute ("not supported in TensorRT Attention", measured with
             # TensorRT-RTX 1.7) and its MHA kernels keep the softmax in FP32 anyway.
             return op.Attention(*args, scale=float(self._scale))
 
     return SdpaToFused
+
+
+def _mask_as(op: Any, mask: ir.Value, dt: Any) -> Any:
+    """The additive mask in the scores' dtype. An FP32 mask (the exporter adds it after the
+    upcast) holds float32's minimum, which is −inf in FP16: a fully masked row would then turn
+    into NaN and spread through the next BMM2, so it is clipped into FP16's range first."""
+    import numpy as np
+    from onnx_ir import DataType, tensor
+
+    if mask.dtype == dt or mask.dtype == DataType.BOOL or mask.dtype is None:
+        return mask
+    info = np.finfo(dt.numpy())
+    lo, hi = (op.Constant(value=tensor(np.array(v, dtype=mask.dtype.numpy()))) for v in (info.min, info.max))
+    return op.Cast(op.Clip(mask, lo, hi), to=dt)
 
 
 def _key_bhsd(op: Any, key_t: ir.Value) -> Any:

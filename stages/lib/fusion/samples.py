@@ -18,6 +18,7 @@ class AttnSpec:
     kv_cache: bool = False  # K/V = Concat(past, new) on the sequence axis
     n_rep: int = 1  # GQA: query heads per KV head (repeat via Unsqueeze→Expand→Reshape)
     softmax_fp32: bool = False  # Cast→Softmax→Cast around the softmax (eager FP16 export)
+    upcast_at: str = "softmax"  # with softmax_fp32: "bmm" casts right after BMM1 (scale, FP32 mask after)
     torchlib_kt: bool = False  # Kᵀ as Reshape→Transpose(3-D)→Reshape, as torchlib writes it
     dtype: str = "float32"
     opset: int = 19
@@ -60,12 +61,14 @@ def attention_model(s: AttnSpec, seed: int = 0) -> onnx.ModelProto:
     const("shape_3d", np.array([-1, T, D], np.int64))
     const("shape_kt", np.array([B, H, D, T], np.int64))
     scale = 1.0 / np.sqrt(D)
+    early = s.softmax_fp32 and s.upcast_at == "bmm"
+    m_dt = np.dtype("float32") if early else np_dt  # the exporter's FP32 mask after an early upcast
     if s.mask in ("causal", "window"):
         i, j = np.arange(S)[:, None] + (T - S), np.arange(T)[None, :]
         keep = j <= i if s.mask == "causal" else (i // 4) == (j // 4)
-        const("mask", np.where(keep, 0.0, np.finfo(np_dt).min).astype(np_dt)[None, None])
+        const("mask", np.where(keep, 0.0, np.finfo(m_dt).min).astype(m_dt)[None, None])
     elif s.mask == "input":
-        inputs.append(helper.make_tensor_value_info("mask", onnx_dt, [B, 1, S, T]))
+        inputs.append(helper.make_tensor_value_info("mask", helper.np_dtype_to_tensor_dtype(m_dt), [B, 1, S, T]))
     h = "x"
     for li in range(s.layers):
         p = f"l{li}_"
@@ -96,13 +99,15 @@ def attention_model(s: AttnSpec, seed: int = 0) -> onnx.ModelProto:
             q = node("Mul", [q, sq], p + "q_scaled")
             kt = node("Mul", [kt, sq], p + "kt_scaled")
         sc = node("MatMul", [q, kt], p + "scores")
+        if early:
+            sc = node("Cast", [sc], p + "scores_f32", to=TensorProto.FLOAT)
         if s.scale == "qk_mul":
-            sc = node("Mul", [sc, const(p + "scale", np.array(scale, np_dt))], p + "scores_scaled")
+            sc = node("Mul", [sc, const(p + "scale", np.array(scale, m_dt))], p + "scores_scaled")
         elif s.scale == "qk_div":
-            sc = node("Div", [sc, const(p + "scale_div", np.array(1 / scale, np_dt))], p + "scores_scaled")
+            sc = node("Div", [sc, const(p + "scale_div", np.array(1 / scale, m_dt))], p + "scores_scaled")
         if s.mask:
             sc = node("Add", [sc, "mask"], p + "scores_masked")
-        if s.softmax_fp32:
+        if s.softmax_fp32 and not early:
             sc = node("Cast", [sc], p + "scores_f32", to=TensorProto.FLOAT)
         pr = node("Softmax", [sc], p + "probs", axis=-1)
         if s.softmax_fp32:
