@@ -134,16 +134,17 @@ def _engines(doc: dict[str, Any], cache: Path | None) -> str:
                 continue
             layers = _cached_file(cache, n, f"{graph}.layers.json") or {}
             prec = ", ".join(f"{k}: {v}" for k, v in sorted((layers.get("gemm_conv_precisions") or {}).items()))
+            mha = ", ".join(f"{k}: {v}" for k, v in sorted((layers.get("mha_precisions") or {}).items()))
             rows.append([escape(str(n.get("target"))), escape(graph), escape(str(m.get("precision"))),
                          _num(m.get("layers")), _num(m.get("fused_mha")), _num(m.get("low_precision_gemm_share")),
-                         escape(prec), _num(m.get("bytes")), _num(m.get("build_seconds")), escape(str(m.get("parity")))])
+                         escape(prec), escape(mha), _num(m.get("bytes")), _num(m.get("build_seconds")), escape(str(m.get("parity")))])
         if not (n.get("metrics") or {}):
-            rows.append([escape(str(n.get("target"))), "-", "-", "", "", "", "", "", "",
+            rows.append([escape(str(n.get("target"))), "-", "-", "", "", "", "", "", "", "",
                          escape(f"engine node {n.get('status')}: {n.get('error') or n.get('reason') or ''}")])
     if not rows:
         return "<p class='muted'>No engine node in this run.</p>"
     head = ["target", "graph", "precision", "layers", "fused MHA", "low-precision GEMM share",
-            "GEMM/conv layer precisions", "bytes", "build s", "engine parity"]
+            "GEMM/conv layer precisions", "fused MHA precisions", "bytes", "build s", "engine parity"]
     return _table(head, rows)
 
 

@@ -146,7 +146,8 @@ def _run(ctx: StageContext) -> StageResult:
         a, m = _sample(model, proc, tok, p, i)
         arrays.update({f"s{i}.{k}": v for k, v in a.items()})
         metas.append(m)
-    np.savez(ctx.out / NPZ, **arrays)
+    savez: Any = np.savez  # numpy's stubs type **kwargs as its allow_pickle flag
+    savez(ctx.out / NPZ, **arrays)
     c = model.config
     meta = {"family": family, "samples": metas, "generate_tokens": int(p["generate_tokens"]),
             "image_token_id": int(c.image_token_id), "vocab_size": int(c.text_config.vocab_size),

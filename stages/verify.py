@@ -84,7 +84,8 @@ def _engine_row(ctx: StageContext, graph: str, precision: str, sample: dict[str,
     work = ctx.out / ".engine_io"
     work.mkdir(exist_ok=True)
     heldout = engine_parity.heldout_path(work, graph)
-    np.savez(heldout, **{f"in.{k}": v for k, v in feeds.items()}, **{f"ref.{k}": v for k, v in ref.items()})
+    savez: Any = np.savez  # numpy's stubs type **kwargs as its allow_pickle flag
+    savez(heldout, **{f"in.{k}": v for k, v in feeds.items()}, **{f"ref.{k}": v for k, v in ref.items()})
     try:
         why = engine_parity.why_not(backend, p["sm"], heldout)
         if why:
