@@ -1,0 +1,189 @@
+"""The export_decoder stage: ONNX decoder + embed, parity gates, io spec (tiny checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.config import BuildConfig
+from pipeline.stage import GateFailed, StageContext, StageError
+from stages.export_decoder import STAGE, _gates
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _cfg(family: str = "qwen2_vl", **over: Any) -> BuildConfig:
+    return BuildConfig.model_validate({"name": "t", "model": {"generate": "tiny", "family": family},
+                                       "targets": ["rtx4090"], **over})
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from stages.lib.checkpoints import generate_tiny
+
+    out = {}
+    for fam in FAMILIES:
+        folder = tmp_path_factory.mktemp(f"ck_{fam}")
+        generate_tiny(fam, folder / "model", seed=0)
+        (folder / "checkpoint.json").write_text(json.dumps({"path": "model", "family": fam}))
+        out[fam] = folder
+    return out
+
+
+def _run(cfg: BuildConfig, ckpt: Path, out: Path, vision: Path | None = None) -> Any:
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {"checkpoint": ckpt, **({"export_vision": vision} if vision else {})}
+    ctx = StageContext(node_id="export_decoder", params=STAGE.params(cfg, None), inputs=inputs, out=out,
+                       target=None, external=[])
+    return STAGE.run(ctx)
+
+
+@pytest.fixture(scope="module")
+def qwen2_fp32(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    out = tmp_path_factory.mktemp("dec_qwen2_fp32")
+    return _run(_cfg(export={"dtype": "fp32"}), ckpts["qwen2_vl"], out), out
+
+
+def test_fp32_export_passes_parity(qwen2_fp32: tuple[Any, Path]) -> None:
+    res, out = qwen2_fp32
+    assert all(g.passed for g in res.gates)
+    names = {g.name for g in res.gates}
+    assert {"decoder.cosine", "decoder.top1", "decoder.tokens"} <= names  # gates.export gates tokens
+    m = res.metrics
+    assert m["cosine"] > 0.9999 and m["top1"] == 1.0 and m["token_agreement"] == 1.0
+    for key in ("max_abs", "rel_l2", "export_seconds", "peak_rss_mb", "onnx_bytes"):
+        assert m[key] >= 0
+    tokens = np.array(json.loads((out / "decoder.json").read_text())["parity"]["tokens"])
+    assert tokens.shape == (2, 16) and len(np.unique(tokens)) > 4  # a varied generation, not one token
+
+
+def test_io_spec_names_dtypes_and_dynamic_axes(qwen2_fp32: tuple[Any, Path]) -> None:
+    import onnx
+
+    _, out = qwen2_fp32
+    meta = json.loads((out / "decoder.json").read_text())
+    ins = {i["name"]: i for i in meta["inputs"]}
+    outs = {o["name"]: o for o in meta["outputs"]}
+    assert ins["inputs_embeds"]["shape"] == ["batch", "seq", 64] and ins["inputs_embeds"]["dtype"] == "float32"
+    assert ins["attention_mask"]["shape"] == ["batch", "total"] and ins["attention_mask"]["dtype"] == "int64"
+    assert ins["position_ids"]["shape"] == [3, "batch", "seq"]
+    assert ins["past_key_values.1.value"]["shape"] == ["batch", 2, "past", 16]
+    assert outs["logits"]["shape"] == ["batch", "seq", 512]
+    assert outs["present.0.key"]["shape"] == ["batch", 2, "total", 16]
+    assert meta["embed"]["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
+    assert meta["host"]["family"] == "qwen2_vl" and meta["opset"] == 19
+    assert onnx.load(str(out / "decoder.onnx")).opset_import[0].version == 19
+
+
+def test_pipeline_from_folder_runs_past_zero_and_batch_three(qwen2_fp32: tuple[Any, Path]) -> None:
+    from stages.lib.generate import OrtPipeline
+
+    _, out = qwen2_fp32
+    pipe = OrtPipeline.from_folder(out)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((3, 6, pipe.hidden)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(6), (3, 3, 6))
+    logits, present = pipe.step(emb, np.ones((3, 6), np.int64), pos, pipe.empty_past(3))
+    assert logits.shape == (3, 6, 512) and present[0].shape == (3, 2, 6, 16)
+
+
+def test_gates_follow_config() -> None:
+    summary = {"cosine": 0.99995, "rel_l2": 0.01, "max_abs": 0.1, "norm_ratio": 0.001, "top1": 0.9,
+               "token_agreement": 0.9375}
+    loose = _gates(summary, {"cosine": 0.9999, "rel_l2": None, "max_abs": None, "norm_ratio": 0.25,
+                             "top1": None, "tokens": None})
+    assert [g.name for g in loose] == ["decoder.cosine", "decoder.norm_ratio"] and all(g.passed for g in loose)
+    strict = _gates(summary, {"cosine": 0.9999, "rel_l2": 0.001, "max_abs": None, "norm_ratio": None,
+                              "top1": 1.0, "tokens": 1.0})
+    assert {g.name: g.passed for g in strict} == {"decoder.cosine": True, "decoder.rel_l2": False,
+                                                   "decoder.top1": False, "decoder.tokens": False}
+
+
+def test_params_pick_the_gate_by_dtype() -> None:
+    assert STAGE.params(_cfg(export={"dtype": "fp32"}), None)["gate_name"] == "export"
+    p16 = STAGE.params(_cfg(), None)
+    assert p16["gate_name"] == "fp16" and p16["dtype"] == "fp16"
+    json.dumps(p16)  # JSON-able: hashed into the cache key
+
+
+def test_non_vlm_checkpoint_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"path": "model", "family": "resnet"}))
+    with pytest.raises(StageError, match="vision-language checkpoint"):
+        _run(_cfg(), tmp_path, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_and_dtype_passes_parity(family: str, dtype: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
+    res = _run(_cfg(family, export={"dtype": dtype}), ckpts[family], tmp_path)
+    assert all(g.passed for g in res.gates), res.gates
+    assert res.metrics["token_agreement"] == 1.0 and res.metrics["top1"] == 1.0
+    io = {i["name"]: i for i in json.loads((tmp_path / "decoder.json").read_text())["inputs"]}
+    assert io["inputs_embeds"]["dtype"] == {"fp32": "float32", "fp16": "float16"}[dtype]
+    assert ("deepstack_embeds.0" in io) == (family == "qwen3_vl")
+
+
+@pytest.mark.slow
+def test_fp16_graph_keeps_norm_rotary_softmax_fp32(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+
+    _run(_cfg("qwen3_vl"), ckpts["qwen3_vl"], tmp_path)
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "decoder.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]}
+    f32 = onnx.TensorProto.FLOAT
+    by_op: dict[str, list[int]] = {}
+    for n in m.graph.node:
+        if n.input and n.input[0] in types:
+            by_op.setdefault(n.op_type, []).append(types[n.input[0]])
+    assert by_op["Softmax"] and all(t == f32 for t in by_op["Softmax"])
+    assert by_op["Cos"] and all(t == f32 for t in by_op["Cos"])
+    assert all(t == f32 for t in by_op.get("Sqrt", []) + by_op.get("Reciprocal", []))  # RMSNorm rsqrt
+    assert any(t == onnx.TensorProto.FLOAT16 for t in by_op["MatMul"])  # the matmuls do run in FP16
+
+
+@pytest.mark.slow
+def test_bf16_export(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    res = _run(_cfg("qwen2_5_vl", export={"dtype": "bf16"}), ckpts["qwen2_5_vl"], tmp_path)
+    assert all(g.passed for g in res.gates)
+    assert any("bf16 widened" in n for n in res.notes)
+
+
+@pytest.mark.slow
+def test_baked_shapes_fail_the_gate(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export that froze the sample's batch/sequence/past sizes must miss the gate."""
+    from stages.lib import decoder_export
+
+    monkeypatch.setattr(decoder_export, "_dynamic_shapes", lambda n_layers, n_deep: None)
+    with pytest.raises(GateFailed) as e:
+        _run(_cfg(export={"dtype": "fp32"}), ckpts["qwen2_vl"], tmp_path)
+    assert "decoder.cosine = nan" in str(e.value) and "did not run" in str(e.value)
+    assert not e.value.result.gates[0].passed
+
+
+@pytest.mark.slow
+def test_tight_gate_miss_reports_figures(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(GateFailed) as e:
+        _run(_cfg(export={"dtype": "fp32"}, gates={"export": {"max_abs": 1e-12}}), ckpts["qwen2_vl"], tmp_path)
+    assert "decoder.max_abs" in str(e.value)
+    assert e.value.result.metrics["cosine"] > 0.9999  # figures travel with the failure
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_multimodal_through_vision_onnx(family: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """vision.onnx -> embed.onnx + host merge (+ deepstack) -> decoder.onnx == model.generate."""
+    from stages.export_vision import STAGE as VISION
+
+    cfg = _cfg(family, export={"dtype": "fp32"})
+    vis = tmp_path / "vision"
+    vis.mkdir()
+    VISION.run(StageContext(node_id="export_vision", params=VISION.params(cfg, None),
+                            inputs={"checkpoint": ckpts[family]}, out=vis, target=None, external=[]))
+    res = _run(cfg, ckpts[family], tmp_path / "dec", vision=vis)
+    assert res.metrics["vision_source"] == "onnx"
+    assert res.metrics["token_agreement"] == 1.0 and all(g.passed for g in res.gates)
