@@ -140,6 +140,9 @@ class GraphQuant(Frozen):
     keep_high_precision: tuple[str, ...] = ()  # glob patterns on node names (e.g. "*q_proj*")
     int4_block: Literal[64, 128] = 128
     accuracy_budget: float | None = Field(None, gt=0, le=1)  # cosine the sensitivity pass must keep
+    # Attention BMMs: "projections" quantizes only the q/k/v/o projections (keeps TensorRT's fused
+    # MHA, NOTES §1); "fp8-mha" also quantizes the FP8 MHA pattern (fp8 graphs only; measure it).
+    attention: Literal["projections", "fp8-mha"] = "projections"
 
 
 class QuantizeConfig(Frozen):

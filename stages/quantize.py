@@ -63,7 +63,10 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     outputs = _graph_outputs(sess, graph)
     refs = heldout.run_all(proto, feeds, outputs)
     calib = Calib.load(ctx.inputs["calibrate"] / f"ranges_{graph}.json")
-    recipe = Recipe(mode, keep=tuple(gq["keep_high_precision"]), int4_block=int(gq["int4_block"]))
+    # fp8-mha is an FP8 pattern: a graph resolved to int8 on another target keeps projections only.
+    attention = "fp8-mha" if gq.get("attention") == "fp8-mha" and mode == "fp8" else "none"
+    recipe = Recipe(mode, keep=tuple(gq["keep_high_precision"]), attention=attention,
+                    int4_block=int(gq["int4_block"]))
     ev = sensitivity.Evaluator(feeds, refs, outputs)
     rules = rules_for(mode)
     try:
@@ -101,6 +104,7 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         "skipped_nodes": built.placement.skipped[:200],
         "sensitivity": sens.as_dict(), "parity": par, "checker": True, "ort": "ORT_DISABLE_ALL",
         "held_out": "reference", "int4_blocks": built.stats.get("blocks"),
+        "attention": "projections only" if attention == "none" else attention,
     }
     gate = ctx.params["gates"].get(mode, {})
     basis = par.get("vs_reference", par["vs_unquantized"])

@@ -112,7 +112,7 @@ def mlp_block(seq: int = 32, d: int = 64, dt: type = np.float32, norm: str = "la
     return _model(nodes, [_vi("x", [1, seq, d], t)], outs, inits, opset=20)
 
 
-def mha_block(seq: int = 16, d: int = 64, heads: int = 4, dt: type = np.float32) -> onnx.ModelProto:
+def mha_block(seq: int = 16, d: int = 64, heads: int = 4, dt: type = np.float32, casts: bool = False) -> onnx.ModelProto:
     """Projections + primitive attention: MatMul(q,kT)→Mul→Add(mask)→Softmax→MatMul(v) + o-proj."""
     t = TensorProto.FLOAT16 if dt == np.float16 else TensorProto.FLOAT
     hd = d // heads
@@ -121,7 +121,8 @@ def mha_block(seq: int = 16, d: int = 64, heads: int = 4, dt: type = np.float32)
         numpy_helper.from_array(np.array([1, seq, heads, hd], np.int64), "split_shape"),
         numpy_helper.from_array(np.array([1, seq, d], np.int64), "merge_shape"),
         numpy_helper.from_array(np.array(1 / np.sqrt(hd), dt), "scale"),
-        numpy_helper.from_array(np.triu(np.full((seq, seq), -1e4, dt), 1), "mask"),
+        numpy_helper.from_array(np.triu(np.full((seq, seq), -1e4, np.float32 if casts else dt), 1), "mask"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(hd), np.float32), "scale32"),
     ]
     nodes = []
     for p in "qkv":
@@ -131,11 +132,20 @@ def mha_block(seq: int = 16, d: int = 64, heads: int = 4, dt: type = np.float32)
             helper.make_node("Transpose", [f"{p}1"], [f"{p}"], name=f"attn/{p}_t",
                              perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3]),
         ]
+    if casts:  # as torch.onnx exports softmax in fp32 inside an fp16 graph: casts around it
+        nodes += [
+            helper.make_node("MatMul", ["q", "k"], ["s00"], name="attn/bmm1"),
+            helper.make_node("Cast", ["s00"], ["s0"], name="attn/cast_up", to=TensorProto.FLOAT),
+        ]
+        t_mid = TensorProto.FLOAT
+    else:
+        nodes.append(helper.make_node("MatMul", ["q", "k"], ["s0"], name="attn/bmm1"))
+        t_mid = t
     nodes += [
-        helper.make_node("MatMul", ["q", "k"], ["s0"], name="attn/bmm1"),
-        helper.make_node("Mul", ["s0", "scale"], ["s1"], name="attn/scale"),
+        helper.make_node("Mul", ["s0", "scale" if t_mid == t else "scale32"], ["s1"], name="attn/scale"),
         helper.make_node("Add", ["s1", "mask"], ["s2"], name="attn/mask"),
-        helper.make_node("Softmax", ["s2"], ["pr"], name="attn/softmax", axis=-1),
+        helper.make_node("Softmax", ["s2"], ["pr0" if casts else "pr"], name="attn/softmax", axis=-1),
+        *([helper.make_node("Cast", ["pr0"], ["pr"], name="attn/cast_down", to=t)] if casts else []),
         helper.make_node("MatMul", ["pr", "v"], ["o0"], name="attn/bmm2"),
         helper.make_node("Transpose", ["o0"], ["o1"], name="attn/o_t", perm=[0, 2, 1, 3]),
         helper.make_node("Reshape", ["o1", "merge_shape"], ["o2"], name="attn/o_reshape"),

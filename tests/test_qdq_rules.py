@@ -156,3 +156,12 @@ def test_keep_patterns_match_the_exported_module_path():
     assert pl.kept == [{"node": "node_linear_1", "pattern": "*self_attn.k_proj",
                         "why": "keep_high_precision pattern '*self_attn.k_proj'"}]
     assert pl.scopes["node_linear_1"] == "model.layers.0.self_attn.k_proj"
+
+
+def test_fp8_mha_pattern_through_precision_casts():
+    """Exporters run softmax in fp32 inside fp16 graphs: the pattern looks through the Casts and
+    the fixed 1/448 Q/DQ lands on the tensor BMM2 reads."""
+    pl = plan(_ir(G.mha_block(dt=np.float16, casts=True)).graph, "fp8", attention="fp8-mha")
+    s = _sites(pl)
+    assert s[("pr", "activation")].fixed_amax == 1.0 and s[("pr", "activation")].uses == [("attn/bmm2", 0)]
+    assert ("q", "activation") in s and ("v", "activation") in s

@@ -130,24 +130,35 @@ def _inside_fusion(v: ir.Value) -> bool:
     return any((p.op_type, u.node.op_type) in FUSED_EDGES for u in v.uses())
 
 
-def _mha_pattern(bmm1: ir.Node, rules: ModeRules, shapes: Shapes) -> tuple[ir.Node, ir.Node] | None:
-    """Match BMM1→(Mul|Div const)→(Add mask)→Softmax→BMM2; return (softmax, bmm2)."""
+def _mha_pattern(bmm1: ir.Node, rules: ModeRules, shapes: Shapes) -> tuple[ir.Value, ir.Node] | None:
+    """Match BMM1→(Mul|Div)→(Add mask)→Softmax→BMM2, looking through precision Casts (exporters
+    run softmax in fp32 inside fp16 graphs); return (the tensor BMM2 reads as probabilities, BMM2)."""
     hd = _shape(bmm1.inputs[0], shapes)
     if hd is None or not (rules.head_dim[0] < hd[-1] <= rules.head_dim[1]):
         return None
-    v = bmm1.outputs[0]
-    for allowed in (("Mul", "Div"), ("Add",)):
+
+    def next_node(v: ir.Value) -> ir.Node | None:
         uses = list(v.uses())
-        if len(uses) == 1 and uses[0].node.op_type in allowed:
-            v = uses[0].node.outputs[0]
-    uses = list(v.uses())
-    if len(uses) != 1 or uses[0].node.op_type != "Softmax":
+        return uses[0].node if len(uses) == 1 else None
+
+    node, seen = next_node(bmm1.outputs[0]), set()
+    while node is not None and node.op_type != "Softmax":
+        # at most one scale and one mask add, any number of casts
+        kind = {"Mul": "scale", "Div": "scale", "Add": "mask", "Cast": None}.get(node.op_type, "stop")
+        if kind == "stop" or (kind is not None and kind in seen):
+            return None
+        if kind:
+            seen.add(kind)
+        node = next_node(node.outputs[0])
+    if node is None:
         return None
-    sm = uses[0].node
-    uses = list(sm.outputs[0].uses())
-    if len(uses) != 1 or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
+    v = node.outputs[0]
+    nxt = next_node(v)
+    while nxt is not None and nxt.op_type == "Cast":
+        v, nxt = nxt.outputs[0], next_node(nxt.outputs[0])
+    if nxt is None or nxt.op_type != "MatMul" or nxt.inputs[0] is not v:
         return None
-    return sm, uses[0].node
+    return v, nxt
 
 
 def plan(
@@ -206,10 +217,10 @@ def plan(
                 if "fp8-mha" == attention and node.name not in mha_done:
                     m = _mha_pattern(node, rules, shapes)
                     if m is not None and not kept(node) and not kept(m[1]):
-                        sm, bmm2 = m
+                        probs, bmm2 = m
                         for slot in (0, 1):
                             add(node.inputs[slot], node, slot, "activation", "fp8-mha.bmm1")
-                        add(sm.outputs[0], bmm2, 0, "activation", "fp8-mha.softmax", fixed_amax=1.0)
+                        add(probs, bmm2, 0, "activation", "fp8-mha.softmax", fixed_amax=1.0)
                         add(bmm2.inputs[1], bmm2, 1, "activation", "fp8-mha.bmm2")
                         mha_done.add(bmm2.name)
                         continue
