@@ -7,7 +7,10 @@ conv layers with fused activation, and the share of GEMM/conv layers in INT8/FP8
 side by side in one run. Graphs: a ViT-style and a decoder-style attention stack shaped like the
 exporter's output (stages/lib/fusion/samples.py) and the generated ResNet (cnn_export.py).
 
-    .venv/bin/python bench/fusion_effect.py [--sm 8.9] [--no-cnn] [--json out.json]
+    .venv/bin/python bench/fusion_effect.py [--sm 8.9] [--no-cnn] [--config configs/default.yaml] [--json out.json]
+
+``--config`` adds the config's real exported vision and decoder graphs (no quantize_static
+row for those: their FP32 twin would need a second export).
 """
 
 from __future__ import annotations
@@ -131,13 +134,44 @@ def graphs(with_cnn: bool, work: Path) -> list[tuple[str, Any, Any, int, Profile
     return out
 
 
-def run(sm: str = "8.9", with_cnn: bool = True) -> list[dict[str, Any]]:
+def real_graphs(config: Path, work: Path) -> list[tuple[str, Any, Any, int, Profile, list[dict[str, Any]]]]:
+    """The config's own checkpoint exported by the real stages (run in-process, no cache), each
+    graph with its engine profile and random feeds shaped as the fuse stage shapes them."""
+    import onnx
+
+    from pipeline.config import load_config
+    from pipeline.stage import StageContext
+    from stages.fuse import _axis_sizes
+    from stages.lib.engine_profiles import profile_for
+    from stages.lib.fusion.check import random_feeds
+
+    cfg = load_config(config)
+    folders: dict[str, Path] = {}
+    for name in ("checkpoint", "export_vision", "export_decoder"):
+        stage = __import__(f"stages.{name}", fromlist=["STAGE"]).STAGE
+        folders[name] = work / name
+        stage.run(StageContext(name, stage.params(cfg, None), {d: folders[d] for d in stage.deps}, folders[name],
+                               None, stage.external(cfg) if stage.external else []))
+    out = []
+    for g, folder in (("vision", folders["export_vision"]), ("decoder", folders["export_decoder"])):
+        if not (folder / f"{g}.onnx").is_file():
+            continue
+        spec = json.loads((folder / f"{g}.json").read_text())
+        m = onnx.load(str(folder / f"{g}.onnx"))
+        feeds = [random_feeds(m, _axis_sizes(spec), seed=i) for i in range(4)]
+        opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+        out.append((f"{cfg.name}:{g}", m, None, opset, profile_for(g, spec, cfg.profiles.model_dump()), feeds))
+    return out
+
+
+def run(sm: str = "8.9", with_cnn: bool = True, config: Path | None = None) -> list[dict[str, Any]]:
     import numpy as np
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, m16, m32, opset, prof, feeds in graphs(with_cnn, work):
+        todo = graphs(with_cnn, work) + (real_graphs(config, work / "real") if config else [])
+        for name, m16, m32, opset, prof, feeds in todo:
             feeds32 = [{k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in f.items()} for f in feeds]
             fused = fuse(m16, opset)
             cases: list[tuple[str, str, Any]] = [("off", "fp16", m16), ("on", "fp16", fused)]
@@ -145,7 +179,7 @@ def run(sm: str = "8.9", with_cnn: bool = True) -> list[dict[str, Any]]:
                 cases += [("off", mode, qdq(m16, mode, feeds)), ("on", mode, qdq(fused, mode, feeds))]
             cases += [("off", "fp8 (fp8-mha)", qdq(m16, "fp8", feeds, attention="fp8-mha")),
                       ("on", "fp8 (fp8-mha)", qdq(fused, "fp8", feeds, attention="fp8-mha"))]
-            for ops in (None, ("Conv", "MatMul", "Gemm")):
+            for ops in (None, ("Conv", "MatMul", "Gemm")) if m32 is not None else ():
                 label = "int8 quantize_static" + (" (Conv/MatMul/Gemm only)" if ops else " (defaults)")
                 cases += [("off", label, ort_quantize_static(m32, feeds32, work, ops))]
             for fusion, prec, proto in cases:
@@ -179,8 +213,9 @@ def main() -> None:
     ap.add_argument("--sm", default="8.9")
     ap.add_argument("--no-cnn", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--config", type=Path, help="also export this config's model with the real stages")
     a = ap.parse_args()
-    rows = run(a.sm, not a.no_cnn)
+    rows = run(a.sm, not a.no_cnn, a.config)
     print(table(rows))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

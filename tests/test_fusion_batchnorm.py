@@ -86,3 +86,22 @@ def test_fold_flag_is_honoured_by_cleanup(fold: bool) -> None:
     mi = ir.from_proto(conv_model())
     apply_rules(mi, attention=None, fold_batchnorm=fold, cleanup=True)
     assert ("BatchNormalization" in op_histogram(mi)) is (not fold)
+
+
+def test_projection_shortcut_add_belongs_to_one_partition() -> None:
+    """Conv→BN on both Add inputs (ResNet downsample): the Add and its ReLU join input 0's
+    partition only; the shortcut conv (input 1) stays untagged, its output is the skip."""
+    import onnx_ir as ir
+
+    m = conv_model()
+    # turn the identity skip into a projection: pool → Conv → BN → Add input 1
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8, 1, 1)).astype(np.float32), "proj_w")
+    m.graph.initializer.append(w)
+    add = next(n for n in m.graph.node if n.name == "blk_add")
+    proj = onnx.helper.make_node("Conv", ["pool", "proj_w"], ["proj_out"], name="proj_conv")
+    add.input[1] = "proj_out"
+    m.graph.node.insert(list(m.graph.node).index(add), proj)
+    mi = ir.from_proto(m)
+    assert annotate_conv_partitions(mi) == 3
+    tags = {n.name: n.metadata_props.get("vlmforge.fusion.group") for n in mi.graph}
+    assert tags["proj_conv"] is None and tags["blk_add"] == tags["blk_add_relu"] == tags["blk_b_conv"]
