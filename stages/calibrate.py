@@ -123,7 +123,7 @@ def _run(ctx: StageContext) -> StageResult:
         ranges = {"graph": g, "method": p["method"], "percentile": p["percentile"], "samples": col.samples,
                   "source": p["source"], "order": col.names, "tensors": col.ranges(p["method"], p["percentile"])}
         (ctx.out / f"ranges_{g}.json").write_text(json.dumps(ranges, indent=1))
-        np.savez_compressed(ctx.out / f"ranges_{g}.npz", **col.arrays())
+        np.savez_compressed(ctx.out / f"ranges_{g}.npz", **col.arrays())  # type: ignore[arg-type]
         metrics[f"{g}_tensors"] = len(ranges["tensors"])
     metrics["seconds"] = round(time.time() - t0, 2)
     return StageResult(metrics=metrics)

@@ -158,7 +158,7 @@ def _run(ctx: StageContext) -> StageResult:
     # io specs travel with their graphs (fuse copies them from the exporters)
     notes = [f"{g}.json not in the fuse folder; not copied" for g in graphs if not (ctx.out / f"{g}.json").is_file()]
     (ctx.out / "quantize.json").write_text(json.dumps(report, indent=2))
-    metrics = {g: {k: report[g].get(k) for k in ("precision", "qdq_pairs", "weight_dq")} for g in graphs}
+    metrics: dict[str, Any] = {g: {k: report[g].get(k) for k in ("precision", "qdq_pairs", "weight_dq")} for g in graphs}
     for g in graphs:
         if "parity" in report[g]:
             metrics[g]["parity"] = {k: {m: v.get(m) for m in ("cosine", "top1") if m in v}

@@ -238,7 +238,7 @@ def make_collector(model: ir.Model) -> tuple[Collector, Any]:
 
     ensure_names(model.graph)
     names, chans = calibration_tensors(model.graph)
-    producers = {o.name: n.name for n in model.graph for o in n.outputs if o.name}
+    producers = {o.name: n.name or "" for n in model.graph for o in n.outputs if o.name}
     # Order by producer so a NaN is reported at the first layer that made it.
     order = {v.name: -1 for v in model.graph.inputs}
     order.update({o.name: i for i, n in enumerate(model.graph) for o in n.outputs})

@@ -44,6 +44,10 @@ class Placement:
         return {n for s in self.sites for n, _ in s.uses}
 
 
+def _nm(node: ir.Node) -> str:
+    return node.name or ""
+
+
 def ensure_names(graph: ir.Graph) -> None:
     """Give every node a unique name: sites and reports refer to nodes by name."""
     seen: set[str] = set()
@@ -80,13 +84,15 @@ def is_const(v: ir.Value | None) -> bool:
     return p is not None and p.op_type == "Constant"
 
 
-def _shape(v: ir.Value, shapes: Shapes) -> tuple[int, ...] | None:
-    if v.name in shapes:
+def _shape(v: ir.Value | None, shapes: Shapes) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    if v.name and v.name in shapes:
         return tuple(shapes[v.name])
     if v.shape is not None and all(isinstance(d, int) for d in v.shape):
-        return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+        return tuple(d for d in v.shape if isinstance(d, int))
     if v.const_value is not None:
-        return tuple(v.const_value.shape)
+        return tuple(int(d) for d in v.const_value.shape.numpy())
     return None
 
 
@@ -180,31 +186,33 @@ def plan(
     patterns = [(g, f"keep_high_precision pattern {g!r}") for g in keep] + list(rules.default_keep)
     by_tensor: dict[tuple[str, str], Site] = {}
 
-    def add(v: ir.Value, node: ir.Node, slot: int, kind: str, rule: str, **kw: Any) -> None:
+    def add(v: ir.Value | None, node: ir.Node, slot: int, kind: str, rule: str, **kw: Any) -> None:
+        if v is None:
+            return
         key = (v.name or "", kind)
         if key in by_tensor:
-            by_tensor[key].uses.append((node.name, slot))
+            by_tensor[key].uses.append((_nm(node), slot))
             return
-        s = Site(v.name or "", [(node.name, slot)], kind, rule, **kw)
+        s = Site(v.name or "", [(_nm(node), slot)], kind, rule, **kw)
         by_tensor[key] = s
         pl.sites.append(s)
 
     def kept(node: ir.Node) -> bool:
         if rules.keep_logits_head and any(o.is_graph_output() and "logits" in (o.name or "") for o in node.outputs):
             why = "lm_head (produces the logits output): excluded from INT4 by default"
-            pl.kept.append({"node": node.name, "pattern": "", "why": why})
+            pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
             return True
-        if keep_nodes and node.name in keep_nodes:
-            pl.kept.append({"node": node.name, "pattern": "", "why": keep_nodes[node.name]})
+        if keep_nodes and _nm(node) in keep_nodes:
+            pl.kept.append({"node": _nm(node), "pattern": "", "why": keep_nodes[_nm(node)]})
             return True
-        scope = pl.scopes.get(node.name, "")
+        scope = pl.scopes.get(_nm(node), "")
         for pat, why in patterns:
-            if fnmatch.fnmatchcase(node.name, pat) or (scope and fnmatch.fnmatchcase(scope, pat)):
-                pl.kept.append({"node": node.name, "pattern": pat, "why": why})
+            if fnmatch.fnmatchcase(_nm(node), pat) or (scope and fnmatch.fnmatchcase(scope, pat)):
+                pl.kept.append({"node": _nm(node), "pattern": pat, "why": why})
                 return True
         return False
 
-    pl.scopes = {n.name: sc for n in graph if (sc := scope_of(n))}
+    pl.scopes = {_nm(n): sc for n in graph if (sc := scope_of(n))}
     mha_done: set[str] = set()
     for node in graph:
         op = node.op_type
@@ -214,7 +222,7 @@ def plan(
             consts = [i for i, x in enumerate(node.inputs) if is_const(x)]
             bmm = op == "MatMul" and not consts
             if bmm:
-                if "fp8-mha" == attention and node.name not in mha_done:
+                if "fp8-mha" == attention and _nm(node) not in mha_done:
                     m = _mha_pattern(node, rules, shapes)
                     if m is not None and not kept(node) and not kept(m[1]):
                         probs, bmm2 = m
@@ -222,18 +230,18 @@ def plan(
                             add(node.inputs[slot], node, slot, "activation", "fp8-mha.bmm1")
                         add(probs, bmm2, 0, "activation", "fp8-mha.softmax", fixed_amax=1.0)
                         add(bmm2.inputs[1], bmm2, 1, "activation", "fp8-mha.bmm2")
-                        mha_done.add(bmm2.name)
+                        mha_done.add(_nm(bmm2))
                         continue
-                if node.name not in mha_done:
+                if _nm(node) not in mha_done:
                     why = "attention BMM kept high precision: TensorRT fuses MHA with Q/DQ on projections only"
-                    pl.skipped.append({"node": node.name, "rule": "attention", "why": why})
+                    pl.skipped.append({"node": _nm(node), "rule": "attention", "why": why})
                 continue
             if w is None or not is_const(w):
-                pl.skipped.append({"node": node.name, "rule": "weight", "why": "no constant weight"})
+                pl.skipped.append({"node": _nm(node), "rule": "weight", "why": "no constant weight"})
                 continue
             small = _small_reason(node, rules, shapes)
             if small:
-                pl.skipped.append({"node": node.name, "rule": "small-matmul", "why": small})
+                pl.skipped.append({"node": _nm(node), "rule": "small-matmul", "why": small})
                 continue
             if kept(node):
                 continue
@@ -251,7 +259,7 @@ def plan(
                         continue
                     if _inside_fusion(x):
                         why = f"input {x.name} is inside a fused {x.producer().op_type} chain"  # type: ignore[union-attr]
-                        pl.skipped.append({"node": node.name, "rule": "never-cut", "why": why})
+                        pl.skipped.append({"node": _nm(node), "rule": "never-cut", "why": why})
                         continue
                     add(x, node, slot, "activation", f"{op}.input")
         elif op == "Add" and rules.residual_add_producers and not any(is_const(x) for x in node.inputs):

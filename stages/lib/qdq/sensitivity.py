@@ -85,7 +85,7 @@ def run(proto: onnx.ModelProto, recipe: Recipe, calib: Calib, budget: float | No
     for node in sorted(full.placement.quantized_nodes()):
         groups.setdefault(group_of(full.placement.scopes.get(node) or node), []).append(node)
     all_nodes = {n for ns in groups.values() for n in ns}
-    ranking = []
+    ranking: list[dict[str, Any]] = []
     for g, nodes in groups.items():
         others = {n: "sensitivity probe" for n in all_nodes - set(nodes)}
         cos = evaluate(build(proto, recipe, calib, keep_nodes=others))
