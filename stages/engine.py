@@ -122,7 +122,7 @@ def run(ctx: StageContext) -> StageResult:
         sidecar = {
             "graph": g, "target": target["name"], "gpu": target.get("gpu", ""), "sm": target["sm"],
             "builder": backend.name, "builder_module": backend.module, "builder_version": backend.version,
-            "precision": precision, "qdq_dtypes": sorted(quant),
+            "precision": precision, "precisions": {pg: pp for pg, pp, _ in plan}, "qdq_dtypes": sorted(quant),
             "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profile.items()},
             "inputs": built.inputs, "outputs": built.outputs,
             "sha256": built.sha256, "bytes": built.bytes, "build_seconds": round(built.seconds, 3),

@@ -71,7 +71,7 @@ def test_int8_engines_for_rtx3090(tmp_path: Path) -> None:
         side = json.loads((out / f"{g}.engine.json").read_text())
         assert side["target"] == "rtx3090" and side["sm"] == "8.6" and side["builder"] == "tensorrt-rtx"
         assert side["builder_version"].startswith("1.") and side["precision"] == "int8"
-        assert side["qdq_dtypes"] == ["int8"]
+        assert side["qdq_dtypes"] == ["int8"] and side["precisions"] == {"vision": "int8", "decoder": "int8"}
         assert side["sha256"] == hashlib.sha256((out / f"{g}.engine").read_bytes()).hexdigest()
         assert side["bytes"] == (out / f"{g}.engine").stat().st_size
         assert side["build_seconds"] > 0 and side["peak_rss_mb"] > 50

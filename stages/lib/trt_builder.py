@@ -12,7 +12,7 @@ import hashlib
 import resource
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import tensorrt
 
 Shape = tuple[int, ...]
-ProfileSpec = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+ProfileSpec = Mapping[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 Report = Callable[[str, "float | None"], None]
 
 
