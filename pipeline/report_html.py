@@ -23,7 +23,7 @@ th{background:#f1f3f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .pass,.ran,.ok{background:#d9f2dc}.fail,.failed{background:#f9d6d5;font-weight:600}
 .not-run,.skipped{background:#fff1c9}.cached{background:#e8eaf0}.muted{color:#667}
 figure{display:inline-block;margin:8px 16px 8px 0}figcaption{font-size:12px;color:#445}img{max-width:100%}
-code{background:#f3f4f7;padding:0 3px}
+code{background:#f3f4f7;padding:0 3px}.scroll{overflow-x:auto}
 """
 FIGS = ("cosine", "rel_l2", "max_abs", "norm_ratio", "top1", "top5", "tokens", "tokens_prefix")
 
@@ -48,7 +48,7 @@ def _table(head: list[str], rows: list[list[str]], classes: list[str] | None = N
     for i, r in enumerate(rows):
         cls = f' class="{escape(classes[i])}"' if classes and classes[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def _cached_file(cache: Path | None, node: dict[str, Any], name: str) -> Any:
@@ -102,13 +102,19 @@ def _parity(doc: dict[str, Any]) -> str:
     rows = parity_rows(doc)
     if not rows:
         return "<p class='muted'>No verify node in this run: parity was not checked.</p>"
-    head = ["target", "graph", "runtime", "precision", "status", *FIGS, "why not run"]
-    body = [[escape(str(r.get(k))) for k in ("target", "graph", "runtime", "precision", "status")]
-            + [_num(r.get(f), f) for f in FIGS] + [escape(str(r.get("reason") or ""))] for r in rows]
+    head = "".join(f"<th>{escape(c)}</th>" for c in ["target", "graph", "runtime", "precision", "status", *FIGS])
+    body = []
+    for r in rows:
+        ids = "".join(f"<td>{escape(str(r.get(k)))}</td>" for k in ("target", "graph", "runtime", "precision", "status"))
+        if r["status"] == "not-run":  # no figures: the reason spans their columns
+            figs = f"<td colspan='{len(FIGS)}'>{escape(str(r.get('reason') or 'not run'))}</td>"
+        else:
+            figs = "".join(f"<td class='n'>{_num(r.get(f), f)}</td>" for f in FIGS)
+        body.append(f"<tr class='{escape(str(r['status']))}'>{ids}{figs}</tr>")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "not-run")}
     note = f"<p>{counts['pass']} passed, {counts['fail']} failed, {counts['not-run']} not run " \
            "(a comparison that did not run is not a pass).</p>"
-    return note + _table(head, body, [str(r["status"]) for r in rows])
+    return note + f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def _drilldowns(doc: dict[str, Any]) -> str:
