@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
-    from pipeline.config import BuildConfig, TargetSpec
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
 
 # max |fused − original| allowed, relative to max(1, max |original|), in the graph's own dtype:
 # FP32 rewrites only reassociate a scale; FP16 ones also drop the FP32 Cast around Softmax.

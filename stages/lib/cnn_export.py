@@ -35,19 +35,21 @@ def generate_tiny_cnn(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    kw: dict[str, Any] = {"num_labels": 10, "id2label": {i: f"class_{i}" for i in range(10)},
+                          "label2id": {f"class_{i}": i for i in range(10)}}
     cfg = ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2],
-                       layer_type="basic", num_labels=10, id2label={i: f"class_{i}" for i in range(10)},
-                       label2id={f"class_{i}": i for i in range(10)})
+                       layer_type="basic", **kw)
     model = ResNetForImageClassification(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                bn: Any = m  # its affine/stat tensors are typed Optional; here they all exist
+                n = bn.num_features
+                bn.weight.copy_(0.5 + torch.rand(n, generator=g))
+                bn.bias.copy_(0.1 * torch.randn(n, generator=g))
+                bn.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
     model.save_pretrained(out, safe_serialization=True)
     # The processor ResNet checkpoints ship (ConvNeXt's); the PIL variant needs no torchvision.
     ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=224 / 256, image_mean=list(IMAGENET_MEAN),
@@ -91,7 +93,7 @@ def _parity(onnx_path: Path, tower: Any, sizes: list[list[int]], seed: int, np_d
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[Any] = []
     batches = [(1, h, w) for h, w in sizes] + [(2, *sizes[0])]  # each size, and a batch of 2
     for b, h, w in batches:
         x = rng.standard_normal((b, 3, h, w)).astype(np.float32)

@@ -56,14 +56,17 @@ def apply_rules(
         rules[name] = {"matches": before - node_count(model) if matches is None else matches, "nodes_before": before, "nodes_after": node_count(model)}
 
     annotate.clear(model)
+    def clean() -> None:
+        run_cleanup(model)
+
     if cleanup:  # first: folds the constants the other rules' checks read (scales, BN params)
-        step("cleanup", lambda: run_cleanup(model) or None)
+        step("cleanup", clean)
     if fold_batchnorm:
         step("fold_batchnorm", lambda: fold_bn(model))
     if attention is not None:
         step(f"attention[{attention}]", lambda: fuse_attention(model, attention))
     if cleanup:  # again: drops what the rewrites left dead, collapses inserted Transposes
-        step("cleanup_post", lambda: run_cleanup(model) or None)
+        step("cleanup_post", clean)
     else:
         import onnx_ir.passes.common as common
 

@@ -63,7 +63,7 @@ def _unrepeat(value: ir.Value) -> ir.Value | None:
     return src
 
 
-def _make_rule_class() -> type:
+def _make_rule_class() -> Any:
     from onnxscript.rewriter import pattern
 
     class SdpaToFused(pattern.RewriteRuleClassBase):
@@ -93,7 +93,7 @@ def _make_rule_class() -> type:
                                     tag_var="nan_guard", tag_values=[True, False])
             return op.MatMul(probs, value)
 
-        def check(self, context, query, key_t, value, mask, probs, **m) -> Any:
+        def check(self, context, query, key_t, value, mask, probs, **m) -> Any:  # type: ignore[override]
             res = pattern.MatchResult()
             sm = probs.producer()
             rank = query.shape.rank() if query.shape is not None else None

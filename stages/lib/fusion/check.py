@@ -67,7 +67,7 @@ def compare(
     ref, out = ort_run(before, feeds), ort_run(after, feeds)
     if len(ref) != len(out):
         raise ValueError(f"output count changed: {len(ref)} -> {len(out)}")
-    per = []
+    per: list[dict[str, Any]] = []
     for r, o in zip(ref, out, strict=True):
         if r.shape != o.shape:
             raise ValueError(f"output shape changed: {r.shape} -> {o.shape}")

@@ -5,7 +5,7 @@ They stand in until, and next to, the real exported graphs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnx
@@ -47,7 +47,7 @@ def attention_model(s: AttnSpec, seed: int = 0) -> onnx.ModelProto:
         inits.append(onnx.numpy_helper.from_array(arr, name))
         return name
 
-    def node(op: str, ins: list[str], out: str, **attrs: object) -> str:
+    def node(op: str, ins: list[str], out: str, **attrs: Any) -> str:
         nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
         return out
 
