@@ -165,3 +165,13 @@ def test_fp8_mha_pattern_through_precision_casts():
     s = _sites(pl)
     assert s[("pr", "activation")].fixed_amax == 1.0 and s[("pr", "activation")].uses == [("attn/bmm2", 0)]
     assert ("q", "activation") in s and ("v", "activation") in s
+
+
+def test_fp8_keeps_the_layer_reading_pixels_even_when_renamed():
+    proto = G.conv_bn_relu_pool()
+    proto.graph.input[0].name = "pixel_values"
+    proto.graph.node[0].input[0] = "pixel_values"
+    pl = plan(_ir(proto).graph, "fp8")
+    assert [k["node"] for k in pl.kept] == ["conv1"] and "pixel_values" in pl.kept[0]["why"]
+    assert ("w1", "weight") not in _sites(pl) and ("w2", "weight") in _sites(pl)
+    assert not plan(_ir(proto).graph, "int8").kept  # INT8 has no such default

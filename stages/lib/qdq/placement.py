@@ -128,6 +128,22 @@ def _through(v: ir.Value, ops: Iterable[str]) -> ir.Node | None:
     return p if p is not None and p.op_type in ops else None
 
 
+_MOVES = frozenset({"Reshape", "Transpose", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def _reads_pixels(node: ir.Node) -> bool:
+    """True if input 0 comes from a pixel graph input through data movement only."""
+    v = node.inputs[0] if node.inputs else None
+    while v is not None:
+        if v.is_graph_input():
+            return "pixel" in (v.name or "")
+        p = v.producer()
+        if p is None or p.op_type not in _MOVES:
+            return False
+        v = p.inputs[0]
+    return False
+
+
 def _inside_fusion(v: ir.Value) -> bool:
     """True if v flows along an edge TensorRT fuses (Conv→BN, BN→ReLU, ReLU→MaxPool, ...)."""
     p = v.producer()
@@ -200,6 +216,10 @@ def plan(
     def kept(node: ir.Node) -> bool:
         if rules.keep_logits_head and any(o.is_graph_output() and "logits" in (o.name or "") for o in node.outputs):
             why = "lm_head (produces the logits output): excluded from INT4 by default"
+            pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
+            return True
+        if rules.keep_pixel_reader and _reads_pixels(node):
+            why = "patch embedding (reads pixel_values): raw-pixel range, kept high precision in FP8 (NOTES §2.11)"
             pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
             return True
         if keep_nodes and _nm(node) in keep_nodes:

@@ -95,6 +95,9 @@ class ModeRules:
     # Keep the matmul that directly produces a graph output named like logits (lm_head) even
     # when the exporter did not keep the module name.
     keep_logits_head: bool = False
+    # Keep the layer that reads raw pixels (the patch embedding) even when fusion renamed it:
+    # found structurally, through data movement, from a graph input named like pixel_values.
+    keep_pixel_reader: bool = False
 
 
 INT8 = ModeRules(
@@ -125,6 +128,7 @@ FP8 = ModeRules(
         # raw pixels have a wide range that E4M3 per-tensor scaling clips.
         ("*patch_embed*", "patch embedding: raw-pixel range, kept high precision in FP8 (NOTES §2.11)"),
     ),
+    keep_pixel_reader=True,
     opset_min=19,  # FLOAT8E4M3FN in QuantizeLinear/DequantizeLinear
 )
 
