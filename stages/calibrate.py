@@ -8,7 +8,9 @@ keep patterns, budget) re-runs `quantize` and not this.
 Outputs: `ranges_<graph>.json` {"graph", "method", "percentile", "samples", "source",
 "order": [tensor...], "tensors": {name: {"amax", "amax_fp8", "max_abs", "min", "max", "shape",
 "producer"}}} and `ranges_<graph>.npz` (per tensor index i in "order": hist_i [2048] counts of
-|x|, width_i bin width, chan_ms_i E[x_k^2] per input channel for MatMul/Gemm inputs).
+|x|, width_i bin width, chan_ms_i E[x_k^2] per input channel for MatMul/Gemm inputs), plus
+`feeds_<graph>.npz` (s{i}.<input>: the first calibration samples' graph inputs, which quantize's
+sensitivity search ranks layers on, so the held-out set only grades the result).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from pipeline.targets import TargetSpec
 
 GRAPHS = ("vision", "decoder")
+KEEP_FEEDS = 2  # calibration feeds kept for quantize's sensitivity search (held-out data grades it)
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -95,6 +98,7 @@ def _run(ctx: StageContext) -> StageResult:
     vis_outputs = [o.name for o in sessions["vision"].get_outputs()]
     n = int(p["samples"])
     seq_lens = []
+    kept: dict[str, dict[str, np.ndarray]] = {g: {} for g in graphs}
     for i, s in enumerate(samples(p)):
         ctx.report(f"calibration sample {i + 1}/{n} ({s.name})", i / n)
         graph = "vision"
@@ -102,12 +106,16 @@ def _run(ctx: StageContext) -> StageResult:
             feed, grid = feeder.vision(s)
             vout = graphio.run(sessions["vision"], cast_feed(sessions["vision"], feed), cols["vision"].names)
             cols["vision"].update(vout)
+            if i < KEEP_FEEDS:
+                kept["vision"].update({f"s{i}.{k}": v for k, v in feed.items()})
             if "decoder" not in graphs:
                 continue
             vis = {k: np.asarray(vout[k], np.float32) for k in vis_outputs if k in vout}
             graph = "decoder"
             dfeed = feeder.decoder(s, grid, vis, sessions["decoder"].get_inputs())
             seq_lens.append(int(dfeed["inputs_embeds"].shape[1]))
+            if i < KEEP_FEEDS:
+                kept["decoder"].update({f"s{i}.{k}": v for k, v in dfeed.items()})
             cols["decoder"].update(graphio.run(sessions["decoder"], cast_feed(sessions["decoder"], dfeed),
                                                cols["decoder"].names))
         except C.NonFiniteActivation as e:
@@ -124,6 +132,7 @@ def _run(ctx: StageContext) -> StageResult:
                   "source": p["source"], "order": col.names, "tensors": col.ranges(p["method"], p["percentile"])}
         (ctx.out / f"ranges_{g}.json").write_text(json.dumps(ranges, indent=1))
         np.savez_compressed(ctx.out / f"ranges_{g}.npz", **col.arrays())  # type: ignore[arg-type]
+        np.savez(ctx.out / f"feeds_{g}.npz", **kept[g])  # type: ignore[arg-type]
         metrics[f"{g}_tensors"] = len(ranges["tensors"])
     metrics["seconds"] = round(time.time() - t0, 2)
     return StageResult(metrics=metrics)

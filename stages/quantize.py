@@ -67,7 +67,9 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     attention = "fp8-mha" if gq.get("attention") == "fp8-mha" and mode == "fp8" else "none"
     recipe = Recipe(mode, keep=tuple(gq["keep_high_precision"]), attention=attention,
                     int4_block=int(gq["int4_block"]))
-    ev = sensitivity.Evaluator(feeds, refs, outputs)
+    # Rank layers on calibration samples; the held-out set grades the result only.
+    search = heldout.load_feeds(ctx.inputs["calibrate"] / f"feeds_{graph}.npz") or feeds
+    ev = sensitivity.Evaluator(search, heldout.run_all(proto, search, outputs) if search is not feeds else refs, outputs)
     rules = rules_for(mode)
     try:
         built, sens = sensitivity.run(proto, recipe, calib, gq.get("accuracy_budget"), ev)
@@ -103,7 +105,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         "skipped": dict(Counter(s["rule"] for s in built.placement.skipped)),
         "skipped_nodes": built.placement.skipped[:200],
         "sensitivity": sens.as_dict(), "parity": par, "checker": True, "ort": "ORT_DISABLE_ALL",
-        "held_out": "reference", "int4_blocks": built.stats.get("blocks"),
+        "held_out": "reference", "sensitivity_inputs": "calibration" if search is not feeds else "held-out",
+        "int4_blocks": built.stats.get("blocks"),
         "attention": "projections only" if attention == "none" else attention,
     }
     gate = ctx.params["gates"].get(mode, {})

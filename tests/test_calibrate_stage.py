@@ -49,6 +49,8 @@ def test_synthetic_calibration_writes_ranges(upstream, tmp_path):
     assert dec["h"]["shape"][1] > 20 and dec["h"]["amax"] > 0
     assert res.metrics["decoder_tensors"] >= 4 and min(res.metrics["decoder_seq_lens"]) > 20
     assert any(k.startswith("chan_ms_") for k in np.load(tmp_path / "ranges_decoder.npz").files)
+    feeds = np.load(tmp_path / "feeds_decoder.npz")
+    assert {"s0.inputs_embeds", "s1.position_ids"} <= set(feeds.files) and "s2.inputs_embeds" not in feeds.files
 
 
 def _folder(tmp: Path, images: dict[str, bytes | None], prompts: list[str]) -> tuple[Path, Path]:

@@ -93,6 +93,7 @@ def test_accuracy_budget_triggers_fallback(upstream, tmp_path):
     _, q = _run(cfg, "rtx3090", upstream, tmp_path)
     s = q["decoder"]["sensitivity"]
     assert s["budget"] == 0.99999 and len(s["ranking"]) >= 2
+    assert q["decoder"]["sensitivity_inputs"] == "calibration"  # held-out data only grades
     assert s["met"] == (s["cosine_final"] >= 0.99999)
     if s["cosine_full"] < 0.99999:
         assert q["decoder"]["kept_high_precision"] and "sensitivity" in q["decoder"]["kept_high_precision"][0]["why"]

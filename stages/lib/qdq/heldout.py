@@ -75,3 +75,15 @@ def run_all(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequ
 
     sess = session(Path(model) if isinstance(model, str) else model)
     return [{k: np.asarray(v, np.float32) for k, v in run(sess, cast_feed(sess, f), outputs).items()} for f in feeds]
+
+
+def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
+    """Feeds saved as s{i}.<input> (calibrate's feeds_<graph>.npz); [] when absent."""
+    if not path.is_file():
+        return []
+    with np.load(path, allow_pickle=False) as z:
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for key in z.files:
+            idx, name = key.split(".", 1)
+            out.setdefault(int(idx[1:]), {})[name] = z[key]
+    return [out[i] for i in sorted(out)]
