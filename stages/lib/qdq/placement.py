@@ -7,7 +7,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stages.lib.qdq.rules import FUSED_EDGES, ModeRules, resolve_axis, rules_for
+from stages.lib.qdq.patterns import (
+    attrs,
+    inside_fusion,
+    mha_pattern,
+    reads_pixels,
+    shape_of,
+    small_reason,
+    through,
+)
+from stages.lib.qdq.rules import resolve_axis, rules_for
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -84,105 +93,6 @@ def is_const(v: ir.Value | None) -> bool:
     return p is not None and p.op_type == "Constant"
 
 
-def _shape(v: ir.Value | None, shapes: Shapes) -> tuple[int, ...] | None:
-    if v is None:
-        return None
-    if v.name and v.name in shapes:
-        return tuple(shapes[v.name])
-    if v.shape is not None and all(isinstance(d, int) for d in v.shape):
-        return tuple(d for d in v.shape if isinstance(d, int))
-    if v.const_value is not None:
-        return tuple(int(d) for d in v.const_value.shape.numpy())
-    return None
-
-
-def _attrs(node: ir.Node) -> dict[str, Any]:
-    return {k: a.value for k, a in node.attributes.items()}
-
-
-def _small_reason(node: ir.Node, rules: ModeRules, shapes: Shapes) -> str | None:
-    """GEMV-like (M or N = 1) or tiny (K or N < min_dim) matmuls are not worth quantizing."""
-    if node.op_type not in ("MatMul", "Gemm"):
-        return None
-    a, b = _shape(node.inputs[0], shapes), _shape(node.inputs[1], shapes)
-    if a is None or b is None or len(a) < 1 or len(b) < 2:
-        return None
-    at = _attrs(node)
-    m = a[-2] if len(a) >= 2 else 1
-    if node.op_type == "Gemm" and at.get("transA", 0):
-        m = a[-1]
-    k = a[-1] if not (node.op_type == "Gemm" and at.get("transA", 0)) else a[-2]
-    n = b[-2] if (node.op_type == "Gemm" and at.get("transB", 0)) else b[-1]
-    if m == rules.small.unit_dim or n == rules.small.unit_dim:
-        return f"GEMV-like (M={m}, N={n})"
-    if k < rules.small.min_dim or n < rules.small.min_dim:
-        return f"tiny matmul (K={k}, N={n} < {rules.small.min_dim})"
-    return None
-
-
-def _through(v: ir.Value, ops: Iterable[str]) -> ir.Node | None:
-    """The producer of v, looking through BatchNormalization (folded into Conv by TensorRT)."""
-    p = v.producer()
-    if p is not None and p.op_type == "BatchNormalization":
-        p = p.inputs[0].producer() if p.inputs[0] is not None else None
-    return p if p is not None and p.op_type in ops else None
-
-
-_MOVES = frozenset({"Reshape", "Transpose", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze"})
-
-
-def _reads_pixels(node: ir.Node) -> bool:
-    """True if input 0 comes from a pixel graph input through data movement only."""
-    v = node.inputs[0] if node.inputs else None
-    while v is not None:
-        if v.is_graph_input():
-            return "pixel" in (v.name or "")
-        p = v.producer()
-        if p is None or p.op_type not in _MOVES:
-            return False
-        v = p.inputs[0]
-    return False
-
-
-def _inside_fusion(v: ir.Value) -> bool:
-    """True if v flows along an edge TensorRT fuses (Conv→BN, BN→ReLU, ReLU→MaxPool, ...)."""
-    p = v.producer()
-    if p is None:
-        return False
-    return any((p.op_type, u.node.op_type) in FUSED_EDGES for u in v.uses())
-
-
-def _mha_pattern(bmm1: ir.Node, rules: ModeRules, shapes: Shapes) -> tuple[ir.Value, ir.Node] | None:
-    """Match BMM1→(Mul|Div)→(Add mask)→Softmax→BMM2, looking through precision Casts (exporters
-    run softmax in fp32 inside fp16 graphs); return (the tensor BMM2 reads as probabilities, BMM2)."""
-    hd = _shape(bmm1.inputs[0], shapes)
-    if hd is None or not (rules.head_dim[0] < hd[-1] <= rules.head_dim[1]):
-        return None
-
-    def next_node(v: ir.Value) -> ir.Node | None:
-        uses = list(v.uses())
-        return uses[0].node if len(uses) == 1 else None
-
-    node, seen = next_node(bmm1.outputs[0]), set()
-    while node is not None and node.op_type != "Softmax":
-        # at most one scale and one mask add, any number of casts
-        kind = {"Mul": "scale", "Div": "scale", "Add": "mask", "Cast": None}.get(node.op_type, "stop")
-        if kind == "stop" or (kind is not None and kind in seen):
-            return None
-        if kind:
-            seen.add(kind)
-        node = next_node(node.outputs[0])
-    if node is None:
-        return None
-    v = node.outputs[0]
-    nxt = next_node(v)
-    while nxt is not None and nxt.op_type == "Cast":
-        v, nxt = nxt.outputs[0], next_node(nxt.outputs[0])
-    if nxt is None or nxt.op_type != "MatMul" or nxt.inputs[0] is not v:
-        return None
-    return v, nxt
-
-
 def plan(
     graph: ir.Graph,
     mode: str,
@@ -218,7 +128,7 @@ def plan(
             why = "lm_head (produces the logits output): excluded from INT4 by default"
             pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
             return True
-        if rules.keep_pixel_reader and _reads_pixels(node):
+        if rules.keep_pixel_reader and reads_pixels(node):
             why = "patch embedding (reads pixel_values): raw-pixel range, kept high precision in FP8 (NOTES §2.11)"
             pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
             return True
@@ -243,7 +153,7 @@ def plan(
             bmm = op == "MatMul" and not consts
             if bmm:
                 if "fp8-mha" == attention and _nm(node) not in mha_done:
-                    m = _mha_pattern(node, rules, shapes)
+                    m = mha_pattern(node, rules, shapes)
                     if m is not None and not kept(node) and not kept(m[1]):
                         probs, bmm2 = m
                         for slot in (0, 1):
@@ -259,14 +169,14 @@ def plan(
             if w is None or not is_const(w):
                 pl.skipped.append({"node": _nm(node), "rule": "weight", "why": "no constant weight"})
                 continue
-            small = _small_reason(node, rules, shapes)
+            small = small_reason(node, rules, shapes)
             if small:
                 pl.skipped.append({"node": _nm(node), "rule": "small-matmul", "why": small})
                 continue
             if kept(node):
                 continue
-            wshape = _shape(w, shapes) or ()
-            at = _attrs(node)
+            wshape = shape_of(w, shapes) or ()
+            at = attrs(node)
             if rules.weights == "block":
                 axis = resolve_axis(r.block_axis, op, at, len(wshape))
             else:
@@ -277,7 +187,7 @@ def plan(
                     x = node.inputs[slot] if slot < len(node.inputs) else None
                     if x is None or is_const(x) or slot == r.weight:
                         continue
-                    if _inside_fusion(x):
+                    if inside_fusion(x):
                         why = f"input {x.name} is inside a fused {x.producer().op_type} chain"  # type: ignore[union-attr]
                         pl.skipped.append({"node": _nm(node), "rule": "never-cut", "why": why})
                         continue
@@ -286,8 +196,8 @@ def plan(
             a, b = node.inputs[0], node.inputs[1]
             if a is None or b is None:
                 continue
-            fa = _through(a, rules.residual_add_producers)
-            fb = _through(b, rules.residual_add_producers)
+            fa = through(a, rules.residual_add_producers)
+            fb = through(b, rules.residual_add_producers)
             # The branch that fuses is the Conv output used only by this Add; if both qualify
             # (projection shortcut) the second input is treated as the skip.
             if fa is not None and len(list(a.uses())) == 1:
