@@ -152,3 +152,22 @@ def test_node_block_reads_names_and_exporter_metadata() -> None:
     m.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'visual', 'visual.blocks.3', 'add_7']")
     assert dd.node_block(m, "blocks") == 3
     assert dd.node_block(helper.make_node("Relu", ["a"], ["b"], name="blocks_fused"), "blocks") is None
+
+
+def test_rewritten_nodes_inherit_their_producers_block() -> None:
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="/blocks.0/Relu"),
+        helper.make_node("Relu", ["a"], ["b"], name="node_Gemm_7"),  # a fusion rewrite: no scope
+        helper.make_node("QuantizeLinear", ["b", "s"], ["q"], name="b_QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["dq"], name="b_DequantizeLinear"),
+        helper.make_node("Relu", ["dq"], ["c"], name="/blocks.1/Relu"),
+        helper.make_node("Relu", ["c"], ["y"], name="/head/Relu"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
+    m = helper.make_model(g)
+    assert dd.node_blocks(m, "blocks") == [0, 0, None, None, 1, None]  # Q/DQ between blocks stay outside
+    assert dd.block_outputs(m, "blocks") == {0: "b", 1: "c"}

@@ -138,18 +138,19 @@ def _corrupt_scale(src: Path, dst: Path, graph: str, kind: str, block: int) -> s
     import onnx
     from onnx import numpy_helper
 
-    from stages.lib.drilldown import node_block
+    from stages.lib.drilldown import node_blocks
 
     shutil.copytree(src, dst)
     m = onnx.load(str(dst / f"{graph}.onnx"))
     inits = {i.name: i for i in m.graph.initializer}
-    users: dict[str, list[Any]] = {}
-    for n in m.graph.node:
+    blocks = node_blocks(m, kind)
+    users: dict[str, list[int]] = {}
+    for j, n in enumerate(m.graph.node):
         for i in n.input:
-            users.setdefault(i, []).append(n)
+            users.setdefault(i, []).append(j)
     for n in m.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits and any(
-                node_block(u, kind) == block for u in users.get(n.output[0], [])):
+                blocks[u] == block for u in users.get(n.output[0], [])):
             t = inits[n.input[1]]
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.asarray(8, numpy_helper.to_array(t).dtype),
                                                t.name))

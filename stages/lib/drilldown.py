@@ -6,7 +6,8 @@
    (``/blocks.3/Add``, TorchScript). A block's output is the last tensor, in graph order, that a
    node of block k produces and a node outside block k consumes: the residual sum that feeds
    block k+1 (or the Q/DQ pair in front of it). Nodes a quantizer added without a scope are
-   simply "outside", which keeps that rule true in Q/DQ graphs.
+   simply "outside", which keeps that rule true in Q/DQ graphs; nodes a fusion rewrite made
+   (no scope at all) inherit their producers' block.
 2. Mark those tensors as extra graph outputs and run once in onnxruntime with all graph
    optimizations off (NOTES §3: ORT's Q/DQ fusions change rounding and reject FP8).
 3. Capture the same points in PyTorch with forward hooks on the model's block modules.
@@ -65,10 +66,37 @@ def node_block(node: onnx.NodeProto, kind: str) -> int | None:
     return None
 
 
+def _anonymous(node: onnx.NodeProto) -> bool:
+    """A node a rewriter made (``node_Gemm_14``): no exporter scope and no path in its name."""
+    keys = {p.key for p in node.metadata_props}
+    return not ({"namespace", "pkg.torch.onnx.name_scopes"} & keys) and "/" not in node.name
+
+
+def node_blocks(model: onnx.ModelProto, kind: str) -> list[int | None]:
+    """Block of every node in graph order. Nodes a fusion pass rewrote carry no scope; they
+    inherit the block of their producers when all scoped producers agree (forward only, and
+    never for Q/DQ, which sit *between* blocks as often as inside them)."""
+    nodes = list(model.graph.node)
+    blocks = [node_block(n, kind) for n in nodes]
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    for _ in range(4):  # rewritten chains are short; each pass reaches one node further
+        changed = False
+        for i, n in enumerate(nodes):
+            if blocks[i] is not None or not _anonymous(n) or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            near = {blocks[producer[t]] for t in n.input if t in producer} - {None}
+            if len(near) == 1:
+                blocks[i] = near.pop()
+                changed = True
+        if not changed:
+            break
+    return blocks
+
+
 def block_outputs(model: onnx.ModelProto, kind: str) -> dict[int, str]:
     """Block index -> the tensor name of that block's output (see module docstring)."""
     nodes = list(model.graph.node)
-    blocks = [node_block(n, kind) for n in nodes]
+    blocks = node_blocks(model, kind)
     consumers: dict[str, set[int | None]] = {}
     for b, n in zip(blocks, nodes, strict=True):
         for i in n.input:
