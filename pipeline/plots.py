@@ -30,24 +30,25 @@ def _pyplot() -> Any:
 
 
 def block_errors_png(rows: Sequence[dict[str, Any]], title: str, jump: int | None = None) -> bytes:
-    """Per-block rel-L2 (left axis) and 1 - cosine (right axis, log) vs PyTorch; the jump marked."""
+    """Per-block rel-L2 (left) and 1 - cosine (right, log) vs PyTorch; the first jump marked."""
     plt = _pyplot()
     ok = [r for r in rows if r.get("cosine") is not None and r.get("rel_l2") is not None]
     xs = [int(r["block"]) for r in ok]
-    fig, ax1 = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax1.plot(xs, [float(r["rel_l2"]) for r in ok], "o-", color="tab:red", label="rel L2")
-    ax1.set_xlabel("block")
-    ax1.set_ylabel("rel L2", color="tab:red")
-    ax2 = ax1.twinx()
-    ax2.plot(xs, [max(1 - float(r["cosine"]), 1e-16) for r in ok], "s--", color="tab:blue")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    ax1.plot(xs, [float(r["rel_l2"]) for r in ok], "o-", color="tab:red")
+    ax1.set_ylabel("rel L2")
+    ax2.plot(xs, [max(1 - float(r["cosine"]), 1e-16) for r in ok], "s-", color="tab:blue")
     ax2.set_yscale("log")
-    ax2.set_ylabel("1 - cosine", color="tab:blue")
-    if xs:
-        ax1.set_xticks(xs)
+    ax2.set_ylabel("1 - cosine")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("block")
+        if xs:
+            ax.set_xticks(xs)
+        if jump is not None:
+            ax.axvline(jump, color="k", ls=":", lw=1.2, label=f"first jump: block {jump}")
     if jump is not None:
-        ax1.axvline(jump, color="k", ls=":", lw=1.2)
-        ax1.annotate(f"first jump: block {jump}", (jump, ax1.get_ylim()[1]), fontsize=8, va="top", ha="left")
-    ax1.set_title(title, fontsize=9)
+        ax1.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title, fontsize=9)
     return _png(fig)
 
 
