@@ -54,7 +54,10 @@ def _external(cfg: BuildConfig) -> list[Path]:
         return []
     from stages.lib.qdq.calibset import IMAGE_SUFFIXES
 
-    files = sorted(p for p in c.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if c.images.is_dir() else []
+    try:
+        files = sorted(p for p in c.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError:  # missing/unreadable: the stage itself raises the one-line error at run time
+        files = []
     return [*files, c.prompts] if c.prompts.is_file() else files
 
 
