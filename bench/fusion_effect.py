@@ -150,6 +150,7 @@ def real_graphs(config: Path, work: Path) -> list[tuple[str, Any, Any, int, Prof
     for name in ("checkpoint", "export_vision", "export_decoder"):
         stage = __import__(f"stages.{name}", fromlist=["STAGE"]).STAGE
         folders[name] = work / name
+        folders[name].mkdir(parents=True, exist_ok=True)  # the runner creates ctx.out; we stand in for it
         stage.run(StageContext(name, stage.params(cfg, None), {d: folders[d] for d in stage.deps}, folders[name],
                                None, stage.external(cfg) if stage.external else []))
     out = []

@@ -106,3 +106,24 @@ def test_resnet_every_conv_relu_is_one_conv_layer(tmp_path: Path) -> None:
     for mode in ("int8", "fp8"):
         s = _summary(qdq(fused, mode, feeds), tmp_path, mode, prof)
         assert s.conv_layers == 20 and s.conv_fused_activation >= relus, (mode, s.conv_fused_activation)
+
+
+@pytest.mark.slow
+def test_default_config_every_attention_block_is_one_mha(tmp_path: Path) -> None:
+    """The default config's real Qwen exports (run by the real export stages), fused, then
+    FP16 / INT8 / FP8 (Q/DQ on the projections): one fused MHA per attention block each time."""
+    from bench.fusion_effect import qdq, real_graphs
+
+    root = Path(__file__).resolve().parents[1]
+    graphs = real_graphs(root / "configs" / "default.yaml", tmp_path / "real")
+    assert [g[0].split(":")[1] for g in graphs] == ["vision", "decoder"]
+    for name, m, _, opset, prof, feeds in graphs:
+        blocks = sum(n.op_type == "Softmax" for n in m.graph.node)
+        fused = _fused(m, opset)
+        assert sum(n.op_type == "Softmax" for n in fused.graph.node) == blocks  # canonical at opset 19
+        for mode in ("fp16", "int8", "fp8"):
+            proto = fused if mode == "fp16" else qdq(fused, mode, feeds)
+            s = _summary(proto, tmp_path, f"{name.replace(':', '_')}_{mode}", prof)
+            assert s.fused_mha == blocks, (name, mode, s.fused_mha, blocks)
+            if mode != "fp16":
+                assert s.low_precision_share >= 0.9, (name, mode, s.gemm_conv_precisions)
