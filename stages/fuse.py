@@ -32,12 +32,13 @@ AXES = {"batch": 1, "seq": 8, "sequence": 8, "past": 8, "past_seq": 8, "past_len
         "images": 1, "num_images": 1, "height": 64, "width": 64}
 TOTAL_AXES = ("total", "total_seq", "kv_len")
 _TWO_GB = 2 * 1024**3
+SEED = 0  # fixed: the numerics check must not re-key when an unrelated config seed changes
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     f = cfg.fuse
     return {"fold_batchnorm": f.fold_batchnorm, "attention": f.attention, "cleanup": f.cleanup,
-            "opset": cfg.export.opset, "seed": cfg.verify.seed}
+            "opset": cfg.export.opset}
 
 
 def _axis_sizes(io_spec: dict[str, Any]) -> dict[str, int]:
@@ -126,7 +127,7 @@ def _run(ctx: StageContext) -> StageResult:
         ctx.report(f"fusing {g}.onnx", i / len(jobs))
         spec_path = folder / f"{g}.json"
         io_spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-        entry = fuse_graph(folder / f"{g}.onnx", ctx.out / f"{g}.onnx", p, io_spec, int(p["seed"]) + i)
+        entry = fuse_graph(folder / f"{g}.onnx", ctx.out / f"{g}.onnx", p, io_spec, SEED + i)
         summary["graphs"][g] = entry
         if spec_path.is_file():
             shutil.copyfile(spec_path, ctx.out / spec_path.name)
@@ -152,7 +153,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
-    version="2",
+    version="3",
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),
