@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
-    from pipeline.config import BuildConfig, TargetSpec
+    from pipeline.config import BuildConfig
+    from pipeline.targets import TargetSpec
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -96,7 +97,7 @@ def _run(ctx: StageContext) -> StageResult:
     dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
     ctx.report("exporting decoder (torch.onnx dynamo)", 0.1)
     facts = dx.export_decoder_graph(model, family, n_deep, dec_path, dtype, opset, sample)
-    dx.name_dims(dec_path, facts["layers"], n_deep)
+    dx.finalize_graph(dec_path, facts["layers"], n_deep)
     t0 = time.perf_counter()
     dx.export_embed_graph(dx.embed_table(model), emb_path, opset)
     export_seconds = facts["export_seconds"] + (time.perf_counter() - t0)
@@ -145,7 +146,8 @@ def _run(ctx: StageContext) -> StageResult:
     }
     io = dx.io_spec(dec_path)
     meta = {**io, "embed": dx.io_spec(emb_path), "profile": prof, "dtype": dtype, "opset": opset,
-            "family": family, "host": spec.as_dict(), "sample": sample,
+            "family": family, "host": spec.as_dict(), "sample": sample, "exporter": facts["exporter"],
+            "semantics": SEMANTICS,
             "parity": {**summary, "gate": p["gate_name"], "gates": [c.__dict__ for c in checks]}}
     (ctx.out / "decoder.json").write_text(json.dumps(meta, indent=2))
     result = StageResult(metrics=metrics, gates=checks, notes=notes)
@@ -157,6 +159,20 @@ def _run(ctx: StageContext) -> StageResult:
             figures += f"; {len(summary['errors'])} case(s) did not run, first {case}: {msg}"
         raise GateFailed(f"decoder parity gate missed: {figures}", result)
     return result
+
+
+SEMANTICS = {
+    "attention_mask": "[batch, past+seq] int64, 1 = real token, 0 = left padding; causal mask built in-graph",
+    "position_ids": "[3, batch, seq] int64 M-RoPE rows (t, h, w): hostside.text.rope_index for the prompt, "
+                    "decode_position_ids after it",
+    "past_key_values": "[batch, kv_heads, past, head_dim] per layer; past = 0 for the first call",
+    "present": "[batch, kv_heads, past+seq, head_dim]: the next call's past",
+    "deepstack_embeds": "Qwen3-VL: [batch, seq, hidden] dense, zero at non-visual positions, added after "
+                        "decoder layer K (hostside.text.scatter_deepstack); zeros for decode steps",
+    "logits": "[batch, seq, vocab] in the graph dtype",
+    "embed": "embed.onnx: input_ids [batch, seq] -> inputs_embeds; image features replace the image "
+             "placeholder rows on the host (hostside.text.merge_image_features)",
+}
 
 
 def _vision_spec(vision_dir: Path) -> Any:

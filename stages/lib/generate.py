@@ -119,9 +119,8 @@ class OrtPipeline:
         b, s = ids.shape
         if feats is None:
             return embeds, host.zeros_deepstack(self.spec, b, s, self.hidden, self.dtype)
-        is_video = (ids == self.spec.video_token_id).any() and not (ids == self.spec.image_token_id).any()
-        token = self.spec.video_token_id if is_video else self.spec.image_token_id
-        embeds = host.merge_image_features(embeds, ids, feats, token)
+        # images only: video prompts (video_grid_thw, pixel_values_videos) are not wired here
+        embeds = host.merge_image_features(embeds, ids, feats, self.spec.image_token_id)
         if self.spec.deepstack_layers:
             if len(deep) != self.spec.deepstack_layers:
                 raise ValueError(f"decoder wants {self.spec.deepstack_layers} deepstack maps, vision gave {len(deep)}")
