@@ -104,13 +104,22 @@ def _figures(ps: list[Parity]) -> dict[str, Any]:
     return worst(ps).as_dict()
 
 
+def deepstack_maps(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Qwen3-VL deepstack maps from the vision graph's outputs, in layer order: one stacked
+    ``deepstack_features`` [K, N, H] or one output per map (``deepstack*.K``)."""
+    names = sorted((k for k in outputs if k.startswith("deepstack")), key=lambda k: (len(k), k))
+    if len(names) == 1 and outputs[names[0]].ndim == 3:
+        return list(outputs[names[0]])
+    return [outputs[k] for k in names]
+
+
 def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]]) -> Measured:
     outs = _run_all(path, [vision_feeds(specs, s) for s in samples], "vision")
     per, ps = [], []
     for s, o in zip(samples, outs, strict=True):
         name = "image_features" if "image_features" in o else next(iter(o))
         p = compare(o[name].reshape(s["vision_features"].shape), s["vision_features"])
-        ds = [compare(o[k], s[f"deepstack.{k.split('.')[-1]}"]) for k in sorted(o) if k.startswith("deepstack")]
+        ds = [compare(d.reshape(s[f"deepstack.{j}"].shape), s[f"deepstack.{j}"]) for j, d in enumerate(deepstack_maps(o))]
         ps += [p, *ds]
         per.append({**p.as_dict(), "deepstack": [d.as_dict() for d in ds]})
     return Measured(_figures(ps), per)
