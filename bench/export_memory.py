@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO))
 
 
 def _rss() -> int:
-    import resource
+    from stages.export_vision import peak_rss_bytes  # VmHWM: not inherited across exec
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
