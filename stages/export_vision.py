@@ -128,7 +128,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="export_vision",
-    version="1",
+    version="2",  # 2: dynamo exporter, external data above 256 MiB, export_peak_rss_bytes
     run=_run,
     params=_params,
     deps=("checkpoint",),
