@@ -75,3 +75,18 @@ def test_fuse_stage_on_exported_resnet(ckpt: Path, tmp_path: Path) -> None:
     assert not (out / "decoder.onnx").exists() and (out / "vision.json").is_file()
     table = read_fusion_groups(onnx.load(str(out / "vision.onnx")))
     assert sum(r == "residual_add" for _, _, r in table.values()) == 8
+
+
+def test_convnext_backbone_exports_too(tmp_path: Path) -> None:
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from stages.lib.cnn_export import export_cnn
+
+    torch.manual_seed(0)
+    ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                                                  num_labels=5)).eval().save_pretrained(tmp_path / "ck")
+    m = export_cnn(tmp_path / "ck", tmp_path / "out", {"dtype": "fp32"})
+    assert m["family"] == "convnext" and m["parity"]["cosine"] >= 0.9999
+    spec = json.loads((tmp_path / "out" / "vision.json").read_text())
+    assert [o["shape"] for o in spec["outputs"]] == [["batch", 128], ["batch", 5]]
