@@ -12,6 +12,8 @@ a quantized graph would be graded on the data its scales were fitted to.
   image features merged in: the decoder's isolated input), s{i}.vision_features [N,H],
   s{i}.deepstack.{k} [N,H] (Qwen3-VL), s{i}.logits [1,S,V] (prefill), s{i}.generated [T].
 ``reference.json``: the set's description (sizes, prompts, token ids, counts).
+Vision-only checkpoints (a CNN classifier) store image, pixel_values [1,3,H,W] (normalised as
+``vision.json`` says), vision_features [1,C] (pooled) and logits [1,classes].
 """
 
 from __future__ import annotations
@@ -128,35 +130,64 @@ def _sample(model: Any, proc: Any, tok: Any, p: dict[str, Any], i: int) -> tuple
     return arrays, meta
 
 
+def _cnn_sample(model: Any, proc: Any, p: dict[str, Any], i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Vision-only checkpoints (a CNN classifier): the image normalised the way ``vision.json``
+    tells a runtime to (mean/std, NCHW, no resize: the graph is dynamic in H and W), the pooled
+    features and the logits."""
+    import torch
+
+    rng = np.random.default_rng([int(p["seed"]), i])
+    h, w = p["image_sizes"][i % len(p["image_sizes"])]
+    image = synthetic_image(h, w, rng)
+    mean = np.asarray(getattr(proc, "image_mean", None) or (0.485, 0.456, 0.406), np.float32)
+    std = np.asarray(getattr(proc, "image_std", None) or (0.229, 0.224, 0.225), np.float32)
+    x = ((image.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)[None].copy()
+    backbone = getattr(model, "resnet", None) or getattr(model, "convnext", None) or model
+    with torch.no_grad():
+        feats = backbone(pixel_values=torch.from_numpy(x)).pooler_output.flatten(1)
+        head = getattr(model, "classifier", None)
+        arrays = {"image": image, "pixel_values": x, "vision_features": feats.float().numpy()}
+        if head is not None and backbone is not model:
+            arrays["logits"] = head(feats).float().numpy()
+    return arrays, {"image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1, "grid_thw": None}
+
+
 def _run(ctx: StageContext) -> StageResult:
     import torch
 
-    from stages.lib.checkpoints import load_model, load_processor, resolve_checkpoint
+    from stages.lib.checkpoints import VISION_ONLY_FAMILIES, load_model, load_processor, resolve_checkpoint
 
     p = ctx.params
     check_held_out(p)
     path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
     torch.manual_seed(int(p["seed"]))
     model = load_model(path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
-    proc, tok = load_processor(path)
+    vision_only = family in VISION_ONLY_FAMILIES
+    if vision_only:
+        from transformers import AutoImageProcessor
+
+        proc, tok = AutoImageProcessor.from_pretrained(path, trust_remote_code=False), None
+    else:
+        proc, tok = load_processor(path)
     arrays: dict[str, np.ndarray] = {}
     metas = []
     for i in range(int(p["samples"])):
         ctx.report(f"reference sample {i + 1}/{p['samples']}", i / int(p["samples"]))
-        a, m = _sample(model, proc, tok, p, i)
+        a, m = _cnn_sample(model, proc, p, i) if vision_only else _sample(model, proc, tok, p, i)
         arrays.update({f"s{i}.{k}": v for k, v in a.items()})
         metas.append(m)
     savez: Any = np.savez  # numpy's stubs type **kwargs as its allow_pickle flag
     savez(ctx.out / NPZ, **arrays)
     c = model.config
-    meta = {"family": family, "samples": metas, "generate_tokens": int(p["generate_tokens"]),
-            "image_token_id": int(c.image_token_id), "vocab_size": int(c.text_config.vocab_size),
-            "eos_token_id": c.text_config.eos_token_id, "dtype": "fp32"}
+    meta: dict[str, Any] = {"family": family, "vision_only": vision_only, "samples": metas, "dtype": "fp32"}
+    metrics: dict[str, Any] = {"samples": len(metas), "image_sizes": [m["image_size"] for m in metas]}
+    if not vision_only:
+        meta |= {"generate_tokens": int(p["generate_tokens"]), "image_token_id": int(c.image_token_id),
+                 "vocab_size": int(c.text_config.vocab_size), "eos_token_id": c.text_config.eos_token_id}
+        metrics |= {"seq_lens": [m["seq_len"] for m in metas],
+                    "generated_distinct_tokens": [len(set(arrays[f"s{i}.generated"].tolist())) for i in range(len(metas))]}
     (ctx.out / META).write_text(json.dumps(meta, indent=2))
-    distinct = [len(set(arrays[f"s{i}.generated"].tolist())) for i in range(int(p["samples"]))]
-    return StageResult(metrics={"samples": len(metas), "seq_lens": [m["seq_len"] for m in metas],
-                                "image_sizes": [m["image_size"] for m in metas],
-                                "generated_distinct_tokens": distinct})
+    return StageResult(metrics=metrics)
 
 
 def load_reference(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:

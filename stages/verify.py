@@ -103,7 +103,12 @@ def _drilldown(ctx: StageContext, graph: str, path: Path, specs: Any, sample: di
     from stages.lib import drilldown as dd
     from stages.lib.verify_graphs import decoder_feeds, vision_feeds
 
-    if graph == "vision":
+    if graph == "vision" and specs.vision is None:  # CNN: one point per stage of the backbone
+        backbone = getattr(model, "resnet", None) or getattr(model, "convnext", None) or model
+        x = torch.from_numpy(sample["pixel_values"])
+        got = dd.capture_torch([(st, "out") for st in backbone.encoder.stages], lambda: backbone(pixel_values=x))
+        res = dd.drilldown(path, vision_feeds(specs, sample), "stages", got, (None,), ctx.out / ".drilldown")
+    elif graph == "vision":
         visual = model.model.visual
         blocks = list(visual.blocks)
         pv, grid = torch.from_numpy(sample["pixel_values"]), torch.from_numpy(sample["image_grid_thw"])

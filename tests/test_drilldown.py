@@ -171,3 +171,18 @@ def test_rewritten_nodes_inherit_their_producers_block() -> None:
     m = helper.make_model(g)
     assert dd.node_blocks(m, "blocks") == [0, 0, None, None, 1, None]  # Q/DQ between blocks stay outside
     assert dd.block_outputs(m, "blocks") == {0: "b", 1: "c"}
+
+
+def test_block_output_is_the_activation_not_its_quantized_copy() -> None:
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="/stages.0/Relu"),
+        helper.make_node("QuantizeLinear", ["a", "s"], ["q"], name="/stages.0/Relu_output_0_quantized"),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["dq"], name="/stages.0/Relu_output_0_dequantized"),
+        helper.make_node("Relu", ["dq"], ["y"], name="/stages.1/Relu"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
+    assert dd.block_outputs(helper.make_model(g), "stages") == {0: "a"}

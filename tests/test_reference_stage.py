@@ -87,3 +87,18 @@ def test_reference_artifact(checkpoint: Path, tmp_path: Path) -> None:
         assert s.keys() == t.keys()
         for k in s:
             np.testing.assert_array_equal(s[k], t[k], err_msg=k)
+
+
+def test_vision_only_checkpoint(tmp_path: Path) -> None:
+    from stages.lib.cnn_export import generate_tiny_cnn
+
+    ck = tmp_path / "ck"
+    generate_tiny_cnn(ck / "model", seed=0)
+    (ck / "checkpoint.json").write_text(json.dumps({"path": "model", "family": "resnet"}))
+    res = _run(ck, tmp_path / "out")
+    meta, samples = load_reference(tmp_path / "out")
+    assert meta["vision_only"] is True and res.metrics["image_sizes"] == [[112, 168], [196, 140]]
+    for s, (h, w) in zip(samples, [(112, 168), (196, 140)], strict=True):
+        assert s["pixel_values"].shape == (1, 3, h, w) and s["pixel_values"].dtype == np.float32
+        assert s["vision_features"].ndim == 2 and s["logits"].shape == (1, 10)
+        assert abs(float(s["pixel_values"].mean())) < 3  # normalised, not raw 0..255

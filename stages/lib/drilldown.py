@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 _PROTO_LIMIT = 2**31 - 2**26  # protobuf refuses to serialize 2 GB
-_BLOCK = re.compile(r"(?:^|[/.: ])(blocks|layers)\.(\d+)(?=$|[/.: _])")
+KINDS = ("blocks", "layers", "stages")  # ViT blocks, decoder layers, CNN stages
+_BLOCK = re.compile(r"(?:^|[/.: ])(" + "|".join(KINDS) + r")\.(\d+)(?=$|[/.: _])")
 
 
 def session(model: str | Path | bytes) -> ort.InferenceSession:
@@ -47,6 +48,24 @@ def session(model: str | Path | bytes) -> ort.InferenceSession:
     so.log_severity_level = 3
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def fit_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds as the graph declares them: float arrays cast to the input's float type (an FP16
+    graph takes FP16), a lone image tensor renamed to a lone input (BYO graphs), extras dropped."""
+    ins = sess.get_inputs()
+    if len(ins) == 1 and len(feeds) == 1 and ins[0].name not in feeds:
+        feeds = {ins[0].name: next(iter(feeds.values()))}
+    out = {}
+    for i in ins:
+        if i.name in feeds:
+            v, want = feeds[i.name], _ORT_FLOATS.get(i.type)
+            out[i.name] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
+    return out
 
 
 def node_block(node: onnx.NodeProto, kind: str) -> int | None:
@@ -82,7 +101,7 @@ def node_blocks(model: onnx.ModelProto, kind: str) -> list[int | None]:
     for _ in range(4):  # rewritten chains are short; each pass reaches one node further
         changed = False
         for i, n in enumerate(nodes):
-            if blocks[i] is not None or not _anonymous(n) or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if blocks[i] is not None or not _anonymous(n) or n.op_type in _QDQ:
                 continue
             near = {blocks[producer[t]] for t in n.input if t in producer} - {None}
             if len(near) == 1:
@@ -96,7 +115,9 @@ def node_blocks(model: onnx.ModelProto, kind: str) -> list[int | None]:
 def block_outputs(model: onnx.ModelProto, kind: str) -> dict[int, str]:
     """Block index -> the tensor name of that block's output (see module docstring)."""
     nodes = list(model.graph.node)
-    blocks = node_blocks(model, kind)
+    # Q/DQ pairs count as outside every block: a block's output is the activation itself, not
+    # its quantized copy (which a Q/DQ pair named after the tensor would otherwise claim).
+    blocks = [None if n.op_type in _QDQ else b for n, b in zip(nodes, node_blocks(model, kind), strict=True)]
     consumers: dict[str, set[int | None]] = {}
     for b, n in zip(blocks, nodes, strict=True):
         for i in n.input:
@@ -148,8 +169,7 @@ def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[s
         onnx.save(marked, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
         sess = session(tmp)
     del model, marked
-    known = {i.name for i in sess.get_inputs()}
-    vals = sess.run(list(names), {k: v for k, v in feeds.items() if k in known})
+    vals = sess.run(list(names), fit_feeds(sess, feeds))
     return dict(zip(names, vals, strict=True))
 
 

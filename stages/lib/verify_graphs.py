@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.stage import GateCheck, StageError
-from stages.lib.drilldown import session
+from stages.lib.drilldown import fit_feeds, session
 from stages.lib.metrics import Parity, compare, topk_agreement, worst
 
 
@@ -34,12 +34,14 @@ class Specs:
 def load_specs(checkpoint: Path) -> Specs:
     from transformers import AutoConfig
 
-    from stages.lib.checkpoints import load_processor, resolve_checkpoint
+    from stages.lib.checkpoints import VISION_ONLY_FAMILIES, load_processor, resolve_checkpoint
     from stages.lib.hostside.text import TextSpec
     from stages.lib.hostside.vision import VisionSpec
 
     path, family = resolve_checkpoint(checkpoint)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if family in VISION_ONLY_FAMILIES:  # a CNN: the graph takes normalised pixels, nothing else
+        return Specs(family, None, None, cfg, path)
     proc, _ = load_processor(path)
     return Specs(family, TextSpec.from_config(family, cfg), VisionSpec.from_config(family, cfg.vision_config, proc),
                  cfg, path)
@@ -52,8 +54,9 @@ def _run_all(path: Path, feeds: list[dict[str, np.ndarray]], name: str) -> list[
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
-    runner = OnnxrtRunner(session(path), name=name)
-    results = Comparator.run([runner], data_loader=feeds)
+    sess = session(path)
+    runner = OnnxrtRunner(sess, name=name)
+    results = Comparator.run([runner], data_loader=[fit_feeds(sess, f) for f in feeds])
     return [{k: np.asarray(v) for k, v in it.items()} for it in results[name]]
 
 
@@ -70,6 +73,8 @@ def _dtype(path: Path, input_name: str) -> Any:
 def vision_feeds(specs: Specs, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from stages.lib.hostside.vision import vision_inputs
 
+    if specs.vision is None:  # vision-only CNN: the normalised image is the only input
+        return {"pixel_values": sample["pixel_values"]}
     return vision_inputs(specs.vision, sample["pixel_values"], sample["image_grid_thw"])
 
 
@@ -115,14 +120,21 @@ def deepstack_maps(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]]) -> Measured:
     outs = _run_all(path, [vision_feeds(specs, s) for s in samples], "vision")
-    per, ps = [], []
+    per: list[dict[str, Any]] = []
+    ps: list[Parity] = []
+    t1: list[float] = []
     for s, o in zip(samples, outs, strict=True):
         name = "image_features" if "image_features" in o else next(iter(o))
         p = compare(o[name].reshape(s["vision_features"].shape), s["vision_features"])
         ds = [compare(d.reshape(s[f"deepstack.{j}"].shape), s[f"deepstack.{j}"]) for j, d in enumerate(deepstack_maps(o))]
         ps += [p, *ds]
         per.append({**p.as_dict(), "deepstack": [d.as_dict() for d in ds]})
-    return Measured(_figures(ps), per)
+        if "logits" in o and "logits" in s:  # a classifier head (CNN): its logits and top-1 too
+            lg = compare(o["logits"].reshape(s["logits"].shape), s["logits"])
+            ps.append(lg)
+            t1.append(topk_agreement(o["logits"], s["logits"], 1))
+            per[-1]["logits"] = {**lg.as_dict(), "top1": t1[-1]}
+    return Measured({**_figures(ps), **({"top1": float(np.mean(t1))} if t1 else {})}, per)
 
 
 def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]]) -> Measured:
