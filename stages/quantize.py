@@ -71,7 +71,17 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     search = heldout.load_feeds(ctx.inputs["calibrate"] / f"feeds_{graph}.npz") or feeds
     ev = sensitivity.Evaluator(search, heldout.run_all(proto, search, outputs) if search is not feeds else refs, outputs)
     rules = rules_for(mode)
+    awq_choice = None
     try:
+        if mode == "int4-weight":  # AWQ is a proxy search: keep it only where it measures better
+            from dataclasses import replace
+
+            from stages.lib.qdq.recipe import build
+
+            cos = {a: ev(build(proto, replace(recipe, awq=a), calib)) for a in (True, False)}
+            recipe = replace(recipe, awq=cos[True] >= cos[False])
+            awq_choice = {"awq": cos[True], "plain": cos[False], "chosen": "awq" if recipe.awq else "plain",
+                          "inputs": "calibration" if search is not feeds else "held-out"}
         built, sens = sensitivity.run(proto, recipe, calib, gq.get("accuracy_budget"), ev)
     except ValueError as e:
         raise StageError(f"{graph}.onnx: cannot quantize to {mode}: {str(e).splitlines()[0]}") from None
@@ -106,7 +116,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         "skipped_nodes": built.placement.skipped[:200],
         "sensitivity": sens.as_dict(), "parity": par, "checker": True, "ort": "ORT_DISABLE_ALL",
         "held_out": "reference", "sensitivity_inputs": "calibration" if search is not feeds else "held-out",
-        "int4_blocks": built.stats.get("blocks"),
+        "int4_blocks": built.stats.get("blocks"), "int4_awq": awq_choice,
+        "awq_scales": built.stats.get("awq_scales"),
         "attention": "projections only" if attention == "none" else attention,
     }
     gate = ctx.params["gates"].get(mode, {})

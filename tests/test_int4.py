@@ -86,3 +86,53 @@ def test_lm_head_excluded_by_default():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     b = build(m, Recipe("int4-weight"), Calib())
     assert b.stats["weight_dq"] == 0 and b.placement.kept[0]["node"] == "proj"
+
+
+def _rms_qkv(d: int = 128, seq: int = 32):
+    """x → RMSNorm (Mul by gamma) → q/k/v projections, with a few large input channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(np.ones(d, np.float32), "gamma"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps")]
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"], name="rms/sq"),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="rms/mean"),
+             helper.make_node("Add", ["ms", "eps"], ["mse"], name="rms/eps"),
+             helper.make_node("Sqrt", ["mse"], ["rt"], name="rms/sqrt"),
+             helper.make_node("Div", ["x", "rt"], ["xn"], name="rms/div"),
+             helper.make_node("Mul", ["gamma", "xn"], ["h"], name="rms/gamma")]
+    outs = []
+    for p in "qkv":
+        inits.append(numpy_helper.from_array((rng.standard_normal((d, d)) * 0.1).astype(np.float32), f"w{p}"))
+        nodes.append(helper.make_node("MatMul", ["h", f"w{p}"], [p], name=f"attn/{p}_proj/MatMul"))
+        outs.append(helper.make_tensor_value_info(p, TensorProto.FLOAT, [1, seq, d]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, d])], outs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 10
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def test_awq_scales_fold_into_gamma_exactly_and_help():
+    from stages.lib.qdq import awq
+    from stages.lib.qdq.placement import plan
+
+    proto = _rms_qkv()
+    calib = _calib(proto)
+    assert "h" in calib.chan_ms
+    m = ir.from_proto(proto)
+    pl = plan(m.graph, "int4-weight", calib.shapes)
+    ms, st = awq.apply(m, pl, calib.chan_ms, 64)
+    g = st.groups["h"]
+    assert g["alpha"] > 0 and g["gain"] > 0 and len(g["consumers"]) == 3
+    assert not np.allclose(ms["h"], calib.chan_ms["h"])  # the clip search sees E[(x/s)^2]
+    feed = _feed(proto, 11)
+    ref, out = run(session(proto), feed), run(session(m), feed)  # float graph: scaling is exact
+    for k in "qkv":
+        np.testing.assert_allclose(out[k], ref[k], rtol=1e-4, atol=1e-4)
+    built = build(proto, Recipe("int4-weight", int4_block=64, awq=True), calib)
+    plain = build(proto, Recipe("int4-weight", int4_block=64, awq=False), calib)
+    check(built.model)
+    cos = {n: min(compare(run(session(b.model), feed)[k], ref[k]).cosine for k in "qkv")
+           for n, b in (("awq", built), ("plain", plain))}
+    assert built.stats["awq_scales"]["h"]["alpha"] > 0 and cos["awq"] > cos["plain"]

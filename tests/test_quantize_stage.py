@@ -85,6 +85,8 @@ def test_mixed_per_graph_and_keep_patterns(upstream, tmp_path):
     assert "up_proj" in kept["/model/layers.0/mlp/up_proj/MatMul"]
     assert "lm_head" in kept["/lm_head/MatMul"]  # excluded by default in int4
     assert d["weight_dq"] == 1 and d["parity"]["vs_unquantized"]["cosine"] > 0.98
+    a = d["int4_awq"]  # AWQ kept only where it measures better on calibration feeds
+    assert a["chosen"] == ("awq" if a["awq"] >= a["plain"] else "plain") and a["inputs"] == "calibration"
 
 
 def test_accuracy_budget_triggers_fallback(upstream, tmp_path):

@@ -74,8 +74,14 @@ def build(proto: onnx.ModelProto, recipe: Recipe, calib: Calib, keep_nodes: Mapp
     rules = rules_for(recipe.mode)
     pl = plan(model.graph, recipe.mode, calib.shapes, recipe.keep, recipe.attention, keep_nodes)
     if rules.weights == "block":
-        st = int4.apply(model, pl, calib.chan_ms, recipe.int4_block, recipe.awq)
-        stats = st.as_dict()
+        chan_ms, scaled = dict(calib.chan_ms), {}
+        if recipe.awq:  # AWQ scales folded into the norms first; the clip search then sees x / s
+            from stages.lib.qdq import awq
+
+            chan_ms, st_awq = awq.apply(model, pl, calib.chan_ms, recipe.int4_block)
+            scaled = st_awq.groups
+        st = int4.apply(model, pl, chan_ms, recipe.int4_block, recipe.awq)
+        stats = {**st.as_dict(), "awq_scales": scaled}
         pl.skipped.extend(st.skipped)
     else:
         amax = calib.amax_fp8 if recipe.mode == "fp8" else calib.amax
@@ -90,8 +96,8 @@ def weight_share(graph: ir.Graph, placement: Placement, stats: Mapping[str, Any]
 
     total = quant = 0
     qnames = {s.tensor for s in placement.sites if s.kind == "weight"}
-    if "blocks" in stats:  # int4: only the weights actually converted
-        qnames = set(stats["blocks"])
+    if "blocks" in stats:  # int4: only the weights actually converted (AWQ-scaled ones renamed)
+        qnames = {n.removesuffix("_awq") for n in stats["blocks"]}
     seen: set[str] = set()
     for node in graph:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
