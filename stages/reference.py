@@ -204,7 +204,7 @@ def load_reference(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, n
 
 STAGE = Stage(
     name="reference",
-    version="1",
+    version="2",
     run=_run,
     params=_params,
     deps=("checkpoint",),

@@ -232,7 +232,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="verify",
-    version="1",
+    version="2",
     run=_run,
     params=_params,
     deps=("reference", "quantize", "engine", "checkpoint"),
