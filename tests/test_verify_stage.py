@@ -172,3 +172,38 @@ def test_broken_scale_fails_gate_and_drilldown_names_block(chain: dict[str, dict
     assert m["rows"][f"{graph}.onnxruntime"]["status"] == "fail"
     assert m["drilldown"][graph]["jump_block"] == block, m["drilldown"][graph]
     assert f"| {graph}." in str(e.value) and f"first jump at block {block}" in str(e.value)
+
+
+def test_engine_path_wiring_with_a_stand_in_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the TensorRT runtime is replaced by a stand-in that echoes the held-out
+    inputs, to check what verify hands an engine (the very ONNX feeds plus the PyTorch
+    reference) and that the result is gated like the ONNX rows. Real runs need a GPU host."""
+    from stages.lib import engine_parity, trt_backend
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(backend: Any, engine: Path, heldout: Path) -> dict[str, Any]:
+        with np.load(heldout, allow_pickle=False) as z:
+            seen.update({k: z[k] for k in z.files})
+        from stages.lib.metrics import compare
+
+        p = compare(seen["ref.image_features"] * 1.5, seen["ref.image_features"])  # a bad engine
+        return {"outputs": {"image_features": p.as_dict()}, "worst": p.as_dict()}
+
+    monkeypatch.setattr(trt_backend, "resolve_backend", lambda builder, sm: object())
+    monkeypatch.setattr(engine_parity, "why_not", lambda backend, sm, heldout: None)
+    monkeypatch.setattr(engine_parity, "run_parity", fake_run)
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "vision.engine").write_bytes(b"x")
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = _ctx("rtx4090", out, {"engine": engine})
+    feeds = {"pixel_values": np.ones((4, 8), np.float32), "attn_segments": np.zeros(4, np.int64)}
+    ref = {"image_features": np.arange(1, 9, dtype=np.float32).reshape(2, 4)}
+    row, checks = _engine_row(ctx, "vision", "fp8", {}, feeds, ref, ctx.params["gates"]["fp8"])
+    assert set(seen) == {"in.pixel_values", "in.attn_segments", "ref.image_features"}
+    np.testing.assert_array_equal(seen["in.pixel_values"], feeds["pixel_values"])
+    assert row["runtime"] == "tensorrt" and row["status"] == "fail"  # norm ratio 0.5 > 0.25
+    assert any(c.name.endswith("norm_ratio") and not c.passed for c in checks)
+    assert not any(out.iterdir())  # the held-out file was temporary
