@@ -61,9 +61,8 @@ def _gated_row(graph: str, precision: str, p: dict[str, Any], runtime: str, figu
     return row, checks
 
 
-def _engine_row(ctx: StageContext, graph: str, precision: str, sample: dict[str, np.ndarray],
-                feeds: dict[str, np.ndarray], ref: dict[str, np.ndarray], gate: dict[str, Any],
-                ) -> tuple[dict[str, Any], list[GateCheck]]:
+def _engine_row(ctx: StageContext, graph: str, precision: str, feeds: dict[str, np.ndarray],
+                ref: dict[str, np.ndarray], gate: dict[str, Any]) -> tuple[dict[str, Any], list[GateCheck]]:
     """Deserialize + run the engine on the very feeds the ONNX graph got, where that is possible."""
     p = ctx.params
     engine = ctx.inputs["engine"] / f"{graph}.engine"
@@ -190,7 +189,7 @@ def _run(ctx: StageContext) -> StageResult:
         s0 = samples[0]
         feeds = vg.vision_feeds(specs, s0) if g == "vision" else vg.decoder_feeds(qdir / f"{g}.onnx", specs, s0)
         ref = {"image_features": s0["vision_features"]} if g == "vision" else {"logits": s0["logits"]}
-        row, cs = _engine_row(ctx, g, prec[g], s0, feeds, ref, gate(g))
+        row, cs = _engine_row(ctx, g, prec[g], feeds, ref, gate(g))
         rows.append(row)
         checks += cs
     failed_graphs = {r["graph"] for r in rows if r["status"] == "fail"}

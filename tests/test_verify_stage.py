@@ -56,7 +56,7 @@ def test_engine_comparison_without_gpu_is_not_run_never_pass(tmp_path: Path, wit
     out.mkdir()
     ctx = _ctx("rtx4090", out, {"engine": engine})
     feeds = {"pixel_values": np.zeros((4, 1176), np.float32)}
-    row, checks = _engine_row(ctx, "vision", "fp8", {}, feeds, {"image_features": np.zeros((1, 64))},
+    row, checks = _engine_row(ctx, "vision", "fp8", feeds, {"image_features": np.zeros((1, 64))},
                               ctx.params["gates"]["fp8"])
     assert row["status"] == "not-run" and checks == []
     assert row["reason"].startswith("engine comparison not run: ")
@@ -201,7 +201,7 @@ def test_engine_path_wiring_with_a_stand_in_runtime(tmp_path: Path, monkeypatch:
     ctx = _ctx("rtx4090", out, {"engine": engine})
     feeds = {"pixel_values": np.ones((4, 8), np.float32), "attn_segments": np.zeros(4, np.int64)}
     ref = {"image_features": np.arange(1, 9, dtype=np.float32).reshape(2, 4)}
-    row, checks = _engine_row(ctx, "vision", "fp8", {}, feeds, ref, ctx.params["gates"]["fp8"])
+    row, checks = _engine_row(ctx, "vision", "fp8", feeds, ref, ctx.params["gates"]["fp8"])
     assert set(seen) == {"in.pixel_values", "in.attn_segments", "ref.image_features"}
     np.testing.assert_array_equal(seen["in.pixel_values"], feeds["pixel_values"])
     assert row["runtime"] == "tensorrt" and row["status"] == "fail"  # norm ratio 0.5 > 0.25
