@@ -1,6 +1,9 @@
 """Explicit quantization for TensorRT: placement rules, calibration, Q/DQ insertion, mixed precision.
 
-Modules: `rules` (tables per mode), `placement` (apply the rules to a graph), `patterns` (matchers), `calibrators`
-(streaming ranges from onnxruntime), `insert` (int8/fp8 Q/DQ), `int4` (weight-only blocks),
-`recipe` (plan + insert), `sensitivity` (automatic fallback), `graphio`, `calibset`.
+Modules, one job each: `rules` (the placement tables per mode, as data), `patterns` (graph
+matchers the rules use), `placement` (apply the rules to a graph: where Q/DQ goes and why not),
+`calibrators` (streaming ranges from onnxruntime), `calibset` (calibration images/prompts to
+graph feeds), `insert` (int8/fp8 Q/DQ), `int4` (block-wise weight-only DQ), `awq` (INT4 scale
+search folded into norms), `recipe` (plan + insert), `sensitivity` (automatic fallback),
+`heldout` (held-out feeds and parity), `graphio` (load/save/check/run).
 """
