@@ -31,12 +31,17 @@ def _rss() -> int:
 
 def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
     """Runs in its own process: import, note the baseline, export one graph."""
-    import torch  # noqa: F401 - part of the baseline every export pays
+    import importlib
+
+    import onnx  # noqa: F401 - the libraries are the fixed baseline every export pays
+    import onnxscript  # noqa: F401
+    import torch.onnx  # noqa: F401
     import transformers  # noqa: F401
 
-    from stages.lib.checkpoints import detect_family
+    from stages.lib.checkpoints import VISION_CLASSES, detect_family
 
     family = detect_family(ckpt)
+    importlib.import_module(VISION_CLASSES[family][0])  # the family's modeling code: ~0.1 GB, fixed
     baseline = _rss()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
