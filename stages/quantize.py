@@ -51,14 +51,13 @@ def _graph_outputs(sess: Any, graph: str) -> list[str]:
 
 def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any], feeds: list[dict[str, Any]],
                     torch_samples: list[dict[str, Any]]) -> tuple[dict[str, Any], list[GateCheck]]:
-    import onnx
 
     from stages.lib.qdq import graphio, heldout, sensitivity
     from stages.lib.qdq.recipe import Calib, Recipe, weight_share
     from stages.lib.qdq.rules import rules_for
 
     src = ctx.inputs["fuse"] / f"{graph}.onnx"
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
+    proto = graphio.load_proto(src)
     sess = graphio.session(proto)
     outputs = _graph_outputs(sess, graph)
     refs = heldout.run_all(proto, feeds, outputs)

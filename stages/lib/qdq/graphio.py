@@ -18,16 +18,20 @@ TWO_GB = 2**31 - 2**20
 
 def load(path: Path | str) -> ir.Model:
     """Load with inferred value types: Q/DQ scales must match each tensor's float dtype."""
-    import onnx
     import onnx_ir as ir
 
-    path = Path(path)
+    return ir.from_proto(load_proto(path))
+
+
+def load_proto(path: Path | str) -> onnx.ModelProto:
+    """The model proto with inferred value types where onnx can infer them (not past 2 GB)."""
+    import onnx
+
     proto = onnx.load(str(path), load_external_data=True)
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is a convenience; types come from ORT otherwise
-        pass
-    return ir.from_proto(proto)
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - past 2 GB or unknown ops: types then come from ORT
+        return proto
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -51,8 +55,32 @@ def check(model: ir.Model | onnx.ModelProto) -> None:
     import onnx
 
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
-    # full_check runs strict shape inference, which needs the whole model in one proto.
-    onnx.checker.check_model(proto, full_check=proto.ByteSize() < TWO_GB)
+    if proto.ByteSize() >= TWO_GB:  # the checker takes a path (with external data) past 2 GB
+        with _spilled(proto) as path:
+            onnx.checker.check_model(str(path))
+        return
+    onnx.checker.check_model(proto, full_check=True)
+
+
+class _spilled:
+    """A temporary on-disk copy with external data, for protos protobuf cannot serialize."""
+
+    def __init__(self, proto: Any):
+        self.proto = proto
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        import onnx_ir as ir
+
+        self.dir = tempfile.TemporaryDirectory(prefix="vlmforge-qdq-")
+        path = Path(self.dir.name) / "model.onnx"
+        # via onnx-ir: onnx.save(save_as_external_data=True) would rewrite the caller's proto
+        ir.save(ir.from_proto(self.proto), path, external_data="model.onnx.data")
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        self.dir.cleanup()
 
 
 def session(model: ir.Model | onnx.ModelProto | Path, optimize: bool = False) -> ort.InferenceSession:
@@ -70,6 +98,9 @@ def session(model: ir.Model | onnx.ModelProto | Path, optimize: bool = False) ->
     if isinstance(model, Path):
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    if proto.ByteSize() >= TWO_GB:
+        with _spilled(proto) as path:  # ORT reads the weights at session creation
+            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
