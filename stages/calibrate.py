@@ -143,7 +143,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="calibrate",
-    version="1",
+    version="2",
     run=_run,
     params=_params,
     deps=("fuse", "checkpoint"),

@@ -190,7 +190,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="quantize",
-    version="1",
+    version="2",
     run=_run,
     params=_params,
     deps=("fuse", "calibrate", "checkpoint", "reference"),
