@@ -121,3 +121,18 @@ def test_html_opens_in_headless_chromium_without_errors(tmp_path: Path) -> None:
     console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln and ("Uncaught" in ln or ":ERROR:" in ln)]
     assert not console, console
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_html_from_a_real_build_report(cli: Any) -> None:
+    """The runner's own report.json (fake stages, a cached second build) renders: what a
+    build writes and what report_html reads must not drift apart."""
+    cfg = cli.config()
+    cli("build", str(cfg))
+    cli("build", str(cfg))  # all cached: the timings table shows cache hits
+    run = cli.tmp / "artifacts" / "runs" / "fake" / "latest"
+    page = write_html_report(run)
+    html = page.read_text()
+    doc = json.loads((run / "report.json").read_text())
+    assert all(escape_id in html for escape_id in (n["id"] for n in doc["nodes"]))
+    assert f"{len(doc['nodes'])} cache hits" in html
+    assert "No verify node in this run" in html  # fake stages: parity honestly not checked
