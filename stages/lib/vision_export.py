@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -275,53 +274,3 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
                "onnx_bytes": f["onnx_bytes"], "weight_bytes": f["weight_bytes"], "export_peak_rss_bytes": export_rss,
                "peak_rss_bytes": peak_rss_bytes(), "exporter": f["exporter"], "dtype": p["dtype"], "family": family}
     return finish(metrics, checks, [f"vision exported with {f['exporter']}, FP32 islands: {len(f['islands'])}"])
-
-
-def bring_your_own(ctx: StageContext) -> StageResult:
-    """A user's FP32 ONNX as vision.onnx: validated, run once in ORT; it is its own reference."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
-    src = ctx.params["vision_onnx"]
-    t0 = timer()
-    model = onnx.load(src["path"], load_external_data=True)
-    onnx.checker.check_model(model)
-    inputs = {i.name: i for i in model.graph.input}
-    if src["input_name"] not in inputs:
-        raise StageError(f"model.vision_onnx.input_name {src['input_name']!r} is not an input of {src['path']} "
-                         f"(inputs: {', '.join(inputs)})")
-    dst = ctx.out / "vision.onnx"
-    if Path(src["path"] + ".data").is_file() or model.ByteSize() > 2 * 1024**3:
-        onnx.save(model, str(dst), save_as_external_data=True, location="vision.onnx.data")
-    else:
-        shutil.copyfile(src["path"], dst)
-    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-    meta = sess.get_inputs()
-    h, w = src["resize"]
-    rng = np.random.default_rng(ctx.params["seed"])
-    img = (rng.random((h, w, 3), dtype=np.float32) - np.asarray(src["mean"])) / np.asarray(src["std"])
-    x = img.transpose(2, 0, 1)[None] if src["layout"] == "NCHW" else img[None]
-    feeds = {src["input_name"]: x.astype(np.float32)}
-    extra = [i.name for i in meta if i.name not in feeds]
-    if extra:
-        raise StageError(f"{src['path']} has inputs besides {src['input_name']!r}: {', '.join(extra)}")
-    outs = sess.run(None, feeds)
-    if not all(np.isfinite(o).all() for o in outs if np.issubdtype(o.dtype, np.floating)):
-        raise StageError(f"{src['path']} produces non-finite outputs on a normalised random image")
-
-    def shape(v: Any) -> list[Any]:
-        return [d if isinstance(d, int) else str(d) for d in v.shape]
-
-    write_json(ctx.out / "vision.json", {
-        "inputs": [{"name": i.name, "dtype": i.type.removeprefix("tensor(").rstrip(")"), "shape": shape(i)} for i in meta],
-        "outputs": [{"name": o.name, "dtype": o.type.removeprefix("tensor(").rstrip(")"), "shape": shape(o)}
-                    for o in sess.get_outputs()],
-        "profile": {"image": [h, w], "batch": shape(meta[0])[0]},
-        "dtype": "fp32", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
-        "family": "byo", "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")},
-        "parity": {"reference": "itself in onnxruntime fp32", "output_shapes": [list(o.shape) for o in outs]},
-    })
-    return StageResult(metrics={"export_seconds": round(timer() - t0, 3), "onnx_bytes": dst.stat().st_size,
-                                "peak_rss_bytes": peak_rss_bytes(), "cosine": 1.0, "dtype": "fp32", "family": "byo"},
-                       notes=[f"bring-your-own ONNX {src['path']}: parity reference is the graph itself"])
