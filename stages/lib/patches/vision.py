@@ -117,7 +117,7 @@ def _fp32_island() -> type:
 
 
 def keep_fp32(visual: Any, fp32_blocks: tuple[int, ...] = ()) -> list[str]:
-    """After ``visual.to(fp16/bf16)``: LayerNorms and the named blocks back to FP32 islands."""
+    """After ``visual.to(fp16/bf16)``: norms and the named blocks back to FP32 islands."""
     import torch
 
     island = _fp32_island()
@@ -129,7 +129,9 @@ def keep_fp32(visual: Any, fp32_blocks: tuple[int, ...] = ()) -> list[str]:
         changed.append(f"blocks.{idx}")
     for name, mod in list(visual.named_modules()):
         for child_name, child in list(mod.named_children()):
-            if isinstance(child, torch.nn.LayerNorm) and not isinstance(mod, island):
+            # LayerNorm and the families' RMSNorm classes (their last multiply runs in the input dtype)
+            is_norm = isinstance(child, torch.nn.LayerNorm) or type(child).__name__.endswith("RMSNorm")
+            if is_norm and not isinstance(mod, island):
                 setattr(mod, child_name, island(child))
                 changed.append(f"{name}.{child_name}".lstrip("."))
     return changed
