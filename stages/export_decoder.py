@@ -86,6 +86,10 @@ def _run(ctx: StageContext) -> StageResult:
         raise StageError(f"export_decoder needs a vision-language checkpoint ({', '.join(VLM_FAMILIES)}); got {family}")
     dtype, opset = p["dtype"], int(p["opset"])
     prof = p["profile"]
+    seq = prof["seq"]
+    if not seq["min"] <= int(p["sample_prompt_len"]) <= seq["max"]:
+        raise StageError(f"export.sample_prompt_len {p['sample_prompt_len']} is outside profiles.decoder.seq "
+                         f"({seq['min']}..{seq['max']})")
     # torch.export specialises sizes 0 and 1: trace with >= 2 on every dynamic axis.
     sample = {"batch": max(2, prof["batch"]["opt"]), "seq": int(p["sample_prompt_len"]),
               "past": max(2, min(prof["past"]["opt"], 8))}

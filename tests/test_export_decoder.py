@@ -21,17 +21,26 @@ def _cfg(family: str = "qwen2_vl", **over: Any) -> BuildConfig:
                                        "targets": ["rtx4090"], **over})
 
 
+class _Checkpoints(dict):  # type: ignore[type-arg]
+    """Tiny checkpoint-stage folders, generated on first use (fast tests need only one family)."""
+
+    def __init__(self, factory: pytest.TempPathFactory):
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, family: str) -> Path:
+        from stages.lib.checkpoints import generate_tiny
+
+        folder = self.factory.mktemp(f"ck_{family}")
+        generate_tiny(family, folder / "model", seed=0)
+        (folder / "checkpoint.json").write_text(json.dumps({"path": "model", "family": family}))
+        self[family] = folder
+        return folder
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from stages.lib.checkpoints import generate_tiny
-
-    out = {}
-    for fam in FAMILIES:
-        folder = tmp_path_factory.mktemp(f"ck_{fam}")
-        generate_tiny(fam, folder / "model", seed=0)
-        (folder / "checkpoint.json").write_text(json.dumps({"path": "model", "family": fam}))
-        out[fam] = folder
-    return out
+    return _Checkpoints(tmp_path_factory)
 
 
 def _run(cfg: BuildConfig, ckpt: Path, out: Path, vision: Path | None = None) -> Any:
@@ -191,6 +200,22 @@ def test_multimodal_through_vision_onnx(family: str, ckpts: dict[str, Path], tmp
     res = _run(cfg, ckpts[family], tmp_path / "dec", vision=vis)
     assert res.metrics["vision_source"] == "onnx"
     assert res.metrics["token_agreement"] == 1.0 and all(g.passed for g in res.gates)
+    # the runtime API a verifier uses: both folders in, pixels in, tokens out
+    from stages.lib.checkpoints import load_model, load_processor, resolve_checkpoint
+    from stages.lib.decoder_parity import make_prompt
+    from stages.lib.generate import OrtPipeline, torch_generate
+
+    path, _ = resolve_checkpoint(ckpts[family])
+    model = load_model(path)
+    prompt = make_prompt(model, load_processor(path)[0], [(140, 112)], prompt_len=10, seed=9)
+    pipe = OrtPipeline.from_folder(tmp_path / "dec", vis)
+    np.testing.assert_array_equal(pipe.generate(prompt, 8), torch_generate(model, prompt, 8))
+
+
+def test_sample_outside_the_profile_is_one_line(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg(export={"sample_prompt_len": 300})
+    with pytest.raises(StageError, match="outside profiles.decoder.seq"):
+        _run(cfg, ckpts["qwen2_vl"], tmp_path)
 
 
 @pytest.mark.slow
