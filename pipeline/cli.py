@@ -123,6 +123,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         "toolchain": toolchain_versions(("torch", "transformers", "onnx", "onnxruntime", "tensorrt-rtx-cu13-bindings")),
     }
     doc = write_report(run_dir, header, states)
+    from pipeline.report_html import write_html_report
+
+    write_html_report(run_dir, doc, store.root)
     _latest(run_dir)
     write_lock(artifacts_root() / "locks" / f"{cfg.name}.lock", config_path, states)
     publish(states, {s.node.id: store.out_dir(s.key) for s in states if s.key}, artifacts_root() / "out" / cfg.name)
@@ -134,7 +137,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         c = Console(stderr=True)
         ran = sum(s.status == "ran" for s in states)
         c.print(f"{doc['result']}: {ran} ran, {sum(s.status == 'cached' for s in states)} cached, "
-                f"{len(failed)} failed/skipped in {header['wall_seconds']:.1f}s; report: {run_dir / 'report.md'}")
+                f"{len(failed)} failed/skipped in {header['wall_seconds']:.1f}s; report: {run_dir / 'report.md'} (and report.html)")
         for s in states:
             if s.status == "failed":
                 c.print(f"[bold red]FAILED[/] {s.node.id}: {s.error}", highlight=False)
