@@ -76,6 +76,7 @@ def _run(ctx: StageContext) -> StageResult:
 
     from stages.lib import decoder_export as dx
     from stages.lib.checkpoints import VLM_FAMILIES, load_model, load_processor, resolve_checkpoint
+    from stages.lib.decoder_load import load_decoder
     from stages.lib.decoder_parity import run_parity
     from stages.lib.generate import OrtPipeline
     from stages.lib.hostside.text import TextSpec
@@ -94,8 +95,9 @@ def _run(ctx: StageContext) -> StageResult:
     sample = {"batch": max(2, prof["batch"]["opt"]), "seq": int(p["sample_prompt_len"]),
               "past": max(2, min(prof["past"]["opt"], 8))}
 
-    ctx.report(f"loading {family} in {dtype}", 0.05)
-    model = load_model(path, dtype=dtype, trust_remote_code=p["trust_remote_code"])
+    ctx.report(f"loading the {family} decoder in {dtype}", 0.05)
+    # the language model only, streamed: one copy of the decoder weights during export
+    model = load_decoder(path, dtype=dtype, trust_remote_code=p["trust_remote_code"])
     spec = TextSpec.from_config(family, model.config)
     n_deep = spec.deepstack_layers
     dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
@@ -106,11 +108,11 @@ def _run(ctx: StageContext) -> StageResult:
     dx.export_embed_graph(dx.embed_table(model), emb_path, opset)
     export_seconds = facts["export_seconds"] + (time.perf_counter() - t0)
     export_rss = peak_rss_mb()
-    if dtype != "fp32":
-        # the reference is the FP32 model; drop the export copy first (never two copies at once)
-        del model
-        gc.collect()
-        model = load_model(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
+    # the reference is the whole FP32 model (its own vision tower and generate); drop the export
+    # copy first so that two copies of the weights never coexist
+    del model
+    gc.collect()
+    model = load_model(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
     # the reference runs the checkpoint's own attention (eager from load_model), unpatched
     ctx.report("parity: logits on held-out shapes + greedy generation", 0.6)
     vision_dir = ctx.inputs.get("export_vision")

@@ -235,3 +235,24 @@ def test_external_data_export_runs(ckpts: dict[str, Path], tmp_path: Path, monke
     assert (tmp_path / "decoder.onnx.data").stat().st_size > 300_000
     assert (tmp_path / "embed.onnx.data").is_file()
     assert res.metrics["onnx_bytes"] >= (tmp_path / "decoder.onnx.data").stat().st_size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_decoder_load_equals_from_pretrained(family: str, ckpts: dict[str, Path]) -> None:
+    import torch
+
+    from stages.lib.checkpoints import load_model, resolve_checkpoint
+    from stages.lib.decoder_load import load_decoder
+
+    path, _ = resolve_checkpoint(ckpts[family])
+    ref = load_model(path, dtype="fp16")
+    got = load_decoder(path, dtype="fp16")
+    assert got.model.visual is None
+    ref_state = {k: v for k, v in ref.state_dict().items() if not k.startswith("model.visual.")}
+    got_state = got.state_dict()
+    assert set(got_state) == set(ref_state)
+    for k, v in ref_state.items():
+        assert got_state[k].dtype == v.dtype and torch.equal(got_state[k], v), k
+    for (name, buf), (_, rbuf) in zip(got.model.language_model.named_buffers(), ref.model.language_model.named_buffers(),
+                                      strict=True):
+        assert torch.equal(buf, rbuf), name
