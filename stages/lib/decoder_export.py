@@ -7,7 +7,9 @@ families and a 715 MB Qwen2-VL-shaped decoder):
   the ``Cache`` is flat tensors (``patches/text.FlatKVCache``), keeps batch/sequence/past symbolic
   (past = 0 included), and its ONNX IR saves weights to external data tensor by tensor: export
   adds ~0.15 GB peak RSS over the loaded model on the 715 MB decoder, where serialising the
-  model inline adds ~1.9 GB (a second and third copy). Slow: ~8-20 s for a tiny model here.
+  model inline adds ~1.9 GB (a second and third copy). With ``decoder_load.load_decoder`` a
+  1.04B Qwen2.5-VL (1.41 GiB FP16 decoder weights) exports at 1.94 GiB peak RSS (1.38x the
+  weights, interpreter and libraries included) in ~90 s here. Slow on tiny models: ~8-20 s.
 * ``torch.onnx.export(..., dynamo=False)`` (TorchScript) -- same parity on every held-out shape
   and ~10x faster on tiny models, but deprecated since torch 2.9, warns that it freezes Python
   control flow (``position_ids.shape[0] == 4``) and builds the whole ModelProto in memory (peak
