@@ -22,7 +22,7 @@ from stages.lib.metrics import Parity, compare, topk_agreement, worst
 @dataclass
 class ParityReport:
     cases: dict[str, Parity]
-    top1: float
+    top1: float  # share of positions, all cases pooled, whose FP32-reference argmax the export matches
     tokens: np.ndarray
     ref_tokens: np.ndarray
     vision_source: str  # "onnx" (export_vision graph) or "torch" (the model's own vision tower)
@@ -156,7 +156,7 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
 
     rng = np.random.default_rng(seed)
     cases: dict[str, Parity] = {}
-    tops: list[float] = []
+    tops: list[tuple[float, int]] = []  # (positions agreeing, positions) per case: pooled top-1
     errors: dict[str, str] = {}
 
     def run_case(name: str, fn: Any) -> None:
@@ -164,11 +164,12 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
             out, ref, keep = fn()
         except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
             cases[name], errors[name] = FAILED, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            tops.append(0.0)
+            tops.append((0.0, 1))
             return
         o, r = (out[keep], ref[keep]) if keep is not None else (out, ref)
         cases[name] = compare(o.astype(np.float32), r)
-        tops.append(topk_agreement(o.astype(np.float32), r))
+        n = int(np.prod(r.shape[:-1]))
+        tops.append((topk_agreement(o.astype(np.float32), r) * n, n))
 
     prompt = make_prompt(model, image_processor, image_sizes, prompt_len, seed)
     if vision_source == "torch":
@@ -200,4 +201,5 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
     except Exception as e:
         errors["generate"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         tokens = np.full_like(ref_tokens, -1)
-    return ParityReport(cases, float(min(tops)), tokens, ref_tokens, vision_source, errors)
+    top1 = sum(a for a, _ in tops) / sum(n for _, n in tops)
+    return ParityReport(cases, float(top1), tokens, ref_tokens, vision_source, errors)
