@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pipeline.targets import TargetSpec
 
 GRAPHS = ("vision", "decoder", "embed")
-REQUIRED = ("vision", "decoder")
+REQUIRED = ("vision",)  # vision-only models (CNN, bring-your-own ONNX) have no decoder
 
 
 def params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -68,7 +68,8 @@ def _plan(src: Path, target: dict[str, Any]) -> list[tuple[str, str, set[str]]]:
     if not qpath.is_file():
         raise StageError(f"{src}: quantize.json is missing (expected {{graph: {{precision: ...}}}})")
     qinfo = json.loads(qpath.read_text())
-    missing = [g for g in REQUIRED if not (src / f"{g}.onnx").is_file()]
+    named = dict.fromkeys((*REQUIRED, *(g for g in GRAPHS if g in qinfo)))  # what quantize says it wrote
+    missing = [g for g in named if not (src / f"{g}.onnx").is_file()]
     if missing:
         raise StageError(f"{src}: missing {', '.join(g + '.onnx' for g in missing)}")
     plan = []
@@ -153,8 +154,8 @@ STAGE = Stage(
     run=run,
     params=params,
     deps=("quantize",),
-    outputs=("vision.engine", "decoder.engine", "vision.engine.json", "decoder.engine.json",
-             "vision.layers.json", "decoder.layers.json"),
+    # decoder/embed engines are written when the model has them (not for vision-only models)
+    outputs=("vision.engine", "vision.engine.json", "vision.layers.json"),
     per_target=True,
     toolchain=("tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu13-libs", "tensorrt", "onnx"),
     description="TensorRT / TensorRT-RTX engines per target, with layer reports and sidecars",
