@@ -278,6 +278,26 @@ def load_config(path: str | Path) -> BuildConfig:
     data = _read_yaml(path)
     data.setdefault("name", path.stem)
     try:
-        return BuildConfig.model_validate(data, context={"base_dir": str(path.parent)})
+        cfg = BuildConfig.model_validate(data, context={"base_dir": str(path.parent)})
     except ValidationError as e:
         raise ConfigError(_format_error(path, e)) from None
+    _check_image_sizes(cfg, path)
+    return cfg
+
+
+def _check_image_sizes(cfg: BuildConfig, path: Path) -> None:
+    """Every image size the build will feed must fit the vision engine's profile: refuse before
+    an hour of exporting finds out (the export stage checks again for its own inputs)."""
+    vp = cfg.profiles.vision
+    lo, hi = vp.min_image, vp.max_image
+    if not (lo[0] <= vp.opt_image[0] <= hi[0] and lo[1] <= vp.opt_image[1] <= hi[1]):
+        raise ConfigError(f"{path}: profiles.vision: expected min_image <= opt_image <= max_image, got {lo}/{vp.opt_image}/{hi}")
+    sizes = [("export.sample_image", cfg.export.sample_image)]
+    sizes += [(f"calibration.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.calibration.image_sizes)]
+    sizes += [(f"verify.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.verify.image_sizes)]
+    for where, (h, w) in sizes:
+        if not (lo[0] <= h <= hi[0] and lo[1] <= w <= hi[1]):
+            raise ConfigError(
+                f"{path}: {where}: image {h}x{w} is outside the vision profile "
+                f"(profiles.vision min_image {lo[0]}x{lo[1]}, max_image {hi[0]}x{hi[1]})"
+            )

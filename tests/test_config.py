@@ -90,3 +90,10 @@ def test_shipped_configs_validate():
     for p in sorted((repo / "configs").glob("*.yaml")):
         if p.name != "targets.yaml":
             load_config(p)
+
+
+def test_image_size_outside_the_vision_profile(cli: Cli):
+    cfg = cli.config(BASE_CONFIG + "verify: {image_sizes: [[112, 112], [896, 896]]}\n")
+    line = _one_line_error(cli("build", str(cfg), check=None))
+    assert "verify.image_sizes[1]: image 896x896 is outside the vision profile" in line
+    assert "max_image 448x448" in line
