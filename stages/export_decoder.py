@@ -189,7 +189,7 @@ def _vision_spec(vision_dir: Path) -> Any:
 
 STAGE = Stage(
     name="export_decoder",
-    version="1",
+    version="2",  # 2: streamed decoder load, module-path node names, pooled top-1
     run=_run,
     params=_params,
     deps=("checkpoint",),
