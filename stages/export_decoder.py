@@ -75,7 +75,13 @@ def _run(ctx: StageContext) -> StageResult:
     import torch
 
     from stages.lib import decoder_export as dx
-    from stages.lib.checkpoints import VLM_FAMILIES, load_model, load_processor, resolve_checkpoint
+    from stages.lib.checkpoints import (
+        VISION_ONLY_FAMILIES,
+        VLM_FAMILIES,
+        load_model,
+        load_processor,
+        resolve_checkpoint,
+    )
     from stages.lib.decoder_load import load_decoder
     from stages.lib.decoder_parity import run_parity
     from stages.lib.generate import OrtPipeline
@@ -83,6 +89,12 @@ def _run(ctx: StageContext) -> StageResult:
 
     p = ctx.params
     path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
+    if family in VISION_ONLY_FAMILIES:
+        # a CNN backbone has no language decoder: say so, and let fuse/quantize/engine skip it
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        (ctx.out / "decoder.json").write_text(json.dumps({"absent": f"vision-only model ({family})"}, indent=2))
+        return StageResult(metrics={"family": family, "decoder": "absent"},
+                           notes=[f"{family} is vision-only: no decoder graph"])
     if family not in VLM_FAMILIES:
         raise StageError(f"export_decoder needs a vision-language checkpoint ({', '.join(VLM_FAMILIES)}); got {family}")
     dtype, opset = p["dtype"], int(p["opset"])
@@ -193,7 +205,9 @@ STAGE = Stage(
     run=_run,
     params=_params,
     deps=("checkpoint",),
-    outputs=("decoder.onnx", "embed.onnx", "decoder.json"),
+    # decoder.onnx and embed.onnx are written for vision-language models only; a vision-only
+    # (CNN) checkpoint gets decoder.json {"absent": ...}, so only that file is declared required.
+    outputs=("decoder.json",),
     toolchain=("torch", "transformers", "onnx", "onnxruntime", "onnxscript"),
     description="export the language decoder (KV cache, M-RoPE) and token embedding to ONNX with parity gates",
 )

@@ -123,8 +123,15 @@ def test_params_pick_the_gate_by_dtype() -> None:
     json.dumps(p16)  # JSON-able: hashed into the cache key
 
 
-def test_non_vlm_checkpoint_is_one_line_error(tmp_path: Path) -> None:
+def test_vision_only_checkpoint_has_no_decoder(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.json").write_text(json.dumps({"path": "model", "family": "resnet"}))
+    res = _run(_cfg(), tmp_path, tmp_path / "out")
+    assert res.metrics["decoder"] == "absent" and not (tmp_path / "out" / "decoder.onnx").exists()
+    assert "vision-only" in json.loads((tmp_path / "out" / "decoder.json").read_text())["absent"]
+
+
+def test_unknown_family_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"path": "model", "family": "llava"}))
     with pytest.raises(StageError, match="vision-language checkpoint"):
         _run(_cfg(), tmp_path, tmp_path / "out")
 
