@@ -21,7 +21,7 @@ h1{font-size:22px}h2{font-size:17px;margin-top:30px;border-bottom:1px solid #dde
 table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px solid #d5d9e2;padding:3px 8px;text-align:left}
 th{background:#f1f3f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .pass,.ran,.ok{background:#d9f2dc}.fail,.failed{background:#f9d6d5;font-weight:600}
-.not-run,.skipped{background:#fff1c9}.cached{background:#e8eaf0}.muted{color:#667}
+.not-run,.skipped{background:#fff1c9}.ungated{background:#f4f4f6;color:#445}.cached{background:#e8eaf0}.muted{color:#667}
 figure{display:inline-block;margin:8px 16px 8px 0}figcaption{font-size:12px;color:#445}img{max-width:100%}
 code{background:#f3f4f7;padding:0 3px}.scroll{overflow-x:auto}
 """
@@ -111,9 +111,10 @@ def _parity(doc: dict[str, Any]) -> str:
         else:
             figs = "".join(f"<td class='n'>{_num(r.get(f), f)}</td>" for f in FIGS)
         body.append(f"<tr class='{escape(str(r['status']))}'>{ids}{figs}</tr>")
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "not-run")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "not-run", "ungated")}
     note = f"<p>{counts['pass']} passed, {counts['fail']} failed, {counts['not-run']} not run " \
-           "(a comparison that did not run is not a pass).</p>"
+           f"(a comparison that did not run is not a pass), {counts['ungated']} measured with no gate set " \
+           "(add one under <code>gates:</code> to enforce it).</p>"
     return note + f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
