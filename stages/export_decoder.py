@@ -128,6 +128,8 @@ def _run(ctx: StageContext) -> StageResult:
     # the reference runs the checkpoint's own attention (eager from load_model), unpatched
     ctx.report("parity: logits on held-out shapes + greedy generation", 0.6)
     vision_dir = ctx.inputs.get("export_vision")
+    if vision_dir is not None and _vision_spec(vision_dir, family) is None:
+        vision_dir = None  # not this checkpoint's Qwen vision graph (e.g. bring-your-own ONNX)
     image_processor, _tok = load_processor(path)
     v = p["verify"]
     notes: list[str] = []
@@ -142,7 +144,7 @@ def _run(ctx: StageContext) -> StageResult:
                          "checked, BF16 activation rounding is not")
         pipe = OrtPipeline(run_dec, run_emb, spec,
                            vision_path=(vision_dir / "vision.onnx") if vision_dir else None,
-                           vision_spec=_vision_spec(vision_dir) if vision_dir else None)
+                           vision_spec=_vision_spec(vision_dir, family) if vision_dir else None)
         with torch.no_grad():
             report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
                                 prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],
@@ -193,10 +195,17 @@ SEMANTICS = {
 }
 
 
-def _vision_spec(vision_dir: Path) -> Any:
+def _vision_spec(vision_dir: Path, family: str) -> Any:
+    """The export_vision host spec when that graph is this family's Qwen vision encoder, else None."""
     from stages.lib.hostside.vision import VisionSpec
 
-    return VisionSpec.from_dict(json.loads((vision_dir / "vision.json").read_text())["spec"])
+    meta_file = vision_dir / "vision.json"
+    if not (vision_dir / "vision.onnx").is_file() or not meta_file.is_file():
+        return None
+    spec = json.loads(meta_file.read_text()).get("spec")
+    if not isinstance(spec, dict) or spec.get("family") != family:
+        return None
+    return VisionSpec.from_dict(spec)
 
 
 STAGE = Stage(
