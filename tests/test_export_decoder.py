@@ -263,3 +263,14 @@ def test_streamed_decoder_load_equals_from_pretrained(family: str, ckpts: dict[s
     for (name, buf), (_, rbuf) in zip(got.model.language_model.named_buffers(), ref.model.language_model.named_buffers(),
                                       strict=True):
         assert torch.equal(buf, rbuf), name
+
+
+@pytest.mark.slow
+def test_opset_23_export(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+
+    res = _run(_cfg("qwen3_vl", export={"opset": 23}), ckpts["qwen3_vl"], tmp_path)
+    assert all(g.passed for g in res.gates)
+    for name in ("decoder.onnx", "embed.onnx"):
+        m = onnx.load(str(tmp_path / name), load_external_data=False)
+        assert m.opset_import[0].version == 23 and m.ir_version >= 11

@@ -219,8 +219,8 @@ def export_embed_graph(weight: np.ndarray, out_path: Path, opset: int) -> None:
         [table],
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="vlmforge")
-    # onnx's newest IR version can run ahead of onnxruntime/TensorRT parsers: pin the one the opset needs
-    m.ir_version = 9 if opset <= 20 else 10
+    # onnx's newest IR version can run ahead of onnxruntime/TensorRT parsers: the lowest the opset allows
+    m.ir_version = helper.find_min_ir_version_for(list(m.opset_import))
     big = weight.nbytes > EXTERNAL_DATA_BYTES
     onnx.save_model(m, str(out_path), save_as_external_data=big, location=out_path.name + ".data" if big else None)
 
@@ -268,6 +268,8 @@ def finalize_graph(path: Path, n_layers: int, n_deepstack: int) -> None:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
+    # torch 2.13 writes IR 10 even for opset 23 (which needs IR 11): declare what the opset needs
+    m.ir_version = max(m.ir_version, onnx.helper.find_min_ir_version_for(list(m.opset_import)))
     g = m.graph
     axes = dynamic_axes(n_layers, n_deepstack)
     for vi in [*g.input, *g.output]:
