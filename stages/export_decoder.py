@@ -75,6 +75,7 @@ def _run(ctx: StageContext) -> StageResult:
     import torch
 
     from stages.lib import decoder_export as dx
+    from stages.lib import decoder_graph as dg
     from stages.lib.checkpoints import (
         VISION_ONLY_FAMILIES,
         VLM_FAMILIES,
@@ -115,7 +116,7 @@ def _run(ctx: StageContext) -> StageResult:
     dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
     ctx.report("exporting decoder (torch.onnx dynamo)", 0.1)
     facts = dx.export_decoder_graph(model, family, n_deep, dec_path, dtype, opset, sample)
-    dx.finalize_graph(dec_path, facts["layers"], n_deep)
+    dg.finalize_graph(dec_path, facts["layers"], n_deep)
     t0 = time.perf_counter()
     dx.export_embed_graph(dx.embed_table(model), emb_path, opset)
     export_seconds = facts["export_seconds"] + (time.perf_counter() - t0)
@@ -164,8 +165,8 @@ def _run(ctx: StageContext) -> StageResult:
         "export_seconds": round(export_seconds, 3), "export_peak_rss_mb": round(export_rss, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "onnx_bytes": _onnx_bytes(ctx.out),
     }
-    io = dx.io_spec(dec_path)
-    meta = {**io, "embed": dx.io_spec(emb_path), "profile": prof, "dtype": dtype, "opset": opset,
+    io = dg.io_spec(dec_path)
+    meta = {**io, "embed": dg.io_spec(emb_path), "profile": prof, "dtype": dtype, "opset": opset,
             "family": family, "host": spec.as_dict(), "sample": sample, "exporter": facts["exporter"],
             "semantics": SEMANTICS,
             "parity": {**summary, "gate": p["gate_name"], "gates": [c.__dict__ for c in checks]}}
