@@ -65,7 +65,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path]:
         cfg = cfg.model_copy(update={"precision": PrecisionPolicy(vision=args.precision, decoder=args.precision)})
     targets = targets_for(cfg, config_path, catalog)
     check_precisions(cfg, config_path, targets, catalog)
-    nodes = build_graph(load_stages(), targets, cfg)
+    nodes = build_graph(load_stages(), targets)
     nodes = select(nodes, args.target, getattr(args, "until", None))
     store = CacheStore(artifacts_root() / "cache")
     return cfg, nodes, store, config_path

@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pipeline.config import BuildConfig
 from pipeline.errors import ConfigError
 from pipeline.stage import Stage
 from pipeline.targets import TargetSpec
@@ -42,15 +41,10 @@ def load_stages(modules: Iterable[str] | None = None) -> dict[str, tuple[str, St
     return out
 
 
-def build_graph(
-    stages: dict[str, tuple[str, Stage]], targets: list[TargetSpec], cfg: BuildConfig | None = None
-) -> list[Node]:
+def build_graph(stages: dict[str, tuple[str, Stage]], targets: list[TargetSpec]) -> list[Node]:
     """Nodes in a deterministic topological order; per-target stages fan out over targets."""
     nodes: dict[str, Node] = {}
-    absent = {n for n, (_, st) in stages.items() if cfg is not None and st.applies is not None and not st.applies(cfg)}
     for name, (module, st) in stages.items():
-        if name in absent:
-            continue
         for dep in st.deps:
             if dep not in stages:
                 raise ConfigError(f"stage {name!r} depends on unknown stage {dep!r}")
@@ -58,9 +52,7 @@ def build_graph(
                 raise ConfigError(f"stage {name!r} is not per-target but depends on per-target {dep!r}")
         for t in targets if st.per_target else [None]:
             deps = tuple(
-                f"{d}@{t.name}" if (t is not None and stages[d][1].per_target) else d
-                for d in st.deps
-                if d not in absent
+                f"{d}@{t.name}" if (t is not None and stages[d][1].per_target) else d for d in st.deps
             )
             nid = f"{name}@{t.name}" if t is not None else name
             nodes[nid] = Node(nid, st, t, deps, module)

@@ -43,10 +43,6 @@ class Stage:
     # Declares that the node cannot run on this machine (e.g. full TensorRT without a GPU);
     # returns the reason or None. Shown by `plan`; the node still runs and fails clearly.
     needs_host: Callable[[BuildConfig, TargetSpec | None], str | None] | None = None
-    # Whether the stage belongs in this config's graph at all (e.g. no decoder export for a
-    # vision-only CNN). A stage that does not apply is left out, and dependants see no input
-    # for it: they must treat that dep as optional.
-    applies: Callable[[BuildConfig], bool] | None = None
 
 
 @dataclass(frozen=True)

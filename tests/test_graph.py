@@ -57,18 +57,3 @@ def test_fan_in_from_per_target_is_refused():
     bad = {**st, "other": (mod, replace(other, deps=("final",)))}
     with pytest.raises(ConfigError, match="per-target"):
         build_graph(bad, [])
-
-
-def test_a_stage_that_does_not_apply_is_left_out(tmp_path):
-    from dataclasses import replace
-
-    from pipeline.config import load_config
-
-    st = load_stages(MODS)
-    mod, other = st["middle"]
-    st = {**st, "middle": (mod, replace(other, applies=lambda cfg: cfg.model.family != "qwen3_vl"))}
-    p = tmp_path / "c.yaml"
-    p.write_text("model: {generate: tiny, family: qwen3_vl}\ntargets: [rtx4090]\n")
-    nodes = {n.id: n for n in build_graph(st, [load_catalog()["rtx4090"]], load_config(p))}
-    assert "middle" not in nodes and nodes["final@rtx4090"].deps == ()
-    assert "middle" in {n.id for n in build_graph(st, [load_catalog()["rtx4090"]])}
