@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 CONFIG  ?= configs/default.yaml
 TARGET  ?=
-JOBS    ?= 1
+JOBS    ?= 2
 TARGET_ARGS := $(foreach t,$(TARGET),--target $(t))
 
 .PHONY: setup engines plan test test-all lint clean

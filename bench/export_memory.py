@@ -53,12 +53,12 @@ def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
         weight_bytes = int(facts["weight_bytes"])
     else:
         from stages.lib import decoder_export as dx
-        from stages.lib.checkpoints import load_model
+        from stages.lib.decoder_load import load_decoder
         from stages.lib.hostside.text import TextSpec
 
-        model = load_model(ckpt, dtype=dtype)
-        # the decoder graph carries the language model only: drop the ViT before exporting
-        model.model.visual = None
+        # what the export_decoder stage does: stream only the language model's tensors (no ViT,
+        # no from_pretrained dtype-conversion copy)
+        model = load_decoder(ckpt, dtype=dtype)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         n_deep = TextSpec.from_config(family, model.config).deepstack_layers
         dx.export_decoder_graph(model, family, n_deep, out / "decoder.onnx", dtype, 19,

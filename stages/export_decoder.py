@@ -214,7 +214,9 @@ STAGE = Stage(
     version="2",  # 2: streamed decoder load, module-path node names, pooled top-1
     run=_run,
     params=_params,
-    deps=("checkpoint",),
+    # export_vision: decoder parity then generates through vision.onnx, so the three exported
+    # pieces (vision, embed + merge, decoder) are proven together, not only the decoder alone
+    deps=("checkpoint", "export_vision"),
     # decoder.onnx and embed.onnx are written for vision-language models only; a vision-only
     # (CNN) checkpoint gets decoder.json {"absent": ...}, so only that file is declared required.
     outputs=("decoder.json",),
