@@ -157,7 +157,7 @@ class CacheStore:
         stale = []
         for sub in (".tmp", ".corrupt"):
             for p in sorted((self.root / sub).glob("*")) if (self.root / sub).is_dir() else []:
-                if sub == ".tmp" and _pid_alive(p.name):
+                if sub == ".tmp" and _pid_alive(p):
                     continue
                 stale.append(p.name)
                 freed += _size(p)
@@ -170,12 +170,18 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def _pid_alive(tmp_name: str) -> bool:
+def _pid_alive(tmp: Path) -> bool:
+    """Is the builder that owns this temp folder still running? A killed builder can linger as
+    a zombie (no reaper in a container) and its pid can be reused later: neither counts."""
+    import psutil
+
     try:
-        pid = int(tmp_name.split(".")[1])
-        os.kill(pid, 0)
-        return True
-    except (IndexError, ValueError, ProcessLookupError):
+        pid = int(tmp.name.split(".")[1])
+        proc = psutil.Process(pid)
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        return proc.create_time() <= tmp.stat().st_mtime + 1.0  # started after the folder: reused pid
+    except (IndexError, ValueError, psutil.NoSuchProcess, FileNotFoundError):
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True

@@ -104,3 +104,27 @@ def test_concurrent_builders_of_one_key(tmp_path: Path):
     assert outcomes == ["built", "cached", "cached", "cached"]
     found = CacheStore(tmp_path).lookup("shared")
     assert found.hit and len(found.manifest["outputs"]) == 50
+
+
+def test_gc_treats_a_zombie_builder_as_dead(tmp_path: Path):
+    import subprocess
+    import sys
+
+    store = CacheStore(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    import time
+
+    import psutil
+
+    deadline = time.time() + 30
+    while time.time() < deadline:  # exited but not reaped: a zombie, as a killed builder in a container stays
+        if psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.05)
+    tmp = tmp_path / ".tmp" / f"k.{child.pid}.abcd"
+    tmp.mkdir(parents=True)
+    live = tmp_path / ".tmp" / f"k.{os.getpid()}.ef01"
+    live.mkdir()
+    res = store.gc(set())
+    assert tmp.name in res["stale"] and live.name not in res["stale"] and live.exists()
+    child.wait()
