@@ -134,7 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         from rich.console import Console
 
-        c = Console(stderr=True)
+        c = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
         ran = sum(s.status == "ran" for s in states)
         c.print(f"{doc['result']}: {ran} ran, {sum(s.status == 'cached' for s in states)} cached, "
                 f"{len(failed)} failed/skipped in {header['wall_seconds']:.1f}s; report: {run_dir / 'report.md'} (and report.html)")

@@ -15,7 +15,7 @@ class Progress:
     def __init__(self, states: list[NodeState], enabled: bool = True):
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)  # one line per event in build-farm logs
         self.enabled = enabled
         self.live_mode = enabled and sys.stderr.isatty()
         self.states = {s.node.id: s for s in states}
