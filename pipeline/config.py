@@ -71,8 +71,12 @@ class ModelConfig(Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.checkpoint is None) == (self.generate is None):
-            raise ValueError("set exactly one of model.checkpoint (a local folder) or model.generate")
+        if self.checkpoint is not None and self.generate is not None:
+            raise ValueError("set only one of model.checkpoint (a local folder) or model.generate, not both")
+        # a bring-your-own vision ONNX alone is a complete (vision-only) model: no checkpoint needed
+        if self.checkpoint is None and self.generate is None and self.vision_onnx is None:
+            raise ValueError("set one of model.checkpoint (a local folder), model.generate "
+                             "or model.vision_onnx (an existing ONNX file)")
         if self.generate == "tiny" and self.family is None:
             raise ValueError("model.generate: tiny needs model.family (qwen2_vl, qwen2_5_vl, qwen3_vl)")
         return self

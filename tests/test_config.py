@@ -97,3 +97,23 @@ def test_image_size_outside_the_vision_profile(cli: Cli):
     line = _one_line_error(cli("build", str(cfg), check=None))
     assert "verify.image_sizes[1]: image 896x896 is outside the vision profile" in line
     assert "max_image 448x448" in line
+
+
+def test_model_source_byo_onnx_alone_or_exactly_one(tmp_path: Path):
+    """model.vision_onnx alone is a whole (vision-only) model; no source, or two, is refused."""
+    (tmp_path / "net.onnx").write_bytes(b"\x08\x07")  # existence is all the config checks
+    byo = "model:\n  vision_onnx: {path: net.onnx, input_name: image, resize: [64, 64]}\ntargets: [rtx4090]\n"
+    (tmp_path / "byo.yaml").write_text(byo)
+    cfg = load_config(tmp_path / "byo.yaml")
+    assert cfg.model.checkpoint is None and cfg.model.generate is None
+    assert cfg.model.vision_onnx is not None and cfg.model.vision_onnx.path == tmp_path / "net.onnx"
+    assert cfg.model.vision_onnx.resize == (64, 64)
+    (tmp_path / "none.yaml").write_text("model: {seed: 1}\ntargets: [rtx4090]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "none.yaml")
+    assert all(k in str(e.value) for k in ("model.checkpoint", "model.generate", "model.vision_onnx"))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{}")
+    (tmp_path / "two.yaml").write_text("model: {checkpoint: ck, generate: tiny, family: qwen2_vl}\ntargets: [rtx4090]\n")
+    with pytest.raises(ConfigError, match="model.checkpoint .*model.generate, not both"):
+        load_config(tmp_path / "two.yaml")
