@@ -2,7 +2,8 @@
 
 ``model.generate: tiny`` writes a random-weight checkpoint of ``model.family`` into the
 stage's own folder (``checkpoint.json`` points at it relatively, so the cache entry is
-relocatable). A user checkpoint is validated in place and referenced by absolute path: its
+relocatable). With only ``model.vision_onnx`` (bring your own ONNX) there is no checkpoint:
+``checkpoint.json`` is ``{"path": null, "family": "byo"}``. A user checkpoint is validated in place and referenced by absolute path: its
 weights are never copied, and its files are declared ``external`` so that their content,
 not their path, enters the cache key.
 """
@@ -43,6 +44,7 @@ def _run(ctx: StageContext) -> StageResult:
     from stages.lib import checkpoints as ck
 
     p = ctx.params
+    path: str | None
     if p["generate"] == "tiny":
         ctx.report(f"generating a tiny {p['family']} checkpoint", 0.1)
         ck.generate_tiny(p["family"], ctx.out / "model", seed=int(p["seed"]))
@@ -57,6 +59,11 @@ def _run(ctx: StageContext) -> StageResult:
         files = ck.checkpoint_files(ctx.out / "model")
     elif p["generate"] is not None:
         raise StageError(f"model.generate: {p['generate']} is not produced by the checkpoint stage")
+    elif p["checkpoint"] is None:
+        # model.vision_onnx alone: the user's ONNX is the model (export_vision reads and declares
+        # it); there are no weights here, and family "byo" tells the other stages so
+        ctx.report("bring-your-own vision ONNX: no checkpoint", 0.1)
+        path, family, files = None, ck.BYO_FAMILY, []
     else:
         root = Path(p["checkpoint"])
         ctx.report(f"validating {root}", 0.1)
@@ -75,7 +82,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="checkpoint",
-    version="1",
+    version="2",  # 2: {"path": null, "family": "byo"} for a bring-your-own vision ONNX
     run=_run,
     params=_params,
     deps=(),

@@ -150,7 +150,7 @@ def run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="engine",
-    version="1",
+    version="2",  # 2: BYO image inputs profiled by position (batch 1..max_images, H/W = resize)
     run=run,
     params=params,
     deps=("quantize",),

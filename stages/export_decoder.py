@@ -77,8 +77,10 @@ def _run(ctx: StageContext) -> StageResult:
     from stages.lib import decoder_export as dx
     from stages.lib import decoder_graph as dg
     from stages.lib.checkpoints import (
+        BYO_FAMILY,
         VISION_ONLY_FAMILIES,
         VLM_FAMILIES,
+        checkpoint_family,
         load_model,
         load_processor,
         resolve_checkpoint,
@@ -89,13 +91,15 @@ def _run(ctx: StageContext) -> StageResult:
     from stages.lib.hostside.text import TextSpec
 
     p = ctx.params
-    path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-    if family in VISION_ONLY_FAMILIES:
-        # a CNN backbone has no language decoder: say so, and let fuse/quantize/engine skip it
+    family = checkpoint_family(ctx.inputs["checkpoint"])
+    if family in VISION_ONLY_FAMILIES or family == BYO_FAMILY:
+        # a CNN backbone or a bring-your-own vision ONNX has no language decoder: say so, and
+        # let fuse/quantize/engine skip it
         ctx.out.mkdir(parents=True, exist_ok=True)
         (ctx.out / "decoder.json").write_text(json.dumps({"absent": f"vision-only model ({family})"}, indent=2))
         return StageResult(metrics={"family": family, "decoder": "absent"},
                            notes=[f"{family} is vision-only: no decoder graph"])
+    path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
     if family not in VLM_FAMILIES:
         raise StageError(f"export_decoder needs a vision-language checkpoint ({', '.join(VLM_FAMILIES)}); got {family}")
     dtype, opset = p["dtype"], int(p["opset"])
@@ -211,7 +215,7 @@ def _vision_spec(vision_dir: Path, family: str) -> Any:
 
 STAGE = Stage(
     name="export_decoder",
-    version="2",  # 2: streamed decoder load, module-path node names, pooled top-1
+    version="3",  # 3: {absent} decoder.json for a bring-your-own vision ONNX (family byo)
     run=_run,
     params=_params,
     # export_vision: decoder parity then generates through vision.onnx, so the three exported

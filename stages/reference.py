@@ -14,6 +14,9 @@ a quantized graph would be graded on the data its scales were fitted to.
 ``reference.json``: the set's description (sizes, prompts, token ids, counts).
 Vision-only checkpoints (a CNN classifier) store image, pixel_values [1,3,H,W] (normalised as
 ``vision.json`` says), vision_features [1,C] (pooled) and logits [1,classes].
+A bring-your-own ONNX (``model.vision_onnx`` alone) stores the same keys: pixel_values is the
+image preprocessed as declared, vision_features the graph's first output and logits its
+``logits`` output if it has one, all from the FP32 graph itself in onnxruntime.
 """
 
 from __future__ import annotations
@@ -42,9 +45,27 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "generate_tokens": v.generate_tokens,
         "seed": v.seed,
         "trust_remote_code": cfg.model.trust_remote_code,
+        # model.vision_onnx alone: the reference is that FP32 ONNX in onnxruntime, fed as declared
+        "vision_onnx": None if (src := _byo_source(cfg)) is None else {**src.model_dump(mode="json"),
+                                                                       "path": str(src.path)},
         # read only to prove the held-out set is disjoint from the calibration set
         "calibration": {"seed": c.seed, "image_sizes": [list(s) for s in c.image_sizes], "source": c.source},
     }
+
+
+def _byo_source(cfg: BuildConfig) -> Any:
+    """The bring-your-own vision ONNX when it *is* the model (no checkpoint, nothing generated)."""
+    m = cfg.model
+    return m.vision_onnx if m.checkpoint is None and m.generate is None else None
+
+
+def _external(cfg: BuildConfig) -> list[Path]:
+    """The BYO ONNX (and its external data): its content, not its path, keys the reference."""
+    src = _byo_source(cfg)
+    if src is None:
+        return []
+    data = src.path.with_name(src.path.name + ".data")
+    return [src.path, *([data] if data.is_file() else [])]
 
 
 def check_held_out(p: dict[str, Any]) -> None:
@@ -152,6 +173,44 @@ def _cnn_sample(model: Any, proc: Any, p: dict[str, Any], i: int) -> tuple[dict[
     return arrays, {"image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1, "grid_thw": None}
 
 
+def _byo_run(ctx: StageContext) -> StageResult:
+    """Bring-your-own ONNX: there is no PyTorch model, so the FP32 graph itself in onnxruntime
+    (optimizations off, as quantize/verify run theirs) is the reference. Images go through
+    calibrate's ``ImageFeeder``, the one implementation of the declared resize/normalise/layout,
+    so every stage feeds the graph the same tensor. Arrays as for a CNN checkpoint."""
+    from stages.lib.qdq.calibset import ImageFeeder, Sample
+    from stages.lib.qdq.graphio import session
+    from stages.lib.qdq.heldout import run_all
+
+    p = ctx.params
+    src = p["vision_onnx"]
+    feeder = ImageFeeder({"preprocess": src})
+    arrays: dict[str, np.ndarray] = {}
+    metas = []
+    names = [o.name for o in session(Path(src["path"])).get_outputs()]
+    for i in range(int(p["samples"])):
+        ctx.report(f"reference sample {i + 1}/{p['samples']} (onnxruntime fp32)", i / int(p["samples"]))
+        rng = np.random.default_rng([int(p["seed"]), i])
+        h, w = p["image_sizes"][i % len(p["image_sizes"])]
+        image = synthetic_image(h, w, rng)
+        feed = feeder.vision(Sample(f"held-out-{i}", image, ""))[0]
+        out = run_all(src["path"], [feed], names)[0]
+        a = {"image": image, "pixel_values": feed[feeder.name], "vision_features": out[names[0]]}
+        if "logits" in out:  # a classifier head: verify grades its top-1 too
+            a["logits"] = out["logits"]
+        arrays.update({f"s{i}.{k}": v for k, v in a.items()})
+        metas.append({"image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1, "grid_thw": None})
+    savez: Any = np.savez  # numpy's stubs type **kwargs as its allow_pickle flag
+    savez(ctx.out / NPZ, **arrays)
+    meta = {"family": "byo", "vision_only": True, "samples": metas, "dtype": "fp32",
+            "reference": f"onnxruntime fp32 {Path(src['path']).name}", "outputs": names,
+            "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")}}
+    (ctx.out / META).write_text(json.dumps(meta, indent=2))
+    return StageResult(metrics={"samples": len(metas), "image_sizes": [m["image_size"] for m in metas],
+                                "reference": "onnxruntime fp32"},
+                       notes=[f"bring-your-own ONNX: the reference is {Path(src['path']).name} itself in onnxruntime"])
+
+
 def _run(ctx: StageContext) -> StageResult:
     import torch
 
@@ -159,6 +218,8 @@ def _run(ctx: StageContext) -> StageResult:
 
     p = ctx.params
     check_held_out(p)
+    if p["vision_onnx"] is not None:
+        return _byo_run(ctx)
     path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
     torch.manual_seed(int(p["seed"]))
     model = load_model(path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
@@ -204,11 +265,12 @@ def load_reference(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, n
 
 STAGE = Stage(
     name="reference",
-    version="2",
+    version="3",  # 3: bring-your-own ONNX reference (the FP32 graph in onnxruntime)
     run=_run,
     params=_params,
     deps=("checkpoint",),
     outputs=(NPZ, META),
-    toolchain=("torch", "transformers", "numpy"),
-    description="held-out evaluation set and cached PyTorch reference outputs",
+    toolchain=("torch", "transformers", "numpy", "onnxruntime", "pillow"),
+    external=_external,
+    description="held-out evaluation set and cached PyTorch (or BYO ONNX fp32) reference outputs",
 )

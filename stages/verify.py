@@ -190,7 +190,9 @@ def _run(ctx: StageContext) -> StageResult:
     for g in graphs:
         s0 = samples[0]
         feeds = vg.vision_feeds(specs, s0) if g == "vision" else vg.decoder_feeds(qdir / f"{g}.onnx", specs, s0)
-        ref = {"image_features": s0["vision_features"]} if g == "vision" else {"logits": s0["logits"]}
+        # the reference names the graph's output when it is not the exporter's (a BYO ONNX)
+        vname = (meta.get("outputs") or ["image_features"])[0]
+        ref = {vname: s0["vision_features"]} if g == "vision" else {"logits": s0["logits"]}
         row, cs = _engine_row(ctx, g, prec[g], feeds, ref, gate(g))
         rows.append(row)
         checks += cs
@@ -199,7 +201,10 @@ def _run(ctx: StageContext) -> StageResult:
         failed_graphs.add("decoder")
     want = [g for g in graphs if p["drilldown"] == "always" or (p["drilldown"] == "on-failure" and g in failed_graphs)]
     drill: dict[str, Any] = {}
-    if want:
+    drill_notes = []
+    if want and specs.path is None:  # BYO ONNX: no PyTorch model to capture per-block outputs from
+        drill_notes.append(f"drill-down of {', '.join(want)} not run: a bring-your-own ONNX has no PyTorch model")
+    elif want and specs.path is not None:
         from stages.lib.checkpoints import load_model
 
         model = load_model(specs.path, dtype="fp32")
@@ -221,7 +226,7 @@ def _run(ctx: StageContext) -> StageResult:
                "drilldown": {g: {"jump_block": d["jump"].get("block"), "why": d["jump"].get("why"),
                                  "blocks": [{k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")}
                                             for b in d["blocks"]]} for g, d in drill.items()}}
-    result = StageResult(metrics=metrics, gates=checks, notes=list(not_run))
+    result = StageResult(metrics=metrics, gates=checks, notes=[*not_run, *drill_notes])
     for g, d in drill.items():
         result.notes.append(f"drill-down {g}: {d['jump'].get('why')}")
     if not passed:
@@ -233,7 +238,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="verify",
-    version="3",
+    version="4",  # 4: bring-your-own ONNX (reference = the FP32 graph; no drill-down)
     run=_run,
     params=_params,
     deps=("reference", "quantize", "engine", "checkpoint"),

@@ -221,3 +221,14 @@ def test_timing_cache_concurrent_writers_leave_a_valid_file(tmp_path: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         assert cfg.create_timing_cache(path.read_bytes()) is not None  # TensorRT reads it back
+
+
+def test_byo_image_input_profiled_by_position() -> None:
+    """A bring-your-own image input: dim 0 is the batch whatever it is called (or unnamed), and
+    H/W are the declared resize, not profiles.vision's image range."""
+    vision = {"min_image": [56, 56], "opt_image": [224, 224], "max_image": [448, 448], "max_images": 3}
+    pre = {"input_name": "x", "layout": "NHWC", "resize": [96, 128]}
+    spec = {"inputs": [{"name": "x", "shape": ["None", "h", "w", 3]}], "preprocess": pre}
+    assert profile_for("vision", spec, {"vision": vision}) == {"x": ((1, 96, 128, 3), (1, 96, 128, 3), (3, 96, 128, 3))}
+    with pytest.raises(StageError, match="has no profile rule"):  # without preprocess: no guessing
+        profile_for("vision", {"inputs": spec["inputs"]}, {"vision": vision})

@@ -26,6 +26,8 @@ VLM_FAMILIES: dict[str, str] = {
 # Vision-only families (a CNN backbone exported by stages/lib/cnn_export.py).
 VISION_ONLY_FAMILIES: dict[str, str] = {"resnet": "ResNetForImageClassification"}
 FAMILIES = {**VLM_FAMILIES, **VISION_ONLY_FAMILIES}
+# model.vision_onnx alone: the user's ONNX is the model, there is no checkpoint folder
+BYO_FAMILY = "byo"
 _BY_ARCH = {arch: fam for fam, arch in FAMILIES.items()}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -105,8 +107,20 @@ def resolve_checkpoint(folder: str | Path) -> tuple[Path, str]:
     if not meta_file.is_file():
         raise StageError(f"{folder} has no checkpoint.json (is it a checkpoint stage output?)")
     meta = json.loads(meta_file.read_text())
+    if meta.get("path") is None:
+        raise StageError(f"{folder}: no checkpoint (family {meta.get('family')}: a bring-your-own ONNX build "
+                         "has no weights to load); check checkpoint_family() first")
     p = Path(meta["path"])
     return (p if p.is_absolute() else folder / p), str(meta["family"])
+
+
+def checkpoint_family(folder: str | Path) -> str:
+    """The family in a checkpoint stage's ``checkpoint.json`` without resolving a path
+    (``byo`` has none)."""
+    meta_file = Path(folder) / "checkpoint.json"
+    if not meta_file.is_file():
+        raise StageError(f"{folder} has no checkpoint.json (is it a checkpoint stage output?)")
+    return str(json.loads(meta_file.read_text())["family"])
 
 
 def model_class(family: str) -> Any:

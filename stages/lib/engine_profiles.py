@@ -78,6 +78,18 @@ def _decoder_axes(decoder: dict[str, Any]) -> dict[str, Triple]:
             "total": total, "total_seq": total, "kv_len": total}  # type: ignore[dict-item]
 
 
+def _byo_dims(io_spec: dict[str, Any], inp: dict[str, Any], vision: dict[str, Any]) -> dict[int, Triple] | None:
+    """A bring-your-own image input (``preprocess`` in the io spec) by position, whatever its
+    axes are called (exporters name them freely, or not at all): dim 0 is the batch (1 ..
+    max_images); H and W are the declared resize, since every image is resized to it."""
+    pre = io_spec.get("preprocess") or {}
+    if not pre or inp["name"] != pre.get("input_name") or len(inp["shape"]) != 4:
+        return None
+    h, w = (int(x) for x in pre["resize"])
+    hw = (1, 2) if pre.get("layout") == "NHWC" else (2, 3)
+    return {0: (1, 1, int(vision["max_images"])), hw[0]: (h, h, h), hw[1]: (w, w, w)}
+
+
 def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -> dict[str, tuple[Shape, Shape, Shape]]:
     """{input name: (min shape, opt shape, max shape)} for every input with a named axis.
 
@@ -93,10 +105,13 @@ def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -
         shape = inp["shape"]
         if all(isinstance(d, int) and d >= 0 for d in shape):
             continue  # static: no profile entry needed
+        byo = _byo_dims(io_spec, inp, profiles["vision"]) if graph == "vision" else None
         dims: list[Triple] = []
-        for d in shape:
+        for k, d in enumerate(shape):
             if isinstance(d, int) and d >= 0:
                 dims.append((d, d, d))
+            elif byo is not None and k in byo:
+                dims.append(byo[k])
             elif isinstance(d, str) and d in axes:
                 dims.append(axes[d])
             else:

@@ -27,17 +27,25 @@ class Specs:
     family: str
     text: Any  # hostside.text.TextSpec
     vision: Any  # hostside.vision.VisionSpec
-    config: Any  # the checkpoint's transformers config
-    path: Path
+    config: Any  # the checkpoint's transformers config (None for a bring-your-own ONNX)
+    path: Path | None  # None: a bring-your-own ONNX has no checkpoint (and no PyTorch model)
 
 
 def load_specs(checkpoint: Path) -> Specs:
     from transformers import AutoConfig
 
-    from stages.lib.checkpoints import VISION_ONLY_FAMILIES, load_processor, resolve_checkpoint
+    from stages.lib.checkpoints import (
+        BYO_FAMILY,
+        VISION_ONLY_FAMILIES,
+        checkpoint_family,
+        load_processor,
+        resolve_checkpoint,
+    )
     from stages.lib.hostside.text import TextSpec
     from stages.lib.hostside.vision import VisionSpec
 
+    if checkpoint_family(checkpoint) == BYO_FAMILY:  # the graph takes one preprocessed image
+        return Specs(BYO_FAMILY, None, None, None, None)
     path, family = resolve_checkpoint(checkpoint)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if family in VISION_ONLY_FAMILIES:  # a CNN: the graph takes normalised pixels, nothing else
@@ -209,6 +217,8 @@ def embed_graph(quantize: Path, specs: Specs, workdir: Path) -> tuple[Path, str]
 
     from stages.lib.decoder_export import export_embed_graph
 
+    if specs.path is None:
+        raise StageError(f"no embed.onnx in {quantize} and no checkpoint to take the embedding table from")
     index = specs.path / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
         sorted(p.name for p in specs.path.glob("*.safetensors"))

@@ -1,0 +1,116 @@
+"""Bring your own ONNX, end to end through the real CLI: a config that names only an FP32 vision
+ONNX (no checkpoint) builds int8/fp8 engines, graded against that ONNX itself in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import Cli
+
+TARGETS = {"rtx3090": "int8", "rtx4090": "fp8"}  # precision best: rtx3090 has no FP8
+
+
+def _tiny_cnn(path: Path) -> None:
+    """A small conv net (conv-bn-relu stages, pooled features, a classifier), FP32, NCHW input
+    ``image`` with a dynamic batch, as a user's own exporter would write it."""
+    import torch
+
+    torch.manual_seed(0)
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = self.body(x)
+            return f, self.head(f)
+
+    net = Net().eval()
+    for m in net.modules():  # non-trivial BN statistics, so folding them is not a no-op
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), input_names=["image"],
+                      output_names=["features", "logits"], dynamic_axes={"image": {0: "batch"}},
+                      opset_version=19, dynamo=False)
+
+
+CONFIG = """
+name: byo
+model:
+  vision_onnx: {path: net.onnx, input_name: image, layout: NCHW, resize: [64, 64],
+                mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}
+targets: [rtx3090, rtx4090]
+calibration: {samples: 4}
+engine: {workspace_mb: 256}
+"""
+
+
+def test_byo_onnx_builds_end_to_end(tmp_path: Path) -> None:
+    import stages
+
+    _tiny_cnn(tmp_path / "net.onnx")
+    cli = Cli(tmp_path, stages=",".join(stages.STAGE_MODULES))
+    cfg = cli.config(CONFIG, name="byo.yaml")
+    r = cli("build", str(cfg), "-j", "2", "--json", timeout=900)
+    nodes = {n["id"]: n for n in json.loads(r.stdout)["nodes"]}
+    want = ["checkpoint", "export_vision", "export_decoder", "fuse", "calibrate", "reference",
+            *(f"{s}@{t}" for s in ("quantize", "engine", "verify") for t in TARGETS)]
+    assert sorted(nodes) == sorted(want)
+    assert all(n["status"] == "ran" for n in nodes.values()), {k: n["status"] for k, n in nodes.items()}
+
+    out = tmp_path / "artifacts" / "out" / "byo"
+    assert json.loads((out / "checkpoint" / "checkpoint.json").read_text()) == {"path": None, "family": "byo"}
+    assert "absent" in json.loads((out / "export_decoder" / "decoder.json").read_text())
+    ref = json.loads((out / "reference" / "reference.json").read_text())
+    assert ref["family"] == "byo" and ref["reference"].startswith("onnxruntime fp32") and ref["outputs"][0] == "features"
+    with np.load(out / "reference" / "reference.npz") as z:
+        ref0 = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("s0.")}
+    # preprocessed exactly as declared (bicubic resize to 64x64, /255, mean/std, NCHW), and the
+    # reference outputs are the FP32 ONNX itself on that tensor
+    import onnxruntime as ort
+    from PIL import Image
+
+    assert ref0["image"].shape[:2] != (64, 64)  # a held-out size, resized by the declared rule
+    img = np.asarray(Image.fromarray(ref0["image"]).resize((64, 64), Image.Resampling.BICUBIC), np.float32)
+    want = ((img / 255.0 - 0.5) / 0.25).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(ref0["pixel_values"], want, atol=1e-5)
+    feats, logits = ort.InferenceSession(str(tmp_path / "net.onnx")).run(None, {"image": want.astype(np.float32)})
+    np.testing.assert_allclose(ref0["vision_features"], feats, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ref0["logits"], logits, rtol=1e-4, atol=1e-5)
+    for target, prec in TARGETS.items():
+        q = json.loads((out / f"quantize@{target}" / "quantize.json").read_text())
+        assert q["vision"]["precision"] == prec and q["vision"]["qdq_pairs"] > 0 and "decoder" not in q
+        assert q["vision"]["parity"]["vs_reference"]["cosine"] >= 0.99
+        eng = out / f"engine@{target}"
+        assert (eng / "vision.engine").stat().st_size > 0 and not (eng / "decoder.engine").exists()
+        side = json.loads((eng / "vision.engine.json").read_text())
+        assert side["profile"]["image"] == {"min": [1, 3, 64, 64], "opt": [1, 3, 64, 64], "max": [2, 3, 64, 64]}
+        v = json.loads((out / f"verify@{target}" / "verify.json").read_text())
+        assert v["passed"] is True
+        rows = {r["runtime"]: r for r in v["rows"] if r["graph"] == "vision"}
+        ort_row = rows["onnxruntime"]
+        assert ort_row["status"] == "pass" and ort_row["precision"] == prec
+        assert ort_row["figures"]["cosine"] >= 0.99 and ort_row["figures"]["top1"] >= 0.5
+        assert rows["tensorrt"]["status"] in ("pass", "not-run")  # runs only on a GPU of that SM
+
+    # a second build runs nothing; a changed ONNX (content, same path) re-keys export and reference
+    again = json.loads(cli("build", str(cfg), "--json").stdout)
+    assert all(n["status"] == "cached" for n in again["nodes"])
+    import onnx
+
+    m = onnx.load(str(tmp_path / "net.onnx"))
+    m.doc_string = "changed"
+    onnx.save(m, str(tmp_path / "net.onnx"))
+    plan = {n["id"]: n for n in cli.json("plan", str(cfg))}  # type: ignore[union-attr]
+    assert not plan["export_vision"]["cached"] and not plan["reference"]["cached"]
+    assert plan["checkpoint"]["cached"]  # no checkpoint: nothing of it changed
