@@ -126,7 +126,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="export_vision",
-    version="2",  # 2: dynamo exporter, external data above 256 MiB, export_peak_rss_bytes
+    version="3",  # 3: BYO check image preprocessed by ImageFeeder; 2: dynamo exporter, external data
     run=_run,
     params=_params,
     deps=("checkpoint",),
@@ -168,11 +168,14 @@ def bring_your_own(ctx: StageContext) -> StageResult:
         shutil.copyfile(src["path"], dst)
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     meta = sess.get_inputs()
+    from stages.lib.qdq.calibset import ImageFeeder, Sample
+
     h, w = src["resize"]
     rng = np.random.default_rng(ctx.params["seed"])
-    img = (rng.random((h, w, 3), dtype=np.float32) - np.asarray(src["mean"])) / np.asarray(src["std"])
-    x = img.transpose(2, 0, 1)[None] if src["layout"] == "NCHW" else img[None]
-    feeds = {src["input_name"]: x.astype(np.float32)}
+    # the one implementation of the declared preprocessing (calibrate, reference and quantize
+    # feed the graph through it too), on an 8-bit image of another size than the resize
+    img = rng.integers(0, 256, (h + 7, w + 5, 3), dtype=np.uint8)
+    feeds = ImageFeeder({"preprocess": src}).vision(Sample("export-check", img, ""))[0]
     extra = [i.name for i in meta if i.name not in feeds]
     if extra:
         raise StageError(f"{src['path']} has inputs besides {src['input_name']!r}: {', '.join(extra)}")
