@@ -112,7 +112,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.time()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = artifacts_root() / "runs" / cfg.name / f"{stamp}-{os.getpid()}"
-    planner = Planner(cfg, nodes, store, force=set(args.force))
+    planner = Planner(cfg, nodes, store, force=frozenset(args.force))
     with Progress(list(planner.states.values()), enabled=not args.json) as prog:
         states = build(planner, args.jobs, run_dir, on_event=prog.event, on_progress=prog.message)
     failed = [s for s in states if s.status in ("failed", "skipped")]

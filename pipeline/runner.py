@@ -57,7 +57,7 @@ class NodeState:
 class Planner:
     """Computes keys in topological order; a node's key needs its deps' output digests."""
 
-    def __init__(self, cfg: BuildConfig, nodes: list[Node], store: CacheStore, force: set[str] = frozenset()):  # type: ignore[assignment]
+    def __init__(self, cfg: BuildConfig, nodes: list[Node], store: CacheStore, force: frozenset[str] = frozenset()):
         self.cfg, self.nodes, self.store, self.force = cfg, nodes, store, set(force)
         self.states = {n.id: NodeState(n) for n in nodes}
 
