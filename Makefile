@@ -9,15 +9,15 @@ TARGET_ARGS := $(foreach t,$(TARGET),--target $(t))
 
 .PHONY: setup engines plan test test-all lint clean
 
-$(BIN)/vlmforge: pyproject.toml
+$(BIN)/vlmforge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
 	# torch first, by the exact pin that resolves to the CPU build (any other pulls CUDA wheels)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[toolchain,dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[toolchain,dev]'
 	# type stubs for the full-TensorRT path; --no-deps: its `tensorrt` dependency is a stub
 	# package that downloads from a host outside the registries and cannot install here
-	$(BIN)/pip install --no-deps tensorrt-stubs
+	$(BIN)/pip install --no-deps tensorrt-stubs==10.13.0.35.1
 	@touch $@
 
 setup: $(BIN)/vlmforge
