@@ -89,7 +89,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "|---|---|---:|---:|---|---|---|",
     ]
     for n in doc["nodes"]:
-        outs = ", ".join(f"{k} ({v['bytes']:,} B)" for k, v in list(n["outputs"].items())[:6])
+        # the largest outputs first (engines, graphs), so the table names what matters
+        ranked = sorted(n["outputs"].items(), key=lambda kv: -kv[1]["bytes"])
+        outs = ", ".join(f"{k} ({v['bytes']:,} B)" for k, v in ranked[:6])
+        if len(ranked) > 6:
+            outs += f", +{len(ranked) - 6} more"
         note = n["error"] or n["reason"] or ""
         if n["status"] == "cached" and n.get("built_seconds") is not None:
             note = f"cache hit (built in {n['built_seconds']:.1f} s, {n['built_peak_rss_mb'] or 0:.0f} MB) {note}".strip()
