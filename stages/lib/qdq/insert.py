@@ -152,11 +152,18 @@ def insert_weight(graph: ir.Graph, site: Site, qtype: str, qmax: float) -> None:
     qv = _const(graph, f"{site.tensor}_quantized", q)
     sv = _const(graph, f"{site.tensor}_scale", scale)
     zv = _const(graph, f"{site.tensor}_zp", _zero_point(qtype, scale.shape))
-    dq = ir.Node("", "DequantizeLinear", [qv, sv, zv], [ir.AttrInt64("axis", axis)],
-                 name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
+    replace_weight_with_dq(graph, site, [qv, sv, zv], [ir.AttrInt64("axis", axis)], tuple(w.shape), fdt)
+
+
+def replace_weight_with_dq(graph: ir.Graph, site: Site, inputs: list[ir.Value], attrs: list[Any],
+                           shape: tuple[int, ...], fdt: Any) -> None:
+    """Feed the site's consumer from a weight DequantizeLinear (INT8/FP8 per-channel or INT4 block)."""
+    import onnx_ir as ir
+
+    dq = ir.Node("", "DequantizeLinear", inputs, attrs, name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
     dq.outputs[0].name = f"{site.tensor}_dequantized"
     dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT16 if fdt == np.float16 else ir.DataType.FLOAT)
-    dq.outputs[0].shape = ir.Shape(list(w.shape))
+    dq.outputs[0].shape = ir.Shape(list(shape))
     graph.extend([dq])
     _rewire(graph, site, dq.outputs[0])
 

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.qdq.graphio import const_array, set_opset
-from stages.lib.qdq.insert import _const, _rewire, _value, drop_unused_initializers, quantize_array
+from stages.lib.qdq.insert import (
+    _const,
+    _value,
+    drop_unused_initializers,
+    quantize_array,
+    replace_weight_with_dq,
+)
 from stages.lib.qdq.placement import Placement, Site
 from stages.lib.qdq.rules import rules_for
 
@@ -100,13 +106,8 @@ def insert_int4_weight(graph: ir.Graph, site: Site, block: int, ms: np.ndarray |
         codes, scales = codes.T, scales.T
     qv = _const(graph, f"{site.tensor}_int4", codes)
     sv = _const(graph, f"{site.tensor}_scale", scales)
-    dq = ir.Node("", "DequantizeLinear", [qv, sv], [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", b)],
-                 name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
-    dq.outputs[0].name = f"{site.tensor}_dequantized"
-    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT16 if dt == np.float16 else ir.DataType.FLOAT)
-    dq.outputs[0].shape = ir.Shape(list(w.shape))
-    graph.extend([dq])
-    _rewire(graph, site, dq.outputs[0])
+    attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", b)]
+    replace_weight_with_dq(graph, site, [qv, sv], attrs, tuple(w.shape), dt)
     stats.blocks[site.tensor] = b
     if ms is not None:
         stats.awq[site.tensor] = round(gain, 4)
