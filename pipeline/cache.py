@@ -1,27 +1,38 @@
 """Content-addressed cache: `<root>/<key>/out/...` plus `<root>/<key>/manifest.json`.
 
-Commit protocol: a stage writes into `<root>/.tmp/<key>.<pid>.<rand>/out`, the manifest (with
-every output's sha256 and size) is written last inside that folder, then the folder is renamed
-to `<root>/<key>` in one `rename(2)`. A SIGKILL at any point leaves only a `.tmp` folder, which
-nothing trusts. An entry is used only if its manifest parses and every output matches its
-recorded size and digest; a damaged entry is moved to `.corrupt/` and rebuilt. Builders of the
-same key in several processes serialise on `<root>/.locks/<key>.lock`.
+Commit protocol: a stage writes into `<root>/.tmp/<key>.<pid>.<rand>/out`; its files are made
+read-only, hashed, the manifest (every output's sha256 and size) is written last, then the folder
+is renamed to `<root>/<key>` in one `rename(2)`. A SIGKILL at any point leaves only a `.tmp`
+folder, which nothing trusts. An entry is used only if its manifest has the expected shape and
+every output matches its recorded size and digest; a damaged entry is moved to `.corrupt/` (kept
+for inspection, never used) and rebuilt.
+
+Locks (all die with their process): builders of one key serialise on `.locks/<key>.lock`;
+a worker reading an entry holds `.locks/<key>.rw` shared, and a `--force` rebuild swaps the entry
+only under it exclusively, so an entry never vanishes under a reader; `.locks/gc.lock` is held
+shared while a build pins a key and looks it up, exclusively while gc decides what to delete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline.hashing import HashMemo, hash_tree
+from pipeline.hashing import SHA256_HEX, HashMemo, hash_tree
+from pipeline.locks import flocked, shared_many
 
 MANIFEST = "manifest.json"
+KEY_RE = re.compile(r"^[0-9a-f]{32}$")  # what cache_key() makes: only such folders are entries
 
 
 @dataclass(frozen=True)
@@ -34,10 +45,42 @@ class Lookup:
         return self.manifest is not None
 
 
+class CacheError(Exception):
+    """A stage's output cannot be committed as it is (e.g. it wrote a symlink)."""
+
+
+def manifest_problem(key: str, manifest: Any) -> str | None:
+    """Why a parsed manifest cannot be trusted (wrong shape, other key, unsafe paths), or None."""
+    if not isinstance(manifest, dict):
+        return "manifest is not a JSON object"
+    if manifest.get("key") != key:
+        return "manifest belongs to another key"
+    outputs = manifest.get("outputs")
+    if not isinstance(outputs, dict):
+        return "manifest has no outputs table"
+    for rel, meta in outputs.items():
+        pure = PurePosixPath(rel) if isinstance(rel, str) else None
+        if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+            return f"manifest names an unsafe output path {rel!r}"
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int)
+                and isinstance(meta.get("sha256"), str) and SHA256_HEX.match(meta["sha256"])):
+            return f"manifest entry for {rel} lacks a sha256 and a byte count"
+    return None
+
+
+def read_only(path: Path) -> None:
+    """Clear the write bits (DVC protects its cache the same way): an editor, a script or a
+    `>` redirect into a published file fails instead of silently changing the cache."""
+    mode = path.stat().st_mode
+    path.chmod(stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
 class CacheStore:
     def __init__(self, root: Path):
         self.root = root
         self.memo = HashMemo(root / ".hashmemo.json")
+        self._pin_file: Path | None = None
+        self._pinned: set[str] = set()
 
     # -- paths ---------------------------------------------------------------------------
     def entry(self, key: str) -> Path:
@@ -49,36 +92,41 @@ class CacheStore:
     def lock_path(self, key: str) -> Path:
         return self.root / ".locks" / f"{key}.lock"
 
+    def _rw_path(self, key: str) -> Path:
+        return self.root / ".locks" / f"{key}.rw"
+
+    def gc_lock(self, exclusive: bool) -> AbstractContextManager[bool]:
+        return flocked(self.root / ".locks" / "gc.lock", exclusive)
+
     # -- reading -------------------------------------------------------------------------
-    def lookup(self, key: str, verify: bool = True) -> Lookup:
+    def lookup(self, key: str, verify: bool = True, rehash: bool = False) -> Lookup:
         entry = self.entry(key)
         if not entry.exists():
             return Lookup(None, "not built")
-        mpath = entry / MANIFEST
         try:
-            manifest = json.loads(mpath.read_text())
-            if manifest.get("key") != key:
-                raise ValueError("manifest belongs to another key")
+            manifest = json.loads((entry / MANIFEST).read_text())
         except (OSError, ValueError) as e:
             return self._quarantine(key, f"unreadable manifest ({e.__class__.__name__})")
-        if verify:
-            bad = self._verify(key, manifest)
-            if bad:
-                return self._quarantine(key, bad)
+        bad = manifest_problem(key, manifest)
+        if bad is None and verify:
+            bad = self._verify(key, manifest, rehash)
+        if bad:
+            return self._quarantine(key, bad)
         return Lookup(manifest, "")
 
-    def _verify(self, key: str, manifest: dict[str, Any]) -> str | None:
+    def _verify(self, key: str, manifest: dict[str, Any], rehash: bool) -> str | None:
         out = self.out_dir(key)
-        recorded: dict[str, dict[str, Any]] = manifest.get("outputs", {})
+        recorded: dict[str, dict[str, Any]] = manifest["outputs"]
         for rel, meta in recorded.items():
             p = out / rel
-            if not p.is_file():
+            if p.is_symlink() or not p.is_file():
                 return f"output {rel} is missing"
             if p.stat().st_size != meta["bytes"]:
                 return f"output {rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']}"
-            if self.memo.sha256(p) != meta["sha256"]:
+            sha = self.memo.rehash(p) if rehash else self.memo.sha256(p)
+            if sha != meta["sha256"]:
                 return f"output {rel} does not match its recorded sha256"
-        extra = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - set(recorded)
+        extra = {p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir()} - set(recorded)
         if extra:
             return f"unrecorded files in entry: {sorted(extra)[:3]}"
         return None
@@ -91,9 +139,36 @@ class CacheStore:
             os.rename(self.entry(key), dest)
         except FileNotFoundError:
             return Lookup(None, "not built")
-        except OSError:
-            shutil.rmtree(self.entry(key), ignore_errors=True)
         return Lookup(None, f"cache entry was damaged ({reason}); rebuilding")
+
+    @contextmanager
+    def reading(self, keys: list[str]) -> Iterator[None]:
+        """Hold these entries for reading: a --force rebuild of one waits until we are done."""
+        with shared_many([self._rw_path(k) for k in keys]):
+            yield
+
+    # -- pins: what a running build uses, which gc must keep ----------------------------------
+    def pin(self, key: str) -> None:
+        """Record that this build process uses ``key`` (call under ``gc_lock(False)``)."""
+        if self._pin_file is None or key in self._pinned:
+            return
+        self._pinned.add(key)
+        part = self._pin_file.with_suffix(".part")
+        part.write_text(json.dumps(sorted(self._pinned)))
+        os.replace(part, self._pin_file)
+
+    @contextmanager
+    def pinning(self) -> Iterator[None]:
+        """For the duration of a build, keys passed to ``pin`` are kept by a concurrent gc."""
+        from pipeline.housekeeping import pin_file_name
+
+        self._pin_file = self.root / ".pins" / pin_file_name()
+        self._pin_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        finally:
+            self._pin_file.unlink(missing_ok=True)
+            self._pin_file, self._pinned = None, set()
 
     # -- writing -------------------------------------------------------------------------
     def begin(self, key: str) -> Path:
@@ -101,87 +176,59 @@ class CacheStore:
         (tmp / "out").mkdir(parents=True)
         return tmp
 
-    def commit(self, key: str, tmp: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Hash outputs, write the manifest last, rename into place. Returns the manifest."""
-        manifest = {**manifest, "key": key, "outputs": hash_tree(tmp / "out", self.memo)}
+    def commit(self, key: str, tmp: Path, manifest: dict[str, Any], replace: bool = False) -> dict[str, Any]:
+        """Protect and hash outputs, write the manifest last, rename into place.
+
+        ``replace`` (a --force rebuild): an existing entry is swapped out under the key's
+        exclusive read lock, so no reader ever sees it half there. Returns the manifest."""
+        out = tmp / "out"
+        links = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_symlink()]
+        if links:  # a link could point anywhere (outside the cache, at a user's file)
+            raise CacheError(f"stage output {links[0]} is a symlink; stages must write real files")
+        for p in out.rglob("*"):
+            if p.is_file():
+                read_only(p)
+        manifest = {**manifest, "key": key, "outputs": hash_tree(out, self.memo)}
         mtmp = tmp / (MANIFEST + ".part")
         with open(mtmp, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
             f.flush()
             os.fsync(f.fileno())
+        read_only(mtmp)
         os.replace(mtmp, tmp / MANIFEST)
-        try:
-            os.rename(tmp, self.entry(key))
-        except OSError:
-            # Another builder committed the same key first (we hold the lock, so only a
-            # builder that bypassed it, or a damaged leftover). Trust a valid one.
-            found = self.lookup(key)
-            if found.hit:
-                shutil.rmtree(tmp, ignore_errors=True)
-                assert found.manifest is not None
-                return found.manifest
-            os.rename(tmp, self.entry(key))
-        self.memo.save()
-        # Rehash under the entry's final path so the memo (keyed on path) stays warm.
-        for rel in manifest["outputs"]:
-            self.memo.sha256(self.out_dir(key) / rel)
+        if replace:
+            with flocked(self._rw_path(key), exclusive=True):
+                trash = self.root / ".tmp" / f"replaced-{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(self.entry(key), trash)
+                except FileNotFoundError:
+                    trash = None  # type: ignore[assignment]
+                os.rename(tmp, self.entry(key))
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, self.entry(key))
+            except OSError:
+                # Another builder committed the same key first (we hold the key lock, so only one
+                # that bypassed it, or a damaged leftover). Trust a valid one.
+                found = self.lookup(key)
+                if found.hit:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    assert found.manifest is not None
+                    return found.manifest
+                os.rename(tmp, self.entry(key))
+        for rel in manifest["outputs"]:  # keep the memo warm under the entry's final path
+            self.memo.carry(out / rel, self.out_dir(key) / rel)
         self.memo.save()
         return manifest
-
-    def evict(self, key: str) -> None:
-        """Drop an entry (for --force): renamed away first so no reader sees it half-deleted."""
-        if self.entry(key).exists():
-            trash = self.root / ".tmp" / f"evicted-{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(self.entry(key), trash)
-            shutil.rmtree(trash, ignore_errors=True)
 
     def abort(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     # -- housekeeping ----------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """Entry folders (named like a key); anything else under the root is not ours to judge."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-    def gc(self, keep: set[str], dry_run: bool = False) -> dict[str, Any]:
-        """Remove entries not in `keep`, stale temp folders of dead builders, quarantined entries."""
-        removed, freed = [], 0
-        for key in self.keys():
-            if key not in keep:
-                freed += _size(self.entry(key))
-                removed.append(key)
-                if not dry_run:
-                    shutil.rmtree(self.entry(key), ignore_errors=True)
-        stale = []
-        for sub in (".tmp", ".corrupt"):
-            for p in sorted((self.root / sub).glob("*")) if (self.root / sub).is_dir() else []:
-                if sub == ".tmp" and _pid_alive(p):
-                    continue
-                stale.append(p.name)
-                freed += _size(p)
-                if not dry_run:
-                    shutil.rmtree(p, ignore_errors=True)
-        return {"removed": removed, "stale": stale, "freed_bytes": freed, "kept": len(keep)}
-
-
-def _size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def _pid_alive(tmp: Path) -> bool:
-    """Is the builder that owns this temp folder still running? A killed builder can linger as
-    a zombie (no reaper in a container) and its pid can be reused later: neither counts."""
-    import psutil
-
-    try:
-        pid = int(tmp.name.split(".")[1])
-        proc = psutil.Process(pid)
-        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-            return False
-        return proc.create_time() <= tmp.stat().st_mtime + 1.0  # started after the folder: reused pid
-    except (IndexError, ValueError, psutil.NoSuchProcess, FileNotFoundError):
-        return False
-    except psutil.AccessDenied:
-        return True
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and KEY_RE.match(p.name))

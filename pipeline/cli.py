@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gc", help="remove cache entries no lock file references, and stale temp folders")
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--json", action="store_true")
+    f = sub.add_parser("fsck", help="re-hash every cache entry; quarantine damaged ones (exit 1 if any)")
+    f.add_argument("--json", action="store_true")
     r = sub.add_parser("report", help="print a build report again")
     r.add_argument("run", help="run folder, or a config name for its latest run")
     r.add_argument("--json", action="store_true")
@@ -66,9 +68,28 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path]:
     targets = targets_for(cfg, config_path, catalog)
     check_precisions(cfg, config_path, targets, catalog)
     nodes = build_graph(load_stages(), targets)
+    forced = getattr(args, "force", None) or []
+    known = list(dict.fromkeys(n.stage.name for n in nodes))
+    for name in forced:
+        if name not in known:
+            raise ConfigError(f"--force: no stage named {name!r} (stages: {', '.join(known)})")
     nodes = select(nodes, args.target, getattr(args, "until", None))
+    _preflight(cfg, nodes)
     store = CacheStore(artifacts_root() / "cache")
     return cfg, nodes, store, config_path
+
+
+def _preflight(cfg: Any, nodes: list[Any]) -> None:
+    """Each stage's cheap input checks, before anything is keyed: bad input is exit 2."""
+    from pipeline.errors import ConfigError
+    from pipeline.stage import StageError
+
+    for stage in dict.fromkeys(n.stage for n in nodes):
+        if stage.preflight is not None:
+            try:
+                stage.preflight(cfg)
+            except StageError as e:
+                raise ConfigError(str(e)) from None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -113,22 +134,26 @@ def cmd_build(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = artifacts_root() / "runs" / cfg.name / f"{stamp}-{os.getpid()}"
     planner = Planner(cfg, nodes, store, force=frozenset(args.force))
-    with Progress(list(planner.states.values()), enabled=not args.json) as prog:
-        states = build(planner, args.jobs, run_dir, on_event=prog.event, on_progress=prog.message)
+    with store.pinning():  # a concurrent `vlmforge gc` keeps what this build found or made
+        with Progress(list(planner.states.values()), enabled=not args.json) as prog:
+            states = build(planner, args.jobs, run_dir, on_event=prog.event, on_progress=prog.message)
+        # the lock file first: once it names the keys, gc keeps them without our pins
+        write_lock(artifacts_root() / "locks" / f"{cfg.name}.lock", config_path, states)
+    view_notes = publish(states, {s.node.id: store.out_dir(s.key) for s in states if s.key},
+                         artifacts_root() / "out" / cfg.name)
     failed = [s for s in states if s.status in ("failed", "skipped")]
     header = {
         "config": str(config_path), "config_name": cfg.name, "run_dir": str(run_dir),
         "started": datetime.datetime.fromtimestamp(t0).isoformat(timespec="seconds"),
         "wall_seconds": round(time.time() - t0, 3), "result": "failed" if failed else "ok",
         "toolchain": toolchain_versions(("torch", "transformers", "onnx", "onnxruntime", "tensorrt-rtx-cu13-bindings")),
+        "notes": view_notes,
     }
     doc = write_report(run_dir, header, states)
     from pipeline.report_html import write_html_report
 
     write_html_report(run_dir, doc, store.root)
     _latest(run_dir)
-    write_lock(artifacts_root() / "locks" / f"{cfg.name}.lock", config_path, states)
-    publish(states, {s.node.id: store.out_dir(s.key) for s in states if s.key}, artifacts_root() / "out" / cfg.name)
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
     else:
@@ -167,24 +192,64 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
+def _lock_keys(lock: Path) -> set[str]:
+    """Keys a lock file references. One that cannot be read stops gc: deleting what it might
+    reference would lose a build."""
     import yaml
 
+    from pipeline.errors import ConfigError
+
+    try:
+        doc = yaml.safe_load(lock.read_text()) or {}
+        nodes = doc.get("nodes") or {} if isinstance(doc, dict) else None
+        if not isinstance(nodes, dict):
+            raise ValueError("no nodes table")
+        keys = {n["key"] for n in nodes.values()}
+        if not all(isinstance(k, str) for k in keys):
+            raise ValueError("a node without a key")
+        return keys
+    except (OSError, yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{lock}: unreadable lock file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "gc removed nothing (fix or delete that lock file)") from None
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
     from pipeline.cache import CacheStore
+    from pipeline.housekeeping import gc
 
     root = artifacts_root()
     keep: set[str] = set()
     for lock in sorted((root / "locks").glob("*.lock")):
-        doc = yaml.safe_load(lock.read_text()) or {}
-        keep |= {n["key"] for n in (doc.get("nodes") or {}).values()}
-    res = CacheStore(root / "cache").gc(keep, dry_run=args.dry_run)
+        keep |= _lock_keys(lock)
+    res = gc(CacheStore(root / "cache"), keep, dry_run=args.dry_run)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(res.as_dict(), indent=2))
     else:
         verb = "would remove" if args.dry_run else "removed"
-        print(f"gc: {verb} {len(res['removed'])} entries and {len(res['stale'])} stale temp folders, "
-              f"{res['freed_bytes'] / 1e6:.1f} MB; kept {len(keep)} entries referenced by lock files")
+        busy = f", {len(res.pinned)} more in use by a running build" if res.pinned else ""
+        print(f"gc: {verb} {len(res.removed)} entries and {len(res.stale)} stale temp folders, "
+              f"{res.freed_bytes / 1e6:.1f} MB; kept {len(keep)} entries referenced by lock files{busy}")
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from pipeline.cache import CacheStore
+    from pipeline.housekeeping import fsck
+
+    def progress(i: int, n: int, key: str) -> None:
+        if not args.json and sys.stderr.isatty():
+            print(f"\rfsck: {i + 1}/{n} {key}", end="", file=sys.stderr, flush=True)
+
+    res = fsck(CacheStore(artifacts_root() / "cache"), progress)
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        for key, why in res.damaged.items():
+            print(f"fsck: {key}: {why}; moved to .corrupt/, the next build rebuilds it")
+        print(f"fsck: {res.checked} entries, {res.bytes_read / 1e6:.1f} MB re-read, {len(res.damaged)} damaged")
+    return 1 if res.damaged else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -205,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import VlmforgeError
 
     try:
-        return {"plan": cmd_plan, "build": cmd_build, "show": cmd_show, "gc": cmd_gc, "report": cmd_report}[args.cmd](args)
+        cmds = {"plan": cmd_plan, "build": cmd_build, "show": cmd_show, "gc": cmd_gc, "fsck": cmd_fsck,
+                "report": cmd_report}
+        return cmds[args.cmd](args)
     except VlmforgeError as e:
         print(f"vlmforge: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -15,7 +15,17 @@ def node_params(node: Node, cfg: BuildConfig) -> dict[str, Any]:
 
 
 def external_files(node: Node, cfg: BuildConfig) -> list[Path]:
-    return sorted(node.stage.external(cfg)) if node.stage.external else []
+    """The files outside the cache the node reads; a declaration that cannot be made (a symlink
+    out of the input folder, an unreadable folder) is bad input: one line, exit 2."""
+    from pipeline.errors import ConfigError
+    from pipeline.stage import StageError
+
+    if not node.stage.external:
+        return []
+    try:
+        return sorted(node.stage.external(cfg))
+    except (StageError, OSError) as e:
+        raise ConfigError(f"{node.id}: {e}") from None
 
 
 def key_material(

@@ -1,7 +1,12 @@
-"""A stable view of the latest build: `artifacts/out/<config>/<node>/` hard-linked to the cache.
+"""A stable view of the latest build: `artifacts/out/<config>/<node>` -> the node's cache entry.
 
-Users and packaging scripts look here instead of at content-addressed keys. Hard links cost no
-space; a file system without them gets copies. Replaced atomically per node.
+Each view is a relative symlink to the entry's read-only `out/` folder, swapped atomically per
+node (a symlink renamed over a symlink). Not hard links: a second link to an external-data file
+makes onnx-ir refuse to read it ("may indicate a hard link attack"), and a hard-linked file is
+the cache itself under another name. Not file symlinks either: onnx refuses external data that
+is a symlink. Through a folder link the files keep one link each and stay regular files, so
+`onnx.load("artifacts/out/default/fuse/decoder.onnx")` works, costs no space, and an edit fails
+on the read-only file instead of silently changing the cache.
 """
 
 from __future__ import annotations
@@ -14,22 +19,36 @@ from pathlib import Path
 from pipeline.runner import NodeState
 
 
-def publish(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path) -> None:
+def _ours(dest: Path) -> bool:
+    """May we replace what is at ``dest``? Our symlinks, and the hard-linked folders earlier
+    versions published (every file a second link of a cache file). Anything else (a folder a
+    user made there) is not ours to delete."""
+    if dest.is_symlink():
+        return True
+    if not dest.is_dir():
+        return False
+    files = [p for p in dest.rglob("*") if not p.is_dir()]
+    return all(p.is_file() and not p.is_symlink() and p.stat().st_nlink >= 2 for p in files)
+
+
+def publish(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path) -> list[str]:
+    """Point each built node's view at its entry; returns notes on views left alone."""
+    notes = []
+    dest_root.mkdir(parents=True, exist_ok=True)
     for s in states:
         if s.manifest is None or s.node.id not in cache_out:
             continue
-        src = cache_out[s.node.id]
         dest = dest_root / s.node.id
-        tmp = dest_root / f".{s.node.id}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        for rel in s.manifest["outputs"]:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src / rel, tmp / rel)
-            except OSError:
-                shutil.copy2(src / rel, tmp / rel)
-        old = dest_root / f".{s.node.id}.old.{uuid.uuid4().hex[:8]}"
-        if dest.exists():
+        if (dest.exists() or dest.is_symlink()) and not _ours(dest):
+            notes.append(f"{dest} is not a view vlmforge made; left alone (the outputs are in {cache_out[s.node.id]})")
+            continue
+        link = dest_root / f".{s.node.id}.{uuid.uuid4().hex[:8]}"
+        link.symlink_to(os.path.relpath(cache_out[s.node.id], dest_root))
+        if dest.is_dir() and not dest.is_symlink():  # an old hard-linked view: move it aside first
+            old = dest_root / f".{s.node.id}.old.{uuid.uuid4().hex[:8]}"
             os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(link, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(link, dest)
+    return notes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Any
 from pipeline.cache import CacheStore
 from pipeline.config import BuildConfig
 from pipeline.graph import Node
-from pipeline.keys import cache_key, external_files, key_material, node_params
+from pipeline.keys import cache_key, key_material, node_params
+from pipeline.worker import NodeOutcome, NodeSpec
 
 
 @dataclass
@@ -83,10 +83,12 @@ class Planner:
             return s
         s.material = key_material(node, self.cfg, deps, self.store.memo)
         s.key = cache_key(s.material)
-        if node.stage.name in self.force:
-            s.cached, s.reason = False, "forced (--force)"
-            return s
-        found = self.store.lookup(s.key)
+        with self.store.gc_lock(exclusive=False):  # a concurrent gc cannot take what we found
+            self.store.pin(s.key)
+            if node.stage.name in self.force:
+                s.cached, s.reason = False, "forced (--force)"
+                return s
+            found = self.store.lookup(s.key)
         s.cached = found.hit
         s.manifest = found.manifest
         s.reason = "" if found.hit else self._why_not(node, found.reason)
@@ -112,22 +114,17 @@ def build(
     on_event: Callable[[NodeState], None] = lambda s: None,
     on_progress: ProgressFn = lambda nid, msg, frac: None,
 ) -> list[NodeState]:
-    """Run every node that is not cached; failures skip their dependants only."""
+    """Run every node that is not cached, each in its own process; a failed or killed node
+    skips its dependants only, and every other node still completes."""
     import multiprocessing as mp
-    import queue as queue_mod
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
-    from pipeline import worker
+    from pipeline.workers import WorkerPool
 
     states = planner.states
-    todo = [n for n in planner.nodes]
-    running: dict[Future[dict[str, Any]], NodeState] = {}
-    ctx = mp.get_context("spawn")
-    manager = None
-    pool = None
-    q: Any = None
+    todo = list(planner.nodes)
+    pool = WorkerPool(mp.get_context("spawn"))
     try:
-        while todo or running:
+        while todo or pool.running:
             progressed = False
             for n in list(todo):
                 s = states[n.id]
@@ -139,7 +136,7 @@ def build(
                     continue
                 if not all(states[d].status in ("cached", "ran") for d in n.deps):
                     continue
-                if len(running) >= jobs:
+                if len(pool.running) >= jobs:
                     break
                 planner.refresh(n)
                 todo.remove(n)
@@ -148,72 +145,52 @@ def build(
                     s.status = "cached"
                     on_event(s)
                     continue
-                if pool is None:  # start workers lazily: a fully cached build spawns nothing
-                    manager = ctx.Manager()
-                    q = manager.Queue()
-                    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1)
-                spec = _spec(planner, n, s, run_dir, q)
                 s.status = "running"
                 on_event(s)
-                running[pool.submit(worker.execute, spec)] = s
-            if running:
-                done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    s = running.pop(fut)
-                    _finish(s, fut)
+                pool.start(s, _spec(planner, n, s, run_dir))
+            if pool.running:
+                for s, outcome in pool.poll(0.2, on_progress):
+                    _finish(s, outcome)
                     on_event(s)
             elif not progressed and todo:
                 raise RuntimeError(f"scheduler stalled on {[n.id for n in todo]}")  # graph bug
-            while q is not None:
-                try:
-                    nid, msg, frac = q.get_nowait()
-                except (queue_mod.Empty, EOFError, OSError):
-                    break
-                on_progress(nid, msg, frac)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if manager is not None:
-            manager.shutdown()
+        pool.stop()
         planner.store.memo.save()
     return [states[n.id] for n in planner.nodes]
 
 
-def _spec(planner: Planner, n: Node, s: NodeState, run_dir: Path, q: Any) -> dict[str, Any]:
-    assert s.key is not None
-    return {
-        "key": s.key,
-        "node_id": n.id,
-        "module": n.module,
-        "params": node_params(n, planner.cfg),
-        "inputs": {d.split("@")[0]: str(planner.store.out_dir(planner.states[d].key or "")) for d in n.deps},
-        "external": [str(p) for p in external_files(n, planner.cfg)],
-        "target": n.target.model_dump() if n.target else None,
-        "cache_root": str(planner.store.root),
-        "material": s.material,
-        "log": str(run_dir / "logs" / f"{n.id.replace('@', '_at_')}.log"),
-        "queue": q,
-        "force": n.stage.name in planner.force,
-    }
+def _spec(planner: Planner, n: Node, s: NodeState, run_dir: Path) -> NodeSpec:
+    assert s.key is not None and s.material is not None
+    dep_keys = {d: planner.states[d].key or "" for d in n.deps}
+    return NodeSpec(
+        key=s.key,
+        node_id=n.id,
+        module=n.module,
+        params=node_params(n, planner.cfg),
+        inputs={d.split("@")[0]: str(planner.store.out_dir(k)) for d, k in dep_keys.items()},
+        input_keys=tuple(sorted(dep_keys.values())),
+        external=dict(s.material["external"]),
+        target=n.target.model_dump() if n.target else None,
+        cache_root=str(planner.store.root),
+        material=s.material,
+        log=str(run_dir / "logs" / f"{n.id.replace('@', '_at_')}.log"),
+        force=n.stage.name in planner.force,
+    )
 
 
-def _finish(s: NodeState, fut: Any) -> None:
-    t0 = time.time()
-    try:
-        res = fut.result()
-    except BaseException as e:  # the worker process died (OOM kill, segfault in a native lib)
-        s.status, s.error = "failed", f"worker process died: {type(e).__name__}: {e}"
-        return
-    s.seconds = res.get("seconds", time.time() - t0)
-    s.peak_rss_mb = res.get("peak_rss_mb")
-    if res["status"] in ("ran", "cached"):
-        s.manifest = res["manifest"]
-        s.status = res["status"]
-        s.cached = res["status"] == "cached"
-        if res.get("by_other"):
+def _finish(s: NodeState, res: NodeOutcome) -> None:
+    s.seconds = res.seconds
+    s.peak_rss_mb = res.peak_rss_mb
+    if res.status in ("ran", "cached") and res.manifest is not None:
+        s.manifest = res.manifest
+        s.status = res.status
+        s.cached = res.status == "cached"
+        if res.by_other:
             s.reason = "built by a concurrent builder"
-        t = s.manifest.get("timings", {}) if s.manifest else {}
+        t = s.manifest.get("timings", {})
         if s.status == "ran":
             s.seconds, s.peak_rss_mb = t.get("seconds", s.seconds), t.get("peak_rss_mb", s.peak_rss_mb)
     else:
-        s.status, s.error, s.failed_result = "failed", res.get("error", "failed"), res
+        s.status, s.error = "failed", res.error or "failed"
+        s.failed_result = {"metrics": res.metrics, "gates": res.gates, "notes": res.notes}

@@ -40,6 +40,10 @@ class Stage:
     # contents enter the key. Declared, so a stage never reads an undeclared file.
     external: ExternalFn | None = None
     description: str = ""
+    # Cheap checks of what the stage will read (headers, not weights), run by `plan` and `build`
+    # before anything is keyed or runs: raise StageError with one line naming the file and what
+    # was expected, and the CLI exits 2 with nothing built.
+    preflight: Callable[[BuildConfig], None] | None = None
     # Declares that the node cannot run on this machine (e.g. full TensorRT without a GPU);
     # returns the reason or None. Shown by `plan`; the node still runs and fails clearly.
     needs_host: Callable[[BuildConfig, TargetSpec | None], str | None] | None = None

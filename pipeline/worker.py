@@ -1,7 +1,9 @@
-"""Runs one node in a fresh worker process: lock the key, run the stage, commit atomically.
+"""Runs one node in its own spawned process: lock the key, run the stage, commit atomically.
 
-A fresh process per node (spawned, one task per child) gives each node its own peak-RSS figure,
-keeps a crashing stage from taking the build down, and keeps torch out of the parent.
+A process per node gives each node its own peak-RSS figure, keeps torch out of the parent, and
+isolates crashes: a node whose process is killed (OOM killer, segfault in a native library) fails
+alone; the parent notices the dead process and the rest of the build goes on. The parent and the
+worker talk over one pipe: progress messages, then exactly one ``NodeOutcome``.
 """
 
 from __future__ import annotations
@@ -12,65 +14,121 @@ import resource
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
-def _peak_rss_mb() -> float:
+@dataclass(frozen=True)
+class NodeSpec:
+    """Everything a worker needs, fixed by the parent when it keyed the node."""
+
+    key: str
+    node_id: str
+    module: str  # where the stage is imported from
+    params: dict[str, Any]
+    inputs: dict[str, str]  # dep stage name -> its committed out folder
+    input_keys: tuple[str, ...]  # held for reading while the node runs
+    external: dict[str, str]  # file outside the cache -> sha256 when the node was keyed
+    target: dict[str, Any] | None
+    cache_root: str
+    material: dict[str, Any]
+    log: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    status: str  # ran | cached | failed
+    manifest: dict[str, Any] | None = None
+    error: str = ""
+    seconds: float = 0.0
+    peak_rss_mb: float | None = None
+    by_other: bool = False  # cached: a concurrent builder committed it while we waited
+    metrics: dict[str, Any] = field(default_factory=dict)  # of a failed node, for the report
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def execute(spec: dict[str, Any]) -> dict[str, Any]:
-    """spec: key, node_id, module, params, inputs, external, target, cache_root, material, log, queue."""
-    from filelock import FileLock
-
-    from pipeline.cache import CacheStore
-    from pipeline.stage import GateFailed, StageContext, StageError
-
-    log = Path(spec["log"])
+def _redirect(log: Path) -> None:
+    """The stage's own prints and library warnings go to the node log, not the live display."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    # The stage's own prints and library warnings go to the node log, not the live display.
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
-    queue = spec.get("queue")
-    node_id = spec["node_id"]
+
+def main(spec: NodeSpec, conn: Any) -> None:
+    """Process entry point: run the node, send progress and then its outcome over ``conn``."""
+    _redirect(Path(spec.log))
 
     def progress(msg: str, frac: float | None = None) -> None:
         print(f"[progress] {msg}", flush=True)
-        if queue is not None:
-            try:
-                queue.put((node_id, msg, frac))
-            except Exception:  # a gone display must not fail the build
-                pass
+        try:
+            conn.send(("progress", msg, frac))
+        except (OSError, ValueError):  # a gone parent display must not fail the node
+            pass
 
-    store = CacheStore(Path(spec["cache_root"]))
-    key = spec["key"]
-    lock = store.lock_path(key)
+    try:
+        outcome = execute(spec, progress)
+    except BaseException as e:  # noqa: BLE001 - never die without telling the parent why
+        traceback.print_exc()
+        outcome = NodeOutcome("failed", error=f"{type(e).__name__}: {e} (traceback in {spec.log})")
+    try:
+        conn.send(("outcome", outcome))
+    finally:
+        conn.close()
+
+
+def _changed_externals(spec: NodeSpec, memo: Any) -> str | None:
+    for path, sha in spec.external.items():
+        p = Path(path)
+        now = memo.sha256(p) if p.is_file() else "missing"
+        if now != sha:
+            return f"{path} changed while {spec.node_id} ran (keyed on {sha[:12]}, now {now[:12]}); build again"
+    return None
+
+
+def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> NodeOutcome:
+    from filelock import FileLock
+
+    from pipeline.cache import CacheStore
+    from pipeline.stage import GateFailed, StageContext, StageError
+
+    store = CacheStore(Path(spec.cache_root))
+    lock = store.lock_path(spec.key)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock)):
-        if spec.get("force"):
-            store.evict(key)
-        found = store.lookup(key)
-        if found.hit:  # another process built it while we waited for the lock
-            return {"status": "cached", "manifest": found.manifest, "by_other": True}
-        tmp = store.begin(key)
+    with FileLock(str(lock)), store.reading(list(spec.input_keys)):
+        if not spec.force:
+            found = store.lookup(spec.key)
+            if found.hit:  # another process built it while we waited for the lock
+                return NodeOutcome("cached", manifest=found.manifest, by_other=True)
+        for name, folder in spec.inputs.items():  # replaced or damaged since the parent checked
+            if not Path(folder).is_dir():
+                return NodeOutcome("failed", error=f"input {name} ({folder}) vanished before {spec.node_id} ran")
+        tmp = store.begin(spec.key)
         started = time.time()
         ctx = StageContext(
-            node_id=node_id,
-            params=spec["params"],
-            inputs={k: Path(v) for k, v in spec["inputs"].items()},
+            node_id=spec.node_id,
+            params=spec.params,
+            inputs={k: Path(v) for k, v in spec.inputs.items()},
             out=tmp / "out",
-            target=spec["target"],
-            external=[Path(p) for p in spec["external"]],
+            target=spec.target,
+            external=[Path(p) for p in spec.external],
             progress=progress,
         )
-        stage = importlib.import_module(spec["module"]).STAGE
-        timing = lambda: {"seconds": round(time.time() - started, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}  # noqa: E731
+
+        def timing() -> dict[str, float]:
+            return {"seconds": round(time.time() - started, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
         try:
+            stage = importlib.import_module(spec.module).STAGE
             result = stage.run(ctx)
             missing = [o for o in stage.outputs if not (ctx.out / o).exists()]
             if missing:
@@ -79,25 +137,28 @@ def execute(spec: dict[str, Any]) -> dict[str, Any]:
             if missed:  # a stage that returns a missed gate instead of raising still fails
                 what = "; ".join(f"{g.name} {g.value:.6g} (needs {g.op} {g.threshold:g})" for g in missed)
                 raise GateFailed(f"parity gate missed: {what}", result)
+            changed = _changed_externals(spec, store.memo)
+            if changed:  # the key would describe other bytes than the ones the stage read
+                raise StageError(changed)
+            manifest = {
+                "node": spec.node_id,
+                "material": spec.material,
+                "metrics": result.metrics,
+                "gates": [g.__dict__ for g in result.gates],
+                "notes": result.notes,
+                "timings": {**timing(), "started": started, "finished": time.time()},
+            }
+            manifest = store.commit(spec.key, tmp, manifest, replace=spec.force)
         except GateFailed as e:
             store.abort(tmp)
             r = e.result
-            return {"status": "failed", "error": str(e), "metrics": r.metrics, "notes": r.notes,
-                    "gates": [g.__dict__ for g in r.gates], **timing()}
+            return NodeOutcome("failed", error=str(e), metrics=r.metrics, notes=r.notes,
+                               gates=[g.__dict__ for g in r.gates], **timing())
         except StageError as e:
             store.abort(tmp)
-            return {"status": "failed", "error": str(e), **timing()}
+            return NodeOutcome("failed", error=str(e), **timing())
         except BaseException as e:  # a crash: keep the traceback in the log, one line to the user
             store.abort(tmp)
             traceback.print_exc()
-            return {"status": "failed", "error": f"{type(e).__name__}: {e} (traceback in {log})", **timing()}
-        manifest = {
-            "node": node_id,
-            "material": spec["material"],
-            "metrics": result.metrics,
-            "gates": [g.__dict__ for g in result.gates],
-            "notes": result.notes,
-            "timings": {**timing(), "started": started, "finished": time.time()},
-        }
-        manifest = store.commit(key, tmp, manifest)
-        return {"status": "ran", "manifest": manifest, **timing()}
+            return NodeOutcome("failed", error=f"{type(e).__name__}: {e} (traceback in {spec.log})", **timing())
+        return NodeOutcome("ran", manifest=manifest, **timing())

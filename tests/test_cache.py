@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from pipeline.cache import CacheStore
+from pipeline.housekeeping import gc
 
 
 def _commit(store: CacheStore, key: str, files: dict[str, str]) -> dict:
@@ -12,6 +13,13 @@ def _commit(store: CacheStore, key: str, files: dict[str, str]) -> dict:
         (tmp / "out" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / "out" / rel).write_text(text)
     return store.commit(key, tmp, {"node": "n", "metrics": {"m": 1}})
+
+
+def _writable(p: Path) -> Path:
+    """Committed files are read-only (as root the bits do not stop a write; as a user they do)."""
+    assert not os.stat(p).st_mode & 0o222
+    p.chmod(0o644)
+    return p
 
 
 def test_commit_then_lookup(tmp_path: Path):
@@ -28,7 +36,7 @@ def test_corrupt_output_is_detected_and_quarantined(tmp_path: Path):
     store = CacheStore(tmp_path)
     _commit(store, "k2", {"a.txt": "hello"})
     store.memo.save()
-    (store.out_dir("k2") / "a.txt").write_text("hellO")  # same size, other bytes
+    _writable(store.out_dir("k2") / "a.txt").write_text("hellO")  # same size, other bytes
     found = CacheStore(tmp_path).lookup("k2")  # a fresh process's view
     assert not found.hit and "sha256" in found.reason
     assert not store.entry("k2").exists() and list((tmp_path / ".corrupt").iterdir())
@@ -37,7 +45,7 @@ def test_corrupt_output_is_detected_and_quarantined(tmp_path: Path):
 def test_truncated_missing_and_extra_files_are_detected(tmp_path: Path):
     store = CacheStore(tmp_path)
     _commit(store, "k3", {"a.txt": "hello"})
-    (store.out_dir("k3") / "a.txt").write_text("he")
+    _writable(store.out_dir("k3") / "a.txt").write_text("he")
     assert "bytes" in store.lookup("k3").reason
     _commit(store, "k4", {"a.txt": "hello"})
     (store.out_dir("k4") / "a.txt").unlink()
@@ -64,15 +72,20 @@ def test_half_written_entry_is_never_trusted(tmp_path: Path):
     assert m["key"] == "k8" and not store.lookup("k9").hit
 
 
+KEEP, DROP = "a" * 32, "b" * 32
+
+
 def test_gc_keeps_referenced_and_removes_dead_temp(tmp_path: Path):
     store = CacheStore(tmp_path)
-    _commit(store, "keep", {"a": "1"})
-    _commit(store, "drop", {"a": "2"})
+    _commit(store, KEEP, {"a": "1"})
+    _commit(store, DROP, {"a": "2"})
     dead = tmp_path / ".tmp" / "k.999999999.abcd"
     dead.mkdir(parents=True)
-    res = store.gc({"keep"})
-    assert res["removed"] == ["drop"] and dead.name in res["stale"]
-    assert store.lookup("keep").hit and not store.entry("drop").exists() and not dead.exists()
+    mine = tmp_path / "my-notes"  # not named like a key: not vlmforge's, never deleted
+    mine.mkdir()
+    res = gc(store, {KEEP})
+    assert res.removed == [DROP] and dead.name in res.stale
+    assert store.lookup(KEEP).hit and not store.entry(DROP).exists() and not dead.exists() and mine.is_dir()
 
 
 def _builder(root: str, key: str, barrier, results) -> None:
@@ -125,6 +138,6 @@ def test_gc_treats_a_zombie_builder_as_dead(tmp_path: Path):
     tmp.mkdir(parents=True)
     live = tmp_path / ".tmp" / f"k.{os.getpid()}.ef01"
     live.mkdir()
-    res = store.gc(set())
-    assert tmp.name in res["stale"] and live.name not in res["stale"] and live.exists()
+    res = gc(store, set())
+    assert tmp.name in res.stale and live.name not in res.stale and live.exists()
     child.wait()
