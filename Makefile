@@ -28,11 +28,13 @@ engines: setup
 plan: setup
 	$(BIN)/vlmforge plan $(CONFIG)
 
+# -ra: the summary names every skipped test and why (e.g. the browser test on a machine with
+# no Chromium; VLMFORGE_REQUIRE_BROWSER=1, as .ci/run sets it, turns that skip into a failure)
 test: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -ra -m "not slow"
 
 test-all: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -ra
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests bench

@@ -6,7 +6,9 @@ matplotlib is imported inside the functions: ``import pipeline`` must stay light
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -18,6 +20,14 @@ def _png(fig: Any) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def save_png(path: str | os.PathLike[str], png: bytes) -> Path:
+    """Write a figure from this module to ``path`` atomically (``pipeline.fsutil``): a full
+    disk raises ``OutputError`` (one line) and leaves no half-written PNG or temp file."""
+    from pipeline.fsutil import atomic_write_bytes
+
+    return atomic_write_bytes(path, png)
 
 
 def _pyplot() -> Any:

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import OutputError
+from pipeline.fsutil import atomic_write_text
 from pipeline.runner import NodeState
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# Every file written here goes through pipeline.fsutil: a full disk is one line and exit 1, the
+# previous report / lock file stays as it was and no temp file is left behind.
+write_atomic = atomic_write_text  # the old name, kept for callers outside this module
 
 
 def write_lock(path: Path, config_path: Path, states: list[NodeState]) -> None:
@@ -26,8 +22,13 @@ def write_lock(path: Path, config_path: Path, states: list[NodeState]) -> None:
     prev: dict[str, Any] = {}
     if path.is_file():
         try:
-            prev = (yaml.safe_load(path.read_text()) or {}).get("nodes", {})
-        except yaml.YAMLError:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise OutputError(f"{path}: cannot read the previous lock file ({e.strerror or e})") from None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            loaded = {}
+        prev = (loaded.get("nodes") if isinstance(loaded, dict) else None) or {}
+        if not isinstance(prev, dict):
             prev = {}
     nodes = dict(prev)  # a partial build (--target/--until) keeps the other nodes' entries
     for s in states:
@@ -40,7 +41,7 @@ def write_lock(path: Path, config_path: Path, states: list[NodeState]) -> None:
             "outs": {k: {"sha256": v["sha256"], "bytes": v["bytes"]} for k, v in sorted(s.manifest["outputs"].items())},
         }
     doc = {"schema": 1, "config": str(config_path), "nodes": dict(sorted(nodes.items()))}
-    write_atomic(path, yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
 
 
 def summarize(states: list[NodeState]) -> dict[str, int]:
@@ -52,8 +53,8 @@ def summarize(states: list[NodeState]) -> dict[str, int]:
 
 def write_report(run_dir: Path, header: dict[str, Any], states: list[NodeState]) -> dict[str, Any]:
     doc = {**header, "summary": summarize(states), "nodes": [s.as_dict() for s in states]}
-    write_atomic(run_dir / "report.json", json.dumps(doc, indent=2, default=str))
-    write_atomic(run_dir / "report.md", render_markdown(doc))
+    atomic_write_text(run_dir / "report.json", json.dumps(doc, indent=2, default=str))
+    atomic_write_text(run_dir / "report.md", render_markdown(doc))
     return doc
 
 

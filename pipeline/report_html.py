@@ -51,15 +51,43 @@ def _table(head: list[str], rows: list[list[str]], classes: list[str] | None = N
     return f"<div class='scroll'><table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
-def _cached_file(cache: Path | None, node: dict[str, Any], name: str) -> Any:
-    """A JSON output of a node from the cache (None when absent: the report still renders)."""
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _cached_file(cache: Path | None, node: dict[str, Any], name: str, problems: list[str] | None = None) -> Any:
+    """A JSON output of a node from the cache (None when absent: the report still renders).
+
+    The entry may have vanished (gc, fsck quarantine) or been damaged since the build: what
+    could not be read is added to ``problems`` (one line each) instead of raising. A file
+    missing from a node that never committed one (failed, or not among its outputs) is not news.
+    """
     if cache is None or not node.get("key"):
         return None
-    f = cache / str(node["key"]) / "out" / name
+    entry = cache / str(node["key"])
+    f = entry / "out" / name
+    expected = node.get("status") in ("ran", "cached") and name in _dict(node.get("outputs"))
+    where = f"{node.get('id')}: {name}"
     try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError):
+        doc = json.loads(f.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        if expected and problems is not None:
+            gone = "cache entry is gone" if not entry.is_dir() else "missing from its cache entry"
+            problems.append(f"{where}: {gone} ({entry}); removed or quarantined since the build?")
         return None
+    except OSError as e:
+        if problems is not None:
+            problems.append(f"{where}: cannot read {f} ({e.strerror or e})")
+        return None
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        if problems is not None:
+            problems.append(f"{where}: damaged, not valid JSON ({str(e).splitlines()[0][:160]}): {f}")
+        return None
+    if not isinstance(doc, dict):
+        if problems is not None:
+            problems.append(f"{where}: damaged, a JSON {type(doc).__name__} where an object was expected: {f}")
+        return None
+    return doc
 
 
 def parity_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -131,7 +159,7 @@ def _drilldowns(doc: dict[str, Any]) -> str:
     return "".join(parts) or "<p class='muted'>No drill-down ran (all gates met and verify.drilldown is not 'always').</p>"
 
 
-def _engines(doc: dict[str, Any], cache: Path | None) -> str:
+def _engines(doc: dict[str, Any], cache: Path | None, problems: list[str] | None = None) -> str:
     rows = []
     for n in doc.get("nodes", []):
         if n.get("stage") != "engine":
@@ -139,9 +167,9 @@ def _engines(doc: dict[str, Any], cache: Path | None) -> str:
         for graph, m in (n.get("metrics") or {}).items():
             if not isinstance(m, dict):
                 continue
-            layers = _cached_file(cache, n, f"{graph}.layers.json") or {}
-            prec = ", ".join(f"{k}: {v}" for k, v in sorted((layers.get("gemm_conv_precisions") or {}).items()))
-            mha = ", ".join(f"{k}: {v}" for k, v in sorted((layers.get("mha_precisions") or {}).items()))
+            layers = _cached_file(cache, n, f"{graph}.layers.json", problems) or {}
+            prec = ", ".join(f"{k}: {v}" for k, v in sorted(_dict(layers.get("gemm_conv_precisions")).items()))
+            mha = ", ".join(f"{k}: {v}" for k, v in sorted(_dict(layers.get("mha_precisions")).items()))
             rows.append([escape(str(n.get("target"))), escape(graph), escape(str(m.get("precision"))),
                          _num(m.get("layers")), _num(m.get("fused_mha")), _num(m.get("low_precision_gemm_share")),
                          escape(prec), escape(mha), _num(m.get("bytes")), _num(m.get("build_seconds")), escape(str(m.get("parity")))])
@@ -155,16 +183,19 @@ def _engines(doc: dict[str, Any], cache: Path | None) -> str:
     return _table(head, rows)
 
 
-def _kept(doc: dict[str, Any], cache: Path | None) -> str:
+def _kept(doc: dict[str, Any], cache: Path | None, problems: list[str] | None = None) -> str:
     rows = []
     for n in doc.get("nodes", []):
         if n.get("stage") != "quantize":
             continue
-        q = _cached_file(cache, n, "quantize.json") or {}
+        seen = len(problems) if problems is not None else 0
+        q = _cached_file(cache, n, "quantize.json", problems) or {}
+        unread = problems is not None and len(problems) > seen
         for graph, m in (n.get("metrics") or {}).items():
             if not isinstance(m, dict):
                 continue
-            kept = (q.get(graph) or {}).get("kept_high_precision")
+            kept = _dict(q.get(graph)).get("kept_high_precision")
+            kept = [k for k in kept if isinstance(k, dict)] if isinstance(kept, list) else None
             if kept:
                 for k in kept:
                     what = k.get("node") or k.get("group") or "?"
@@ -172,23 +203,37 @@ def _kept(doc: dict[str, Any], cache: Path | None) -> str:
                                  f"<code>{escape(str(what))}</code>", escape(str(k.get("why", "")))])
             else:
                 count = m.get("kept")
-                detail = "none" if count == 0 else f"{count} (details: quantize.json not in the cache)"
+                why = "could not be read, see below" if unread else "not in the cache"
+                detail = "none" if count == 0 else f"{count} (details: quantize.json {why})"
                 rows.append([escape(str(n["id"])), escape(graph), escape(str(m.get("precision"))), escape(detail), ""])
     if not rows:
         return "<p class='muted'>No quantize node in this run.</p>"
     return _table(["node", "graph", "precision", "kept high-precision", "why"], rows)
 
 
+def _section(fn: Any, *args: Any) -> str:
+    """One section; input it cannot make sense of costs that section only, not the report."""
+    try:
+        return str(fn(*args))
+    except Exception as e:  # a damaged detail costs its section, not the whole report
+        return f"<p class='fail'>This section could not be rendered ({escape(type(e).__name__)}: {escape(str(e)[:300])}).</p>"
+
+
 def render_html(doc: dict[str, Any], cache: Path | None = None) -> str:
     tool = ", ".join(f"{k} {v}" for k, v in (doc.get("toolchain") or {}).items())
     result = str(doc.get("result", ""))
+    problems: list[str] = []  # what could not be read from the cache: listed, never a traceback
     sections = [
-        ("Stage timings and cache hits", _timings(doc)),
-        ("Parity against PyTorch", _parity(doc)),
-        ("Per-block error (drill-down)", _drilldowns(doc)),
-        ("Engine precision summary", _engines(doc, cache)),
-        ("Layers kept in high precision", _kept(doc, cache)),
+        ("Stage timings and cache hits", _section(_timings, doc)),
+        ("Parity against PyTorch", _section(_parity, doc)),
+        ("Per-block error (drill-down)", _section(_drilldowns, doc)),
+        ("Engine precision summary", _section(_engines, doc, cache, problems)),
+        ("Layers kept in high precision", _section(_kept, doc, cache, problems)),
     ]
+    if problems:
+        items = "".join(f"<li>{escape(p)}</li>" for p in problems)
+        sections.append(("Not read from the cache", "<p class='fail'>These details were missing or damaged when "
+                         "the report was written; the tables above omit them.</p>" f"<ul>{items}</ul>"))
     body = "".join(f"<h2>{escape(t)}</h2>{html}" for t, html in sections)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -204,14 +249,22 @@ def render_html(doc: dict[str, Any], cache: Path | None = None) -> str:
 def write_html_report(run_dir: Path, doc: dict[str, Any] | None = None, cache: Path | None = None) -> Path:
     """Write ``run_dir/report.html``. ``cache`` defaults to ``<artifacts>/cache`` (run_dir is
     ``<artifacts>/runs/<config>/<stamp>``); missing cache entries only shorten the details."""
-    from pipeline.report import write_atomic
+    from pipeline.errors import OutputError
+    from pipeline.fsutil import atomic_write_text
 
     run_dir = Path(run_dir)
     if doc is None:
-        doc = json.loads((run_dir / "report.json").read_text())
+        src = run_dir / "report.json"
+        try:
+            doc = json.loads(src.read_text())
+        except OSError as e:
+            raise OutputError(f"{src}: cannot read ({e.strerror or e})") from None
+        except ValueError as e:
+            raise OutputError(f"{src}: not valid JSON ({str(e).splitlines()[0][:160]})") from None
     if cache is None and len(run_dir.resolve().parents) >= 3:
         cache = run_dir.resolve().parents[2] / "cache"
     out = run_dir / "report.html"
-    write_atomic(out, render_html(doc, cache if cache is not None and cache.is_dir() else None))
-    out.chmod(0o644)  # a report is for sharing (mkstemp creates files 0600)
+    # atomic (pipeline.fsutil): a full disk is one line and exit 1, the previous report.html
+    # stays; mode 0644, a report is for sharing
+    atomic_write_text(out, render_html(doc, cache if cache is not None and cache.is_dir() else None))
     return out

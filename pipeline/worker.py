@@ -127,6 +127,9 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
         def timing() -> dict[str, float]:
             return {"seconds": round(time.time() - started, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
+        def ended(status: str, **kw: Any) -> NodeOutcome:
+            return NodeOutcome(status, seconds=round(time.time() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1), **kw)
+
         try:
             stage = importlib.import_module(spec.module).STAGE
             result = stage.run(ctx)
@@ -152,13 +155,12 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
         except GateFailed as e:
             store.abort(tmp)
             r = e.result
-            return NodeOutcome("failed", error=str(e), metrics=r.metrics, notes=r.notes,
-                               gates=[g.__dict__ for g in r.gates], **timing())
+            return ended("failed", error=str(e), metrics=r.metrics, notes=r.notes, gates=[g.__dict__ for g in r.gates])
         except StageError as e:
             store.abort(tmp)
-            return NodeOutcome("failed", error=str(e), **timing())
+            return ended("failed", error=str(e))
         except BaseException as e:  # a crash: keep the traceback in the log, one line to the user
             store.abort(tmp)
             traceback.print_exc()
-            return NodeOutcome("failed", error=f"{type(e).__name__}: {e} (traceback in {spec.log})", **timing())
-        return NodeOutcome("ran", manifest=manifest, **timing())
+            return ended("failed", error=f"{type(e).__name__}: {e} (traceback in {spec.log})")
+        return ended("ran", manifest=manifest)

@@ -170,3 +170,22 @@ def test_fsck_finds_bit_rot_under_an_unchanged_stat(cli: Cli):
     assert cli("fsck", check=0).stdout.strip().endswith("0 damaged")
     again = _by_id(cli.json("build", str(cfg)))
     assert again["final@rtx4090"]["status"] == "ran" and again["middle"]["status"] == "cached"
+
+
+def test_second_build_reads_cached_external_data(tmp_path: Path):
+    """A > 256 MiB graph with external data: a later build re-reads the cached copy (it has one
+    link, so onnx-ir trusts it) and the published view loads with onnx and onnx-ir."""
+    import onnx
+    import onnx_ir as ir
+
+    cli = Cli(tmp_path, "tests.fake_stages.bigonnx,tests.fake_stages.readonnx")
+    text = "name: big\nmodel: {generate: tiny, family: qwen2_vl}\ntargets: [rtx4090]\ncalibration: {samples: 300}\n"
+    cfg = cli.config(text)
+    first = _by_id(cli.json("build", str(cfg)))
+    assert first["bigonnx"]["outputs"]["big.onnx.data"]["bytes"] == 300 << 20
+    cli.config(text + "export: {opset: 21}\n")  # re-runs only the reader, on the cached graph
+    second = _by_id(cli.json("build", str(cfg)))
+    assert second["bigonnx"]["status"] == "cached" and second["readonnx"]["status"] == "ran"
+    view = tmp_path / "artifacts" / "out" / "big" / "bigonnx" / "big.onnx"
+    assert ir.load(view).graph.initializers["w"].const_value.numpy().shape == (300 << 18,)
+    assert len(onnx.load(str(view), load_external_data=True).graph.initializer[0].raw_data) == 300 << 20

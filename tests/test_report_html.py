@@ -1,9 +1,15 @@
 """report.html: self-contained, every parity row with its status, opens in headless Chromium
-with no script or console errors, and a screenshot is taken."""
+with no script or console errors, and a screenshot is taken.
+
+The browser test needs a chromium / chromium-browser / google-chrome on PATH. Without one it is
+skipped with a reason (``make test`` on a fresh machine passes, and says what did not run),
+unless ``VLMFORGE_REQUIRE_BROWSER=1`` (set by ``.ci/run``): then a missing browser fails, so CI
+never skips the only browser test silently."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -86,12 +92,19 @@ def test_html_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert len(re.findall(r"<tr class=.not-run.>", html)) == 2 and len(re.findall(r"<tr class=.fail.>", html)) == 2
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+NO_BROWSER = "no Chromium: install it (apt-get install chromium) or set VLMFORGE_REQUIRE_BROWSER=1 in CI"
+
+
 def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if exe is None:
-        pytest.fail("chromium is not installed; the HTML report test needs a headless browser: "
-                    "apt-get update && apt-get install -y chromium")
-    return exe
+    """The headless browser; skipped without one, failed without one under VLMFORGE_REQUIRE_BROWSER=1."""
+    exe = next((e for e in map(shutil.which, BROWSERS) if e), None)
+    if exe is not None:
+        return exe
+    if os.environ.get("VLMFORGE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"VLMFORGE_REQUIRE_BROWSER=1 but none of {', '.join(BROWSERS)} is on PATH: the browser test "
+                    "must run here (apt-get update && apt-get install -y chromium)", pytrace=False)
+    pytest.skip(f"browser test did not run: {NO_BROWSER}")
 
 
 def _browse(exe: str, args: list[str], page: Path) -> subprocess.CompletedProcess[str]:

@@ -270,9 +270,9 @@ def find_jump(rows: Sequence[dict[str, Any]], share: float = 0.5, floor: float =
 
 def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, jump: int | None = None) -> Path:
     """Per-block cosine and rel-L2 as a PNG (the same figure the HTML report embeds)."""
-    from pipeline.plots import block_errors_png
+    from pipeline.plots import block_errors_png, save_png
 
-    path.write_bytes(block_errors_png([r for r in rows if r.get("status") == "ok"], title, jump))
+    save_png(path, block_errors_png([r for r in rows if r.get("status") == "ok"], title, jump))
     return path
 
 
