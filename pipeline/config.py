@@ -7,16 +7,45 @@ against the folder of the YAML file that names them (as DVC does), never the CWD
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
 Precision = Literal["best", "fp8", "int8", "int4-weight", "fp16"]
 Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-HW = tuple[int, int]
+# A build name is a folder name under the artifacts root (runs/, out/, locks/): never a path.
+BUILD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+BUILD_NAME_RULE = ("a plain build name: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                   "or digit (no '/', no '..')")
+
+
+def _positive_hw(v: tuple[int, int]) -> tuple[int, int]:
+    if v[0] <= 0 or v[1] <= 0:
+        raise ValueError(f"expected a positive [height, width] in pixels, got {list(v)}")
+    return v
+
+
+def _not_empty(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not v:
+        raise ValueError("expected at least one [height, width], got []")
+    return v
+
+
+HW = Annotated[tuple[int, int], AfterValidator(_positive_hw)]
+HWs = Annotated[tuple[HW, ...], AfterValidator(_not_empty)]
+PosFloat = Annotated[float, Field(gt=0)]
 
 
 class Frozen(BaseModel):
@@ -39,7 +68,7 @@ class OnnxGraphSource(Frozen):
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     resize: HW = (224, 224)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[PosFloat, PosFloat, PosFloat] = (0.229, 0.224, 0.225)
 
     _p = field_validator("path", mode="before")(_resolve)
 
@@ -104,7 +133,14 @@ class VisionProfile(Frozen):
 class DecoderProfile(Frozen):
     batch: MinOptMax = MinOptMax(min=1, opt=1, max=2)
     seq: MinOptMax = MinOptMax(min=1, opt=64, max=256)
-    past: MinOptMax = MinOptMax(min=0, opt=64, max=256)
+    past: MinOptMax = MinOptMax(min=0, opt=64, max=256)  # 0: the prefill has no past
+
+    @field_validator("batch", "seq")
+    @classmethod
+    def _at_least_one(cls, v: MinOptMax, info: ValidationInfo) -> MinOptMax:
+        if v.min < 1:
+            raise ValueError(f"expected min >= 1 (a {info.field_name} of 0 runs nothing), got {v.min}")
+        return v
 
 
 class Profiles(Frozen):
@@ -115,7 +151,7 @@ class Profiles(Frozen):
 class ExportConfig(Frozen):
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     opset: int = Field(19, ge=19)
-    fp32_vision_blocks: tuple[int, ...] = ()  # ViT blocks found unsafe in FP16
+    fp32_vision_blocks: tuple[Annotated[int, Field(ge=0)], ...] = ()  # ViT blocks found unsafe in FP16
     sample_image: HW = (224, 224)  # the shape traced at export; parity uses other shapes
     sample_prompt_len: int = Field(16, ge=2)
 
@@ -125,13 +161,25 @@ class CalibrationConfig(Frozen):
     images: Path | None = None  # folder of images (source: folder)
     prompts: Path | None = None  # JSONL of {"prompt": ..., "image": optional file name}
     samples: int = Field(8, ge=1)
-    image_sizes: tuple[HW, ...] = ((224, 224),)
+    image_sizes: HWs = ((224, 224),)
     prompt_len: int = Field(32, ge=4)  # prefill length, so decoder matmuls are not GEMVs
     method: Literal["max", "percentile", "entropy", "mse"] = "max"
     percentile: float = Field(99.99, gt=50, le=100)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)  # numpy's generators take non-negative seeds
 
     _p = field_validator("images", "prompts", mode="before")(_resolve)
+
+    @field_validator("images", "prompts")
+    @classmethod
+    def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None or info.data.get("source") != "folder":
+            return v
+        want = "folder of images" if info.field_name == "images" else "JSONL file of prompts"
+        ok = v.is_dir() if info.field_name == "images" else v.is_file()
+        if not ok:
+            what = "does not exist" if not v.exists() else f"is not a {want.split()[0]}"
+            raise ValueError(f"{v} {what} (expected a {want} for calibration.source: folder)")
+        return v
 
     @model_validator(mode="after")
     def _folder(self) -> CalibrationConfig:
@@ -195,11 +243,11 @@ def _default_gates() -> dict[str, Gate]:
 
 class VerifyConfig(Frozen):
     samples: int = Field(2, ge=1)
-    image_sizes: tuple[HW, ...] = ((112, 168), (196, 140))  # not the export sample's shape
+    image_sizes: HWs = ((112, 168), (196, 140))  # not the export sample's shape
     prompt_len: int = Field(24, ge=2)
     generate_tokens: int = Field(16, ge=1)
     drilldown: Literal["on-failure", "always", "never"] = "on-failure"
-    seed: int = 4321
+    seed: int = Field(4321, ge=0)  # numpy's generators take non-negative seeds
 
 
 class BuildConfig(Frozen):
@@ -218,6 +266,13 @@ class BuildConfig(Frozen):
     )
     verify: VerifyConfig = VerifyConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not BUILD_NAME.fullmatch(v):
+            raise ValueError(f"expected {BUILD_NAME_RULE}, got {v!r}")
+        return v
+
     @field_validator("gates", mode="before")
     @classmethod
     def _merge_gates(cls, v: Any) -> Any:
@@ -233,75 +288,23 @@ class BuildConfig(Frozen):
 # --- loading -------------------------------------------------------------------------------
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    import yaml
-
-    if path in seen:
-        raise ConfigError(f"{path}: include cycle through {' -> '.join(map(str, seen))}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    includes = data.pop("include", [])
-    merged: dict[str, Any] = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
-        merged = _deep_merge(merged, _read_yaml((path.parent / inc).resolve(), (*seen, path)))
-    return _deep_merge(merged, data)
-
-
-def _format_error(path: Path, err: Any) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in e and e["type"].startswith(("literal", "int", "float", "bool", "string")):
-            msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}")
-    return f"{path}: " + "; ".join(parts)
-
-
 def load_config(path: str | Path) -> BuildConfig:
+    """The build config in ``path`` (includes merged), validated; ConfigError (exit 2) otherwise."""
     from pydantic import ValidationError
 
-    path = Path(path).resolve()
-    data = _read_yaml(path)
-    data.setdefault("name", path.stem)
+    from pipeline.config_checks import check_config
+    from pipeline.config_io import format_error, read_yaml
+
+    path = Path(path).expanduser().resolve()
+    data = read_yaml(path)
+    if "name" not in data:
+        if not BUILD_NAME.fullmatch(path.stem):
+            raise ConfigError(f"{path}: name: not set, and the file name {path.stem!r} is not {BUILD_NAME_RULE}; "
+                              "set name: explicitly")
+        data["name"] = path.stem
     try:
         cfg = BuildConfig.model_validate(data, context={"base_dir": str(path.parent)})
     except ValidationError as e:
-        raise ConfigError(_format_error(path, e)) from None
-    _check_image_sizes(cfg, path)
+        raise ConfigError(format_error(path, e)) from None
+    check_config(cfg, path)
     return cfg
-
-
-def _check_image_sizes(cfg: BuildConfig, path: Path) -> None:
-    """Every image size the build will feed must fit the vision engine's profile: refuse before
-    an hour of exporting finds out (the export stage checks again for its own inputs)."""
-    vp = cfg.profiles.vision
-    lo, hi = vp.min_image, vp.max_image
-    if not (lo[0] <= vp.opt_image[0] <= hi[0] and lo[1] <= vp.opt_image[1] <= hi[1]):
-        raise ConfigError(f"{path}: profiles.vision: expected min_image <= opt_image <= max_image, got {lo}/{vp.opt_image}/{hi}")
-    sizes = [("export.sample_image", cfg.export.sample_image)]
-    sizes += [(f"calibration.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.calibration.image_sizes)]
-    sizes += [(f"verify.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.verify.image_sizes)]
-    for where, (h, w) in sizes:
-        if not (lo[0] <= h <= hi[0] and lo[1] <= w <= hi[1]):
-            raise ConfigError(
-                f"{path}: {where}: image {h}x{w} is outside the vision profile "
-                f"(profiles.vision min_image {lo[0]}x{lo[1]}, max_image {hi[0]}x{hi[1]})"
-            )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
+from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -44,6 +45,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "method": c.method,
         "percentile": c.percentile,
         "seed": c.seed,
+        "trust_remote_code": cfg.model.trust_remote_code,
     }
 
 
@@ -90,7 +92,8 @@ def _run(ctx: StageContext) -> StageResult:
     feeder: Any
     if "decoder" in graphs:
         ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-        feeder = Feeder(ckpt, family, int(p["prompt_len"]), graphio.session(graph_path(fused, "embed")))
+        feeder = Feeder(ckpt, family, int(p["prompt_len"]), graphio.session(graph_path(fused, "embed")),
+                        trust_remote_code=bool(p["trust_remote_code"]))
     else:
         spec = fused / "vision.json"
         feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
@@ -150,6 +153,6 @@ STAGE = Stage(
     # ranges_decoder.json/.npz too when the model has a decoder (a CNN/BYO vision model has none)
     outputs=("ranges_vision.json", "ranges_vision.npz"),
     toolchain=("onnx", "onnxruntime", "numpy", "transformers", "pillow"),
-    external=_external,
+    external=checkpoint_reads(*ALL_ROLES, plus=_external),
     description="activation ranges of the fused graphs on the calibration set (streaming histograms)",
 )

@@ -40,6 +40,15 @@ def _external(cfg: BuildConfig) -> list[Path]:
     return checkpoint_files(cfg.model.checkpoint)
 
 
+def _preflight(cfg: BuildConfig) -> None:
+    """At plan time, from headers only: a supported family, complete safetensors, no pickles,
+    no symlink out of the folder."""
+    if cfg.model.checkpoint is not None:
+        from stages.lib.checkpoints import preflight_checkpoint
+
+        preflight_checkpoint(cfg.model.checkpoint, trust_remote_code=cfg.model.trust_remote_code)
+
+
 def _run(ctx: StageContext) -> StageResult:
     from stages.lib import checkpoints as ck
 
@@ -89,5 +98,6 @@ STAGE = Stage(
     outputs=("checkpoint.json",),
     toolchain=("transformers", "tokenizers", "safetensors", "torch"),
     external=_external,
+    preflight=_preflight,
     description="generate a tiny random checkpoint or validate a local Hugging Face one",
 )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from stages.lib.checkpoint_reads import checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -81,8 +82,8 @@ def _run(ctx: StageContext) -> StageResult:
         VISION_ONLY_FAMILIES,
         VLM_FAMILIES,
         checkpoint_family,
+        load_image_processor,
         load_model,
-        load_processor,
         resolve_checkpoint,
     )
     from stages.lib.decoder_load import load_decoder
@@ -135,7 +136,7 @@ def _run(ctx: StageContext) -> StageResult:
     vision_dir = ctx.inputs.get("export_vision")
     if vision_dir is not None and _vision_spec(vision_dir, family) is None:
         vision_dir = None  # not this checkpoint's Qwen vision graph (e.g. bring-your-own ONNX)
-    image_processor, _tok = load_processor(path)
+    image_processor = load_image_processor(path, bool(p["trust_remote_code"]))
     v = p["verify"]
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:  # widened BF16 copies: never beside the outputs
@@ -218,6 +219,7 @@ STAGE = Stage(
     version="3",  # 3: {absent} decoder.json for a bring-your-own vision ONNX (family byo)
     run=_run,
     params=_params,
+    external=checkpoint_reads("model", "processor"),
     # export_vision: decoder parity then generates through vision.onnx, so the three exported
     # pieces (vision, embed + merge, decoder) are proven together, not only the decoder alone
     deps=("checkpoint", "export_vision"),

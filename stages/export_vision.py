@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from stages.lib.checkpoint_reads import checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -46,6 +47,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "gate_fp16": cfg.gates["fp16"].model_dump(),
         "verify_sizes": [list(s) for s in cfg.verify.image_sizes],
         "seed": cfg.verify.seed,
+        "trust_remote_code": cfg.model.trust_remote_code,
     }
 
 
@@ -132,7 +134,7 @@ STAGE = Stage(
     deps=("checkpoint",),
     outputs=("vision.onnx", "vision.json"),
     toolchain=("torch", "transformers", "onnx", "onnxruntime"),
-    external=_external,
+    external=checkpoint_reads("model", "processor", plus=_external),
     description="export the vision encoder to ONNX (dynamic patches) with an onnxruntime parity gate",
 )
 

@@ -31,7 +31,6 @@ TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 5e-2}
 AXES = {"batch": 1, "seq": 8, "sequence": 8, "past": 8, "past_seq": 8, "past_len": 8,
         "images": 1, "num_images": 1, "height": 64, "width": 64}
 TOTAL_AXES = ("total", "total_seq", "kv_len")
-_TWO_GB = 2 * 1024**3
 SEED = 0  # fixed: the numerics check must not re-key when an unrelated config seed changes
 
 
@@ -53,23 +52,19 @@ def _axis_sizes(io_spec: dict[str, Any]) -> dict[str, int]:
     return sizes
 
 
-def _save(model: Any, path: Path) -> None:
-    import onnx_ir as ir
+def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, Any], seed: int,
+               external_above: int | None = None) -> dict[str, Any]:
+    """Rewrite one graph file into ``dst``; returns its fuse.json entry (StageError on drift).
 
-    big = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if big > _TWO_GB:  # protobuf's limit: weights go next to the graph
-        ir.save(model, path, external_data=path.name + ".data")
-    else:
-        ir.save(model, path)
-
-
-def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Rewrite one graph file into ``dst``; returns its fuse.json entry (StageError on drift)."""
+    ``dst`` is whole in its own folder: with tensors over ``external_above`` bytes (default
+    ``graphio.EXTERNAL_DATA_BYTES``, as the exporters) they go to ``<dst>.data``, written here;
+    otherwise inline, also when ``src`` had them external."""
     import onnx
     import onnx_ir as ir
 
     from stages.lib.fusion import apply_rules, op_histogram, resolve_attention_mode
     from stages.lib.fusion.check import compare, ort_run, random_feeds
+    from stages.lib.qdq import graphio
 
     t0 = time.time()
     model = ir.load(src)
@@ -81,7 +76,7 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     ops_before = op_histogram(model)
     report = apply_rules(model, attention=mode, fold_batchnorm=params["fold_batchnorm"], cleanup=params["cleanup"])
     ops_after = op_histogram(model)
-    _save(model, dst)
+    graphio.save(model, dst, graphio.EXTERNAL_DATA_BYTES if external_above is None else external_above)
     del model  # ORT reads both graphs from disk, one session at a time: one copy of the weights
     feeds = random_feeds(onnx.load(str(src), load_external_data=False), _axis_sizes(io_spec), seed=seed)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
@@ -153,7 +148,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
-    version="3",
+    version="4",  # 4: graphs saved whole in their own folder (external data written beside them)
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),

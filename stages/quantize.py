@@ -20,6 +20,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -39,6 +40,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "precision": prec,
         "quantize": cfg.quantize.model_dump(mode="json"),
         "gates": {p: cfg.gates[p].model_dump(mode="json") for p in set(prec.values()) if p in cfg.gates},
+        "trust_remote_code": cfg.model.trust_remote_code,
     }
 
 
@@ -142,7 +144,7 @@ def _run(ctx: StageContext) -> StageResult:
     _, samples = load_reference(ctx.inputs["reference"])
     if "decoder" in graphs:
         ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-        feeder: Any = Feeder(ckpt, family, 8, session(fused / "embed.onnx"))
+        feeder: Any = Feeder(ckpt, family, 8, session(fused / "embed.onnx"), trust_remote_code=bool(p["trust_remote_code"]))
     else:
         spec = fused / "vision.json"
         feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
@@ -193,6 +195,7 @@ STAGE = Stage(
     version="2",
     run=_run,
     params=_params,
+    external=checkpoint_reads(*ALL_ROLES),
     deps=("fuse", "calibrate", "checkpoint", "reference"),
     # decoder.onnx and embed.onnx too when the model has a decoder (CNN/BYO vision models have none)
     outputs=("vision.onnx", "quantize.json"),

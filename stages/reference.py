@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
+from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -214,7 +215,13 @@ def _byo_run(ctx: StageContext) -> StageResult:
 def _run(ctx: StageContext) -> StageResult:
     import torch
 
-    from stages.lib.checkpoints import VISION_ONLY_FAMILIES, load_model, load_processor, resolve_checkpoint
+    from stages.lib.checkpoints import (
+        VISION_ONLY_FAMILIES,
+        load_image_processor,
+        load_model,
+        load_processor,
+        resolve_checkpoint,
+    )
 
     p = ctx.params
     check_held_out(p)
@@ -225,11 +232,9 @@ def _run(ctx: StageContext) -> StageResult:
     model = load_model(path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
     vision_only = family in VISION_ONLY_FAMILIES
     if vision_only:
-        from transformers import AutoImageProcessor
-
-        proc, tok = AutoImageProcessor.from_pretrained(path, trust_remote_code=False), None
+        proc, tok = load_image_processor(path, bool(p["trust_remote_code"])), None
     else:
-        proc, tok = load_processor(path)
+        proc, tok = load_processor(path, bool(p["trust_remote_code"]))
     arrays: dict[str, np.ndarray] = {}
     metas = []
     for i in range(int(p["samples"])):
@@ -271,6 +276,6 @@ STAGE = Stage(
     deps=("checkpoint",),
     outputs=(NPZ, META),
     toolchain=("torch", "transformers", "numpy", "onnxruntime", "pillow"),
-    external=_external,
+    external=checkpoint_reads(*ALL_ROLES, plus=_external),
     description="held-out evaluation set and cached PyTorch (or BYO ONNX fp32) reference outputs",
 )

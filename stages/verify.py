@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -42,6 +43,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "drilldown": cfg.verify.drilldown,
         "generate_tokens": cfg.verify.generate_tokens,
         "target": target.name, "sm": target.sm, "builder": target.builder,
+        "trust_remote_code": cfg.model.trust_remote_code,
     }
 
 
@@ -154,7 +156,7 @@ def _run(ctx: StageContext) -> StageResult:
     qdir = ctx.inputs["quantize"]
     quant = json.loads((qdir / "quantize.json").read_text())
     meta, samples = load_reference(ctx.inputs["reference"])
-    specs = vg.load_specs(ctx.inputs["checkpoint"])
+    specs = vg.load_specs(ctx.inputs["checkpoint"], trust_remote_code=bool(p["trust_remote_code"]))
     graphs = [g for g in GRAPHS if (qdir / f"{g}.onnx").is_file()]
     if not graphs:
         raise StageError(f"{qdir}: no vision.onnx or decoder.onnx to verify")
@@ -207,7 +209,7 @@ def _run(ctx: StageContext) -> StageResult:
     elif want and specs.path is not None:
         from stages.lib.checkpoints import load_model
 
-        model = load_model(specs.path, dtype="fp32")
+        model = load_model(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
         for g in want:
             ctx.report(f"drill-down: {g} per block", 0.9)
             drill[g] = _drilldown(ctx, g, qdir / f"{g}.onnx", specs, samples[0], model)
@@ -241,6 +243,7 @@ STAGE = Stage(
     version="4",  # 4: bring-your-own ONNX (reference = the FP32 graph; no drill-down)
     run=_run,
     params=_params,
+    external=checkpoint_reads(*ALL_ROLES),
     deps=("reference", "quantize", "engine", "checkpoint"),
     outputs=("verify.json",),
     per_target=True,

@@ -7,9 +7,11 @@ from tests.conftest import Cli
 
 
 def _failed_lines(r) -> list[str]:
-    assert r.returncode == 1, r.stderr
+    """A bad checkpoint is found at plan time (the checkpoint stage's preflight): exit 2, one
+    line, nothing built."""
+    assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    return [ln for ln in r.stderr.splitlines() if ln.startswith("FAILED")]
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("vlmforge: error:")]
 
 
 def test_unsupported_architecture(tmp_path: Path):
@@ -19,6 +21,8 @@ def test_unsupported_architecture(tmp_path: Path):
     cfg = cli.config("model: {checkpoint: ./llama}\ntargets: [rtx4090]\n")
     lines = _failed_lines(cli("build", str(cfg), check=None))
     assert len(lines) == 1 and "unsupported checkpoint" in lines[0] and "qwen2_5_vl" in lines[0]
+    assert _failed_lines(cli("plan", str(cfg), check=None)) == lines  # plan says it too, exit 2
+    assert not (tmp_path / "artifacts" / "cache").exists()
 
 
 def test_missing_shard(tmp_path: Path):

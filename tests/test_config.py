@@ -117,3 +117,157 @@ def test_model_source_byo_onnx_alone_or_exactly_one(tmp_path: Path):
     (tmp_path / "two.yaml").write_text("model: {checkpoint: ck, generate: tiny, family: qwen2_vl}\ntargets: [rtx4090]\n")
     with pytest.raises(ConfigError, match="model.checkpoint .*model.generate, not both"):
         load_config(tmp_path / "two.yaml")
+
+
+# --- bad input: one line naming the file, the key and what was expected ---------------------
+
+TINY = "model: {generate: tiny, family: qwen2_vl}\ntargets: [rtx4090]\n"
+NAME_RULE = ("a plain build name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+             "(no '/', no '..')")
+
+
+def _refused(tmp_path: Path, text: str, name: str = "c.yaml") -> tuple[Path, str]:
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    return p, str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs", "a/b", "..", ".hidden", "x" * 129])
+def test_name_must_be_a_plain_build_name(tmp_path: Path, name: str):
+    p, msg = _refused(tmp_path, f"name: '{name}'\n" + TINY)
+    assert msg == f"{p}: name: expected {NAME_RULE}, got {name!r}"
+
+
+def test_name_from_an_odd_file_stem_asks_for_a_name(tmp_path: Path):
+    p, msg = _refused(tmp_path, TINY, name="my build.yaml")
+    assert msg == f"{p}: name: not set, and the file name 'my build' is not {NAME_RULE}; set name: explicitly"
+    (tmp_path / "ok.yaml").write_text("name: fine-1.x_y\n" + TINY)
+    assert load_config(tmp_path / "ok.yaml").name == "fine-1.x_y"
+
+
+def test_bad_name_is_exit_2_one_line_on_the_cli(cli: Cli):
+    cfg = cli.config("name: ../../escape\n" + BASE_CONFIG.replace("name: fake\n", ""))
+    line = _one_line_error(cli("build", str(cfg), check=None))
+    assert line.endswith(f"{cfg}: name: expected {NAME_RULE}, got '../../escape'")
+    assert not (cli.tmp / "escape").exists()
+
+
+@pytest.mark.parametrize(("value", "shown"), [("5", "5"), ("{a: 1}", "{'a': 1}"), ("[a.yaml, 3]", "['a.yaml', 3]")])
+def test_include_must_be_file_names(tmp_path: Path, value: str, shown: str):
+    p, msg = _refused(tmp_path, f"include: {value}\n" + TINY)
+    assert msg == f"{p}: include: expected a file name or a list of file names, got {shown}"
+
+
+def test_missing_include_names_both_files(tmp_path: Path):
+    p, msg = _refused(tmp_path, "include: [gone.yaml]\n" + TINY)
+    assert msg == f"{p}: include: {tmp_path / 'gone.yaml'}: config file not found"
+    (tmp_path / "sub").mkdir()
+    p, msg = _refused(tmp_path, "include: sub\n" + TINY)
+    assert msg == f"{p}: include: {tmp_path / 'sub'}: is a folder (expected a YAML config file)"
+
+
+@pytest.mark.parametrize(("yaml_text", "key", "got"), [
+    ("profiles: {vision: {min_image: [-56, 56]}}", "profiles.vision.min_image", "[-56, 56]"),
+    ("profiles: {vision: {max_image: [448, 0]}}", "profiles.vision.max_image", "[448, 0]"),
+    ("export: {sample_image: [0, 224]}", "export.sample_image", "[0, 224]"),
+    ("calibration: {image_sizes: [[224, 224], [-1, 5]]}", "calibration.image_sizes[1]", "[-1, 5]"),
+    ("verify: {image_sizes: [[112, -168]]}", "verify.image_sizes[0]", "[112, -168]"),
+])
+def test_negative_image_sizes_refused(tmp_path: Path, yaml_text: str, key: str, got: str):
+    p, msg = _refused(tmp_path, TINY + yaml_text + "\n")
+    assert msg == f"{p}: {key}: expected a positive [height, width] in pixels, got {got}"
+
+
+def test_byo_resize_must_be_positive(tmp_path: Path):
+    (tmp_path / "net.onnx").write_bytes(b"\x08\x07")
+    p, msg = _refused(tmp_path, "model: {vision_onnx: {path: net.onnx, resize: [64, -64]}}\ntargets: [rtx4090]\n")
+    assert msg == f"{p}: model.vision_onnx.resize: expected a positive [height, width] in pixels, got [64, -64]"
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), [
+    ("calibration: {samples: 0}", "calibration.samples: Input should be greater than or equal to 1 (got 0)"),
+    ("verify: {generate_tokens: 0}", "verify.generate_tokens: Input should be greater than or equal to 1 (got 0)"),
+    ("verify: {prompt_len: -3}", "verify.prompt_len: Input should be greater than or equal to 2 (got -3)"),
+    ("profiles: {vision: {max_images: 0}}",
+     "profiles.vision.max_images: Input should be greater than or equal to 1 (got 0)"),
+    ("verify: {image_sizes: []}",
+     "verify.image_sizes: expected at least one [height, width], got []"),
+    ("profiles: {decoder: {batch: {min: 0, opt: 1, max: 2}}}",
+     "profiles.decoder.batch: expected min >= 1 (a batch of 0 runs nothing), got 0"),
+    ("verify: {seed: -1}", "verify.seed: Input should be greater than or equal to 0 (got -1)"),
+    ("export: {fp32_vision_blocks: [0, -2]}",
+     "export.fp32_vision_blocks[1]: Input should be greater than or equal to 0 (got -2)"),
+])
+def test_meaningless_counts_refused(tmp_path: Path, yaml_text: str, expected: str):
+    p, msg = _refused(tmp_path, TINY + yaml_text + "\n")
+    assert msg == f"{p}: {expected}"
+
+
+def test_calibration_folder_paths_checked_at_load(tmp_path: Path):
+    p, msg = _refused(tmp_path, TINY + "calibration: {source: folder, images: nope, prompts: p.jsonl}\n")
+    assert msg == (f"{p}: calibration.images: {tmp_path / 'nope'} does not exist (expected a folder of images "
+                   f"for calibration.source: folder); calibration.prompts: {tmp_path / 'p.jsonl'} does not "
+                   "exist (expected a JSONL file of prompts for calibration.source: folder)")
+
+
+def _calib_folder(tmp_path: Path, images: list[str], prompts: str) -> str:
+    (tmp_path / "imgs").mkdir()
+    for n in images:
+        (tmp_path / "imgs" / n).write_bytes(b"")  # load time checks names only; stages decode
+    (tmp_path / "p.jsonl").write_text(prompts)
+    return TINY + "calibration: {source: folder, images: imgs, prompts: p.jsonl}\n"
+
+
+def test_calibration_folder_contents_checked_at_load(tmp_path: Path):
+    imgs, prompts = tmp_path / "imgs", tmp_path / "p.jsonl"
+    p, msg = _refused(tmp_path, _calib_folder(tmp_path, ["a.png"], '{"prompt": "x", "image": "b.png"}\n'))
+    assert msg == f"{p}: calibration.prompts: {prompts}:1: names image 'b.png', which is not an image in {imgs}"
+    prompts.write_text('{"prompt": "x"}\nnot json\n')
+    p, msg = _refused(tmp_path, p.read_text())
+    assert msg == (f"{p}: calibration.prompts: {prompts}:2: expected "
+                   '{"prompt": "...", "image": optional file name in calibration.images}')
+    prompts.write_bytes(b'{"prompt": "\xff"}\n')
+    p, msg = _refused(tmp_path, p.read_text())
+    assert msg == f"{p}: calibration.prompts: {prompts} cannot be read (not UTF-8 text; expected a JSONL file)"
+    (imgs / "a.png").unlink()
+    p, msg = _refused(tmp_path, p.read_text())
+    assert msg.startswith(f"{p}: calibration.images: {imgs} has no images (expected files ending .png, .jpg")
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), [
+    ("verify: {seed: 7}\ncalibration: {seed: 7}",
+     "verify.seed: 7 equals calibration.seed, so the held-out set would repeat the calibration images; "
+     "expected another verify.seed"),
+    ("verify: {image_sizes: [[224, 224]]}",
+     "verify.image_sizes: [[224, 224]] are also calibration.image_sizes; expected held-out images of other "
+     "shapes (a graph that baked in a shape must fail verification)"),
+    ("calibration: {prompt_len: 300}",
+     "calibration.prompt_len: a prefill is 300 text tokens + the image block (at least 3 tokens), longer than "
+     "profiles.decoder.seq.max 256; expected prompt_len <= 253"),
+    ("verify: {prompt_len: 60}\nprofiles: {decoder: {seq: {min: 1, opt: 32, max: 48}}}",
+     "verify.prompt_len: a prefill is 60 text tokens + the image block (at least 3 tokens), longer than "
+     "profiles.decoder.seq.max 48; expected prompt_len <= 45"),
+    ("verify: {generate_tokens: 240}",
+     "verify.generate_tokens: generating 240 tokens after a 24-token prompt needs a past of at least 265 "
+     "tokens, more than profiles.decoder.past.max 256"),
+    ("export: {sample_prompt_len: 300}",
+     "export.sample_prompt_len: 300 is outside profiles.decoder.seq (expected 1..256)"),
+    ("profiles: {vision: {max_images: 1}}",
+     "profiles.vision.max_images: export parity runs 2 verify.image_sizes at once, expected max_images >= 2, "
+     "got 1"),
+    ("profiles: {vision: {min_image: [8, 8]}}\nverify: {image_sizes: [[16, 112], [112, 168]]}",
+     "verify.image_sizes[0]: image 16x112 is too small for the synthetic image set (expected sides of at "
+     "least 18 pixels)"),
+])
+def test_run_time_conflicts_refused_at_load(tmp_path: Path, yaml_text: str, expected: str):
+    p, msg = _refused(tmp_path, TINY + yaml_text + "\n")
+    assert msg == f"{p}: {expected}"
+
+
+def test_vision_only_models_skip_the_decoder_length_checks(tmp_path: Path):
+    (tmp_path / "c.yaml").write_text("model: {generate: cnn-tiny}\ntargets: [rtx4090]\n"
+                                     "profiles: {decoder: {seq: {min: 1, opt: 2, max: 4}}}\n")
+    assert load_config(tmp_path / "c.yaml").profiles.decoder.seq.max == 4

@@ -13,6 +13,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
+from stages.lib import safetensors_check as st
+
+# ROLES, file_role and the hf_load loaders are re-exported: stages import the checkpoint API from here
+from stages.lib.ckpt_files import ROLES, check_links, checkpoint_files, file_role  # noqa: F401
+from stages.lib.hf_load import (  # noqa: F401
+    check_remote_code,
+    from_pretrained,
+    hf_kwargs,
+    load_config_hf,
+    load_image_processor,
+    load_processor,
+    load_tokenizer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -37,13 +50,17 @@ def _supported() -> str:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder (after the symlink rule: see ckpt_files.check_links)."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise StageError(f"checkpoint {path} has no config.json (expected a local Hugging Face checkpoint folder)")
+    check_links(path)
     try:
         data = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise StageError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise StageError(f"{cfg_file}: not UTF-8 text (expected a JSON object)") from None
     if not isinstance(data, dict):
         raise StageError(f"{cfg_file}: expected a JSON object")
     return data
@@ -58,25 +75,39 @@ def detect_family(path: str | Path) -> str:
     for arch in cfg.get("architectures") or []:
         if arch in _BY_ARCH:
             return _BY_ARCH[arch]
-    what = model_type or ",".join(cfg.get("architectures") or []) or "no model_type"
-    raise StageError(f"unsupported checkpoint {path} ({what}); supported families: {_supported()}")
+    what = model_type or ",".join(map(str, cfg.get("architectures") or [])) or "no model_type"
+    raise StageError(f"unsupported checkpoint {path} (config.json says {what}); supported families: {_supported()}")
+
+
+def _index_map(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{index}: not valid JSON ({str(e).splitlines()[0]})") from None
+    weight_map = data.get("weight_map", {}) if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise StageError(f"{index}: expected a weight_map of tensor name -> shard file name")
+    if not weight_map:
+        raise StageError(f"{index} names no weight shards")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise StageError(f"{index}: shard {shard!r} is not a file name in the checkpoint folder")
+    return weight_map
 
 
 def validate_checkpoint(path: str | Path) -> list[Path]:
-    """Check that the checkpoint is complete and loadable without pickle; return its files."""
+    """Check that the checkpoint is complete and loadable without pickle, reading only the
+    shards' headers (sizes, dtypes, offsets; see safetensors_check); return its files."""
     root = Path(path)
     if not root.is_dir():
         raise StageError(f"checkpoint {root} does not exist (expected a local Hugging Face checkpoint folder)")
     read_config(root)
+    files = checkpoint_files(root)
     index = root / "model.safetensors.index.json"
+    weight_map: dict[str, str] = {}
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-        except json.JSONDecodeError as e:
-            raise StageError(f"{index}: not valid JSON ({e.msg})") from None
+        weight_map = _index_map(index)
         shards = sorted(set(weight_map.values()))
-        if not shards:
-            raise StageError(f"{index} names no weight shards")
         for shard in shards:
             if not (root / shard).is_file():
                 raise StageError(f"checkpoint {root} is missing shard {shard} (named by {index.name})")
@@ -90,14 +121,21 @@ def validate_checkpoint(path: str | Path) -> list[Path]:
                     "untrusted files, convert them to safetensors"
                 )
             raise StageError(f"checkpoint {root} has no *.safetensors weights")
-    return checkpoint_files(root)
+    names = {shard: set(st.read_header(root / shard).tensors) for shard in shards}
+    if weight_map:
+        st.check_index(index, weight_map, names)
+    return files
 
 
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The files whose content defines the checkpoint (for cache keys): config, weights, tokenizer."""
-    root = Path(path)
-    keep = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix in keep)
+def preflight_checkpoint(path: str | Path, trust_remote_code: bool = False) -> None:
+    """Plan-time check of a user checkpoint, headers only (cheap): the folder, config.json, a
+    supported family, the symlink rule, complete safetensors shards and the remote-code policy.
+    Raises StageError with one line naming the file and what was expected."""
+    if not Path(path).is_dir():
+        raise StageError(f"checkpoint {path} does not exist (expected a local Hugging Face checkpoint folder)")
+    detect_family(path)  # first: an unsupported model is the news, whatever else it lacks
+    validate_checkpoint(path)
+    check_remote_code(path, trust_remote_code)
 
 
 def resolve_checkpoint(folder: str | Path) -> tuple[Path, str]:
@@ -142,13 +180,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_r
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     cls = model_class(family)
     # Eager attention: deterministic on CPU and the reference the exported graph must match.
-    model = cls.from_pretrained(
-        path,
-        dtype=dtype or torch.float32,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        attn_implementation="eager",
-    )
+    model = from_pretrained(cls, path, "model", trust_remote_code, dtype=dtype or torch.float32,
+                            use_safetensors=True, attn_implementation="eager")
     return model.eval()
 
 
@@ -164,12 +197,8 @@ def weight_files(path: str | Path) -> list[Path]:
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        return [root / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        return [root / s for s in sorted(set(_index_map(index).values()))]
     return sorted(root.glob("*.safetensors"))
-
-
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def read_safetensors(path: str | Path, prefixes: tuple[str, ...], dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
@@ -177,35 +206,39 @@ def read_safetensors(path: str | Path, prefixes: tuple[str, ...], dtype: torch.d
 
     Plain reads, not ``safe_open``'s mmap: mapped file pages count in the process's RSS until
     unmapped, which doubled the peak of a streamed load (measured: 2x the weights). Each tensor is
-    read into one reusable buffer and copied out once, converted to ``dtype``.
+    read into one reusable buffer and copied out once, converted to ``dtype``. Each header is
+    checked first (``safetensors_check``), and a short read (a file cut while being read)
+    raises StageError: stale bytes of the reused buffer are never yielded.
     """
     import torch
 
     scratch = bytearray(0)  # one reusable read buffer: no heap fragmentation from per-tensor buffers
     for shard in weight_files(path):
+        header = st.read_header(shard)
+        base = header.data_start
         with open(shard, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            base = 8 + n
-            entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__")
+            entries = sorted((v["data_offsets"][0], k, v) for k, v in header.tensors.items())
             for _, name, info in entries:
                 if not name.startswith(prefixes):
                     continue
                 start, end = info["data_offsets"]
-                src = getattr(torch, _ST_DTYPES[info["dtype"]])
+                src = getattr(torch, st.DTYPES[info["dtype"]][0])
                 if end == start:
                     yield name, torch.empty(info["shape"], dtype=src)
                     continue
                 if len(scratch) < end - start:
                     scratch = bytearray(end - start)
                 f.seek(base + start)
-                f.readinto(memoryview(scratch)[: end - start])
+                got = f.readinto(memoryview(scratch)[: end - start])
+                if got != end - start:
+                    raise st.truncated(shard, header.data_bytes, start + (got or 0))
                 t = torch.frombuffer(scratch, dtype=src, count=(end - start) // src.itemsize).reshape(info["shape"])
                 same = not t.is_floating_point() or t.dtype == dtype
                 yield name, (t.clone() if same else t.to(dtype))
 
 
-def load_vision(path: str | Path, family: str, dtype: torch.dtype | None = None) -> Any:
+def load_vision(path: str | Path, family: str, dtype: torch.dtype | None = None,
+                trust_remote_code: bool = False) -> Any:
     """The vision encoder alone, its weights streamed tensor by tensor from the shards.
 
     Loading the whole VLM to export its ViT would hold the decoder too (GBs); here the
@@ -215,11 +248,10 @@ def load_vision(path: str | Path, family: str, dtype: torch.dtype | None = None)
     import importlib
 
     import torch
-    from transformers import AutoConfig
 
     validate_checkpoint(path)
     dtype = dtype or torch.float32
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = load_config_hf(path, trust_remote_code)
     vcfg = config.vision_config
     vcfg._attn_implementation = "eager"
     mod_name, cls_name = VISION_CLASSES[family]
@@ -260,22 +292,3 @@ def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = 
     from stages.lib.tiny_checkpoints import generate_tiny as make
 
     return make(family, out_dir, seed=seed, scale=scale, dtype=dtype)
-
-
-def load_processor(path: str | Path) -> tuple[Any, Any]:
-    """(image processor, tokenizer) of a checkpoint, offline.
-
-    ``AutoProcessor`` is tried first; the Qwen-VL processors also build a video processor
-    that needs torchvision, which has no CPU build for torch 2.13 here, so the image
-    processor (PIL backend) and the tokenizer are loaded on their own when it fails.
-    """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    try:
-        proc = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-        return proc.image_processor, proc.tokenizer
-    except (ImportError, AttributeError, OSError, ValueError):
-        return (
-            AutoImageProcessor.from_pretrained(path, trust_remote_code=False),
-            AutoTokenizer.from_pretrained(path, trust_remote_code=False),
-        )

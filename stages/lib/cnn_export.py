@@ -57,13 +57,19 @@ def generate_tiny_cnn(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def _load(model_path: Path) -> Any:
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+def _load(model_path: Path, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's model in FP32, eval mode, loaded under the checkpoints policy
+    (offline, safetensors only, remote code only when model.trust_remote_code allows it)."""
+    from transformers import AutoModel, AutoModelForImageClassification
 
-    cfg = AutoConfig.from_pretrained(model_path)
+    from stages.lib.checkpoints import from_pretrained, load_config_hf, validate_checkpoint
+
+    validate_checkpoint(model_path)
+    cfg = load_config_hf(model_path, trust_remote_code)
     archs = cfg.architectures or []
     auto = AutoModelForImageClassification if any(a.endswith("ForImageClassification") for a in archs) else AutoModel
-    return auto.from_pretrained(model_path, dtype="float32").eval()
+    return from_pretrained(auto, model_path, "model", trust_remote_code, dtype="float32",
+                           use_safetensors=True).eval()
 
 
 def _wrap(model: Any) -> tuple[Any, list[str]]:
@@ -114,7 +120,7 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
 
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = _load(Path(model_path))
+    model = _load(Path(model_path), bool(params.get("trust_remote_code", False)))
     tower32, names = _wrap(model)
     dtype = params.get("dtype", "fp16")
     tdt = getattr(torch, _TORCH_DTYPES[dtype])

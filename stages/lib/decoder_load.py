@@ -35,15 +35,20 @@ def load_decoder(path: str | Path, dtype: str = "fp32", trust_remote_code: bool 
     ``model.model.visual`` is None: this object serves the decoder export, not inference.
     """
     import torch
-    from transformers import AutoConfig
 
-    from stages.lib.checkpoints import detect_family, model_class, read_safetensors, validate_checkpoint
+    from stages.lib.checkpoints import (
+        detect_family,
+        load_config_hf,
+        model_class,
+        read_safetensors,
+        validate_checkpoint,
+    )
 
     path = Path(path)
     family = detect_family(path)
     validate_checkpoint(path)
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = load_config_hf(path, trust_remote_code)
     config._attn_implementation = "eager"
     with torch.device("meta"):
         model = model_class(family)._from_config(config, dtype=tdtype)

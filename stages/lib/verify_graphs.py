@@ -31,14 +31,13 @@ class Specs:
     path: Path | None  # None: a bring-your-own ONNX has no checkpoint (and no PyTorch model)
 
 
-def load_specs(checkpoint: Path) -> Specs:
-    from transformers import AutoConfig
-
+def load_specs(checkpoint: Path, trust_remote_code: bool = False) -> Specs:
     from stages.lib.checkpoints import (
         BYO_FAMILY,
         VISION_ONLY_FAMILIES,
         checkpoint_family,
-        load_processor,
+        load_config_hf,
+        load_image_processor,
         resolve_checkpoint,
     )
     from stages.lib.hostside.text import TextSpec
@@ -47,10 +46,10 @@ def load_specs(checkpoint: Path) -> Specs:
     if checkpoint_family(checkpoint) == BYO_FAMILY:  # the graph takes one preprocessed image
         return Specs(BYO_FAMILY, None, None, None, None)
     path, family = resolve_checkpoint(checkpoint)
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    cfg = load_config_hf(path, trust_remote_code)
     if family in VISION_ONLY_FAMILIES:  # a CNN: the graph takes normalised pixels, nothing else
         return Specs(family, None, None, cfg, path)
-    proc, _ = load_processor(path)
+    proc = load_image_processor(path, trust_remote_code)  # the tokenizer is not needed here
     return Specs(family, TextSpec.from_config(family, cfg), VisionSpec.from_config(family, cfg.vision_config, proc),
                  cfg, path)
 

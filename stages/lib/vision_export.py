@@ -223,13 +223,11 @@ def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: 
 
     report = report or (lambda msg, frac=None: None)
     onnx_path = out / "vision.onnx"
-    try:
-        image_proc, _ = ck.load_processor(path)
-    except Exception:  # noqa: BLE001 - a checkpoint without processor files: numpy patchifier
-        image_proc = None
+    # the image processor alone (no tokenizer files); None without processor files: numpy patchifier
+    image_proc = ck.load_image_processor(path, bool(p.get("trust_remote_code", False)), missing_ok=True)
     report("loading the vision encoder", 0.05)
     t0 = timer()
-    visual = ck.load_vision(path, family, _torch_dtype(p["dtype"]))
+    visual = ck.load_vision(path, family, _torch_dtype(p["dtype"]), trust_remote_code=bool(p.get("trust_remote_code", False)))
     load_s = timer() - t0
     spec = hv.VisionSpec.from_config(family, visual.config, image_proc)
     weight_bytes = sum(t.numel() * t.element_size() for t in visual.state_dict().values())
@@ -259,7 +257,7 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
     f = export_graph(ctx.out, path, family, p, ctx.report)
     export_rss = peak_rss_bytes()
     ctx.report("parity in onnxruntime", 0.6)
-    reference = ck.load_vision(path, family, torch.float32)  # FP32 reference even for FP16 exports
+    reference = ck.load_vision(path, family, torch.float32, trust_remote_code=bool(p.get("trust_remote_code", False)))  # FP32 reference even for FP16 exports
     parity, rows = run_parity(ctx.out / "vision.onnx", reference, f["spec"], f["image_proc"], p, family)
     gate = p["gate"] if p["dtype"] == "fp32" else p["gate_fp16"]
     checks = gate_checks("vision", parity, gate)

@@ -230,3 +230,44 @@ def preprocess(images: list[np.ndarray], spec: VisionSpec, image_processor: Any 
         pvs.append(x.reshape(gh * gw, spec.patch_dim))
         grids.append([1, gh, gw])
     return np.concatenate(pvs).astype(np.float32), np.asarray(grids, np.int64)
+
+
+IMAGE_FORMATS = "png, jpg, bmp, webp, gif, tiff"
+
+
+def open_rgb(path: Any) -> Any:
+    """The image file at ``path`` decoded as an RGB ``PIL.Image``, fully loaded.
+
+    Anything PIL cannot decode raises StageError naming the file and what was expected: an
+    unidentified or corrupt file, one cut short, and a decompression bomb (PIL's pixel limit,
+    whose warning is an error here: a 90-megapixel "image" in a calibration folder is a mistake
+    or an attack, not a sample).
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.stage import StageError
+
+    expected = f"expected an RGB image ({IMAGE_FORMATS})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise StageError(f"{path} is too large to decode safely ({str(e).splitlines()[0]}); {expected}") from None
+    except UnidentifiedImageError:
+        raise StageError(f"{path} is corrupt or not an image (PIL cannot identify its format); {expected}") from None
+    except OSError as e:
+        if e.errno is None:  # PIL's own decode errors ("image file is truncated", ...)
+            raise StageError(f"{path} is corrupt: {_decode_problem(e)}; {expected}") from None
+        raise StageError(f"{path} cannot be read ({e.strerror}); {expected}") from None
+    except (ValueError, SyntaxError) as e:  # PIL raises these for malformed chunks and headers
+        raise StageError(f"{path} is corrupt: {_decode_problem(e)}; {expected}") from None
+
+
+def _decode_problem(e: Exception) -> str:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{'truncated' if 'truncated' in msg else 'undecodable'} ({msg})"

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config_checks import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # one list: load_config checks the folder
 from pipeline.stage import StageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 WORDS = ("describe the image colors shape left right top bottom red blue green square light dark what "
          "is in a picture count objects near far").split()
 
@@ -44,14 +44,17 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """The image at ``path`` as HxWx3 uint8 RGB resized to ``size``; StageError naming the file
+    for anything PIL cannot decode (corrupt, truncated, not an image, a decompression bomb)."""
+    from PIL import Image
 
+    from stages.lib.hostside.vision import open_rgb
+
+    rgb = open_rgb(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB").resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise StageError(f"calibration image {path} is corrupt or unreadable ({type(e).__name__})") from None
+        rgb = rgb.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as e:
+        raise StageError(f"{path} cannot be resized to {size[0]}x{size[1]} ({e})") from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -60,6 +63,8 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise StageError(f"calibration.prompts {path} is not readable ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise StageError(f"calibration.prompts {path} is not UTF-8 text (expected a JSONL file)") from None
     out = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -104,15 +109,14 @@ def synthetic_samples(n: int, sizes: Sequence[tuple[int, int]], seed: int) -> It
 class Feeder:
     """Turns samples into feeds for the vision and decoder graphs of one checkpoint."""
 
-    def __init__(self, checkpoint: Path, family: str, prompt_len: int, embed_sess: Any):
-        from transformers import AutoConfig
-
-        from stages.lib.checkpoints import load_processor
+    def __init__(self, checkpoint: Path, family: str, prompt_len: int, embed_sess: Any,
+                 trust_remote_code: bool = False):
+        from stages.lib.checkpoints import load_config_hf, load_processor
         from stages.lib.hostside.text import TextSpec
         from stages.lib.hostside.vision import VisionSpec
 
-        self.config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
-        self.image_processor, self.tokenizer = load_processor(checkpoint)
+        self.config = load_config_hf(checkpoint, trust_remote_code)
+        self.image_processor, self.tokenizer = load_processor(checkpoint, trust_remote_code)
         self.vspec = VisionSpec.from_config(family, self.config.vision_config, self.image_processor)
         self.tspec = TextSpec.from_config(family, self.config)
         self.prompt_len, self.embed = prompt_len, embed_sess

@@ -1,0 +1,134 @@
+"""Load-time checks across config sections: combinations the stages would otherwise refuse
+only when they run (minutes or hours into a build). Pure config checks: nothing here imports
+torch or a stage module; the stages keep their own checks for the inputs they are handed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
+
+# calibration.source: folder reads these (stages/lib/qdq/calibset.py imports this tuple)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# the synthetic image generator (stages/reference.py) draws rectangles 8 .. side/2 pixels wide
+SYNTHETIC_MIN_SIDE = 18
+# a prefill is the prompt's text tokens + vision start/end + at least one image token
+_IMAGE_BLOCK_MIN = 3
+
+
+def check_config(cfg: BuildConfig, path: Path) -> None:
+    """Raise ConfigError (one line: file, key, what was expected) for the first conflict."""
+    for check in (_image_sizes, _held_out, _decoder_lengths, _calibration_folder):
+        problem = check(cfg)
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
+
+
+def _image_sizes(cfg: BuildConfig) -> str | None:
+    """Every image size the build feeds must fit the vision engine's profile."""
+    vp = cfg.profiles.vision
+    lo, hi = vp.min_image, vp.max_image
+    if not (lo[0] <= vp.opt_image[0] <= hi[0] and lo[1] <= vp.opt_image[1] <= hi[1]):
+        return f"profiles.vision: expected min_image <= opt_image <= max_image, got {lo}/{vp.opt_image}/{hi}"
+    sizes = [("export.sample_image", cfg.export.sample_image)]
+    sizes += [(f"calibration.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.calibration.image_sizes)]
+    sizes += [(f"verify.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.verify.image_sizes)]
+    for where, (h, w) in sizes:
+        if not (lo[0] <= h <= hi[0] and lo[1] <= w <= hi[1]):
+            return (f"{where}: image {h}x{w} is outside the vision profile "
+                    f"(profiles.vision min_image {lo[0]}x{lo[1]}, max_image {hi[0]}x{hi[1]})")
+    synthetic = [(f"verify.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.verify.image_sizes)]
+    if cfg.calibration.source == "synthetic":
+        synthetic += [(f"calibration.image_sizes[{i}]", hw) for i, hw in enumerate(cfg.calibration.image_sizes)]
+    for where, (h, w) in synthetic:
+        if min(h, w) < SYNTHETIC_MIN_SIDE:
+            return (f"{where}: image {h}x{w} is too small for the synthetic image set "
+                    f"(expected sides of at least {SYNTHETIC_MIN_SIDE} pixels)")
+    n = min(2, len(cfg.verify.image_sizes))  # export parity runs two verify images at once
+    if n > vp.max_images:
+        return (f"profiles.vision.max_images: export parity runs {n} verify.image_sizes at once, "
+                f"expected max_images >= {n}, got {vp.max_images}")
+    return None
+
+
+def _held_out(cfg: BuildConfig) -> str | None:
+    """The held-out set must not repeat the calibration set (stages/reference.py checks again)."""
+    v, c = cfg.verify, cfg.calibration
+    if c.source == "synthetic" and v.seed == c.seed:
+        return (f"verify.seed: {v.seed} equals calibration.seed, so the held-out set would repeat the "
+                "calibration images; expected another verify.seed")
+    shared = [list(s) for s in v.image_sizes if s in c.image_sizes]
+    if shared:
+        return (f"verify.image_sizes: {shared} are also calibration.image_sizes; expected held-out "
+                "images of other shapes (a graph that baked in a shape must fail verification)")
+    return None
+
+
+def _has_decoder(cfg: BuildConfig) -> bool:
+    m = cfg.model
+    return m.generate != "cnn-tiny" and not (m.checkpoint is None and m.generate is None)
+
+
+def _decoder_lengths(cfg: BuildConfig) -> str | None:
+    """Prefill and generation lengths must fit the decoder engine's profile."""
+    if not _has_decoder(cfg):
+        return None
+    seq, past = cfg.profiles.decoder.seq, cfg.profiles.decoder.past
+    spl = cfg.export.sample_prompt_len
+    if not seq.min <= spl <= seq.max:
+        return (f"export.sample_prompt_len: {spl} is outside profiles.decoder.seq "
+                f"(expected {seq.min}..{seq.max})")
+    for key, n in (("calibration.prompt_len", cfg.calibration.prompt_len), ("verify.prompt_len", cfg.verify.prompt_len)):
+        if n + _IMAGE_BLOCK_MIN > seq.max:
+            return (f"{key}: a prefill is {n} text tokens + the image block (at least {_IMAGE_BLOCK_MIN} tokens), "
+                    f"longer than profiles.decoder.seq.max {seq.max}; expected prompt_len <= "
+                    f"{seq.max - _IMAGE_BLOCK_MIN}")
+    # greedy generation of N tokens: the last step's past holds the prefill + N - 2 tokens
+    need = cfg.verify.prompt_len + _IMAGE_BLOCK_MIN + cfg.verify.generate_tokens - 2
+    if need > past.max:
+        return (f"verify.generate_tokens: generating {cfg.verify.generate_tokens} tokens after a "
+                f"{cfg.verify.prompt_len}-token prompt needs a past of at least {need} tokens, more than "
+                f"profiles.decoder.past.max {past.max}")
+    return None
+
+
+def _calibration_folder(cfg: BuildConfig) -> str | None:
+    """calibration.source: folder: images present, every prompt line a record, named images there."""
+    c = cfg.calibration
+    if c.source != "folder" or c.images is None or c.prompts is None:
+        return None  # the model validators already refused a missing folder or file
+    try:
+        names = {p.name for p in c.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    except OSError as e:
+        return f"calibration.images: {c.images} cannot be read ({e.strerror or e})"
+    if not names:
+        return f"calibration.images: {c.images} has no images (expected files ending {', '.join(IMAGE_SUFFIXES)})"
+    try:
+        lines = c.prompts.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
+        return f"calibration.prompts: {c.prompts} cannot be read ({why}; expected a JSONL file)"
+    expected = '{"prompt": "...", "image": optional file name in calibration.images}'
+    records = 0
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            return f"calibration.prompts: {c.prompts}:{i}: expected {expected}"
+        image = rec.get("image")
+        if image not in (None, "") and (not isinstance(image, str) or image not in names):
+            return (f"calibration.prompts: {c.prompts}:{i}: names image {image!r}, which is not an image "
+                    f"in {c.images}")
+        records += 1
+    if not records:
+        return f"calibration.prompts: {c.prompts} has no prompts (expected one {expected} per line)"
+    return None
