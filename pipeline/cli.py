@@ -6,6 +6,7 @@ Only argparse is imported at module level so `vlmforge --help` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -45,7 +46,23 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print a build report again")
     r.add_argument("run", help="run folder, or a config name for its latest run")
     r.add_argument("--json", action="store_true")
+    for module in _command_modules():  # commands the stage layer adds (e.g. device-side tools)
+        importlib.import_module(module).register(sub)
     return p
+
+
+def _command_modules() -> tuple[str, ...]:
+    """VLMFORGE_COMMAND_MODULES (comma-separated) or the stage layer's ``COMMAND_MODULES``: each
+    module's ``register(subparsers)`` adds subcommands whose ``func(args)`` returns the exit code.
+    The spine names none of them; their modules keep heavy imports inside the commands."""
+    env = os.environ.get("VLMFORGE_COMMAND_MODULES")
+    if env is not None:
+        return tuple(m.strip() for m in env.split(",") if m.strip())
+    try:
+        from stages import COMMAND_MODULES
+    except ImportError:
+        return ()
+    return tuple(COMMAND_MODULES)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path]:
@@ -121,7 +138,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from pipeline.hashing import toolchain_versions
     from pipeline.progress import Progress
-    from pipeline.publish import publish
+    from pipeline.publish import deliver, publish
     from pipeline.report import write_lock, write_report
     from pipeline.runner import Planner, build
 
@@ -139,8 +156,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             states = build(planner, args.jobs, run_dir, on_event=prog.event, on_progress=prog.message)
         # the lock file first: once it names the keys, gc keeps them without our pins
         write_lock(artifacts_root() / "locks" / f"{cfg.name}.lock", config_path, states)
-    view_notes = publish(states, {s.node.id: store.out_dir(s.key) for s in states if s.key},
-                         artifacts_root() / "out" / cfg.name)
+    cache_out = {s.node.id: store.out_dir(s.key) for s in states if s.key}
+    view_notes = publish(states, cache_out, artifacts_root() / "out" / cfg.name)
+    delivered = deliver(states, cache_out, artifacts_root() / "packages", cfg.name)
     failed = [s for s in states if s.status in ("failed", "skipped")]
     header = {
         "config": str(config_path), "config_name": cfg.name, "run_dir": str(run_dir),
@@ -148,6 +166,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "wall_seconds": round(time.time() - t0, 3), "result": "failed" if failed else "ok",
         "toolchain": toolchain_versions(("torch", "transformers", "onnx", "onnxruntime", "tensorrt-rtx-cu13-bindings")),
         "notes": view_notes,
+        "delivered": [str(p) for p in delivered],
     }
     doc = write_report(run_dir, header, states)
     from pipeline.report_html import write_html_report
@@ -272,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmds = {"plan": cmd_plan, "build": cmd_build, "show": cmd_show, "gc": cmd_gc, "fsck": cmd_fsck,
                 "report": cmd_report}
-        return cmds[args.cmd](args)
+        if args.cmd in cmds:
+            return cmds[args.cmd](args)
+        return int(args.func(args))
     except VlmforgeError as e:
         print(f"vlmforge: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -52,3 +52,29 @@ def publish(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path
         else:
             os.replace(link, dest)
     return notes
+
+
+def deliver(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path, config_name: str) -> list[Path]:
+    """Put each built node's deliverables under ``dest_root`` (hard link, else copy), named by
+    config, target and key, so a name always means the same bytes. Returns the paths."""
+    done = []
+    for s in states:
+        if s.manifest is None or s.key is None or not s.node.stage.deliver or s.node.id not in cache_out:
+            continue
+        where = s.node.target.name if s.node.target else s.node.stage.name
+        for rel in s.node.stage.deliver:
+            src = cache_out[s.node.id] / rel
+            if rel not in s.manifest["outputs"] or not src.is_file():
+                continue
+            dest = dest_root / f"{config_name}-{where}-{s.key[:16]}{Path(rel).suffix}"
+            if not dest.is_file() or dest.stat().st_size != src.stat().st_size:
+                dest_root.mkdir(parents=True, exist_ok=True)
+                tmp = dest_root / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                    tmp.chmod(0o444)
+                os.replace(tmp, dest)
+            done.append(dest)
+    return done

@@ -36,6 +36,9 @@ class Stage:
     # work then share one cache entry and the work runs once.
     key_uses_target: bool = True
     toolchain: tuple[str, ...] = ()  # distributions whose versions enter the key
+    # Outputs handed to the user after a build (e.g. a device package): linked read-only into
+    # `artifacts/packages/<config>-<target or stage>-<key16><suffix>`, a name that changes with the key.
+    deliver: tuple[str, ...] = ()
     # Files outside the cache the stage reads (a user checkpoint, a calibration folder): their
     # contents enter the key. Declared, so a stage never reads an undeclared file.
     external: ExternalFn | None = None

@@ -18,3 +18,6 @@ STAGE_MODULES: tuple[str, ...] = (
     "stages.engine",
     "stages.verify",
 )
+
+# Subcommands the stage layer adds to `vlmforge` (each module has ``register(subparsers)``).
+COMMAND_MODULES: tuple[str, ...] = ()

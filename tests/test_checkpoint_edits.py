@@ -96,3 +96,24 @@ def test_a_write_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path, user_ck
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # a tool that restores the mtime
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
     assert memo.sha256(f) != old  # ctime moved: re-hashed
+
+
+@pytest.mark.slow
+def test_fine_tune_saved_over_the_folder_rebuilds_the_export(tmp_path: Path, user_ckpt: Path):
+    """The defect this guards: the checkpoint stage re-ran, wrote the same checkpoint.json, and
+    the exports were cache hits built from the old weights."""
+    import shutil
+
+    from tests.conftest import Cli
+
+    ckpt = Path(shutil.copytree(user_ckpt, tmp_path / "ckpt"))
+    cli = Cli(tmp_path, stages="stages.checkpoint,stages.export_vision")
+    cfg = cli.config(f"name: ft\nmodel: {{checkpoint: {ckpt}}}\ntargets: [rtx4090]\n")
+    first = {n["id"]: n for n in cli.json("build", str(cfg))["nodes"]}
+    shard = ckpt / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    second = {n["id"]: n for n in cli.json("build", str(cfg))["nodes"]}
+    assert second["export_vision"]["status"] == "ran"
+    assert second["export_vision"]["key"] != first["export_vision"]["key"]

@@ -152,3 +152,13 @@ def test_show_and_report(cli: Cli):
     assert "## Nodes" in cli("report", "fake").stdout
     assert json.loads(cli("report", "fake", "--json").stdout)["result"] == "ok"
     assert cli("show", "zzzz", check=2).stderr.startswith("vlmforge: error: show: no cache entry")
+
+
+def test_deliverables_are_named_by_key_and_read_only(cli: Cli):
+    cfg = cli.config()
+    doc = cli.json("build", str(cfg))
+    key = _by_id(doc)["final@rtx4090"]["key"]
+    pkg = cli.tmp / "artifacts" / "packages" / f"fake-rtx4090-{key[:16]}.bin"
+    assert str(pkg) in doc["delivered"] and pkg.read_text().endswith("target=rtx4090\n")
+    assert not pkg.stat().st_mode & 0o222
+    assert len(doc["delivered"]) == 2  # one per target; nodes without deliverables hand out nothing

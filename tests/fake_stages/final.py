@@ -13,4 +13,4 @@ def run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(name="final", version="1", run=run, deps=("middle",), per_target=True,
               params=lambda cfg, t: {"ws": cfg.engine.workspace_mb, "cos": cfg.gates["int8"].cosine + 0.001},
-              outputs=("final.bin",))
+              outputs=("final.bin",), deliver=("final.bin",))
