@@ -55,7 +55,7 @@ def publish(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path
 
 
 def deliver(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path, config_name: str) -> list[Path]:
-    """Put each built node's deliverables under ``dest_root`` (hard link, else copy), named by
+    """Copy each built node's deliverables under ``dest_root`` (read-only), named by
     config, target and key, so a name always means the same bytes. Returns the paths."""
     done = []
     for s in states:
@@ -70,11 +70,14 @@ def deliver(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path
             if not dest.is_file() or dest.stat().st_size != src.stat().st_size:
                 dest_root.mkdir(parents=True, exist_ok=True)
                 tmp = dest_root / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
+                # A copy, not a hard link: cache files keep one link (onnx-ir refuses more) and a
+                # package handed on (scp, tar) is the user's, independent of the cache.
                 try:
-                    os.link(src, tmp)
-                except OSError:
                     shutil.copyfile(src, tmp)
                     tmp.chmod(0o444)
-                os.replace(tmp, dest)
+                    os.replace(tmp, dest)
+                except OSError:
+                    tmp.unlink(missing_ok=True)
+                    raise
             done.append(dest)
     return done

@@ -16,13 +16,20 @@ _NP = {1: "float32", 10: "float16", 11: "float64", 16: "float32", 6: "int32", 7:
 
 
 def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnx
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else model
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        from stages.lib.qdq.graphio import fits_in_proto, spilled
+
+        if not fits_in_proto(model):  # past protobuf's 2 GB: from a temporary copy with external data
+            with spilled(model) as path:
+                return ort_run(str(path), feeds)
+        model = model.SerializeToString()
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     return list(sess.run(None, feeds))
 
 

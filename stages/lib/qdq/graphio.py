@@ -13,25 +13,182 @@ if TYPE_CHECKING:
     import onnx_ir as ir
     import onnxruntime as ort
 
-TWO_GB = 2**31 - 2**20
+# Sizes come from the tensors (dims x element width), never from ``ByteSize()``: protobuf
+# raises EncodeError when asked to size or serialize a message past 2 GB.
+PROTO_LIMIT = 2**31 - 2**26  # tensor bytes one in-memory proto may carry (64 MiB left for the graph)
+EXTERNAL_DATA_BYTES = 256 * 1024**2  # saved graphs whose tensors pass this keep them in <name>.data
+
+
+def tensor_bytes(model: ir.Model | onnx.ModelProto) -> int:
+    """Bytes of every tensor the model holds (initializers, Constant/attribute tensors, subgraphs,
+    functions), in memory or external, computed from dims and element types."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return sum(_proto_tensor_bytes(t) for t in _proto_tensors(model))
+    return sum(_ir_tensor_bytes(t) for _, t in _ir_tensors(model))
+
+
+def fits_in_proto(model: ir.Model | onnx.ModelProto) -> bool:
+    """True when the model can be serialized as one protobuf message (its tensors inline)."""
+    return tensor_bytes(model) < PROTO_LIMIT
+
+
+def _proto_tensor_bytes(t: onnx.TensorProto) -> int:
+    import math
+
+    import onnx_ir as ir
+
+    if t.data_type == ir.DataType.STRING:
+        return sum(len(x) for x in t.string_data)
+    try:
+        return math.ceil(math.prod(t.dims) * ir.DataType(t.data_type).bitwidth / 8)
+    except (TypeError, ValueError):  # UNDEFINED / unknown element type: it holds no data we size
+        return 0
+
+
+def _proto_tensors(model: onnx.ModelProto) -> Any:
+    def attrs(nodes: Any) -> Any:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for sp in [a.sparse_tensor] if a.HasField("sparse_tensor") else []:
+                    yield from (sp.values, sp.indices)
+                for sp in a.sparse_tensors:
+                    yield from (sp.values, sp.indices)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from graph(g)
+
+    def graph(g: Any) -> Any:
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield from (sp.values, sp.indices)
+        yield from attrs(g.node)
+
+    yield from graph(model.graph)
+    for f in model.functions:
+        yield from attrs(f.node)
+
+
+def _ir_tensor_bytes(t: Any) -> int:
+    try:
+        return int(t.nbytes)
+    except TypeError:  # STRING tensors have no element width
+        return sum(len(x) for x in t.numpy().ravel())
+
+
+def _ir_tensors(model: ir.Model) -> Any:
+    """(where, tensor) for every tensor of the model: where is an ir.Value (an initializer) or
+    (node, attribute name, index or None) for a tensor attribute."""
+    import onnx_ir as ir
+
+    for g in model.graphs():
+        for v in g.initializers.values():
+            if v.const_value is not None:
+                yield v, v.const_value
+    nodes = [*ir.traversal.RecursiveGraphIterator(model.graph)]
+    for f in model.functions.values():
+        nodes += list(ir.traversal.RecursiveGraphIterator(f))
+    for node in nodes:
+        for name, a in node.attributes.items():
+            if a.is_ref() or a.value is None:
+                continue
+            if a.type == ir.AttributeType.TENSOR:
+                yield (node, name, None), a.value
+            elif a.type == ir.AttributeType.TENSORS:
+                for i, t in enumerate(a.value):
+                    yield (node, name, i), t
+
+
+class _in_memory:
+    """Within the block, every external tensor of ``model`` (initializer or attribute) is an
+    in-memory copy, so a save writes it inline; the model is restored on exit."""
+
+    def __init__(self, model: ir.Model, attributes_only: bool = False):
+        self.model, self.attributes_only = model, attributes_only
+        self.undo: list[Any] = []
+
+    def __enter__(self) -> ir.Model:
+        import onnx_ir as ir
+
+        found = [(w, t) for w, t in _ir_tensors(self.model) if isinstance(t, ir.ExternalTensor)]
+        if self.attributes_only:
+            found = [(w, t) for w, t in found if not isinstance(w, ir.Value)]
+        for (where, old), new in zip(found, ir.external_data.convert_tensors_from_external([t for _, t in found]),
+                                     strict=True):
+            self.undo.append((where, old))
+            self._set(where, new)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for where, old in reversed(self.undo):
+            self._set(where, old)
+        self.undo.clear()
+
+    @staticmethod
+    def _set(where: Any, tensor: Any) -> None:
+        import onnx_ir as ir
+
+        if isinstance(where, ir.Value):
+            where.const_value = tensor
+            return
+        node, name, i = where
+        if i is None:
+            node.attributes[name] = ir.AttrTensor(name, tensor)
+        else:
+            ts = list(node.attributes[name].value)
+            ts[i] = tensor
+            node.attributes[name] = ir.AttrTensors(name, ts)
+
+
+def has_external(model: ir.Model | onnx.ModelProto) -> bool:
+    """True when some tensor of the model lives in an external data file."""
+    import onnx
+    import onnx_ir as ir
+
+    if isinstance(model, onnx.ModelProto):
+        return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _proto_tensors(model))
+    return any(isinstance(t, ir.ExternalTensor) for _, t in _ir_tensors(model))
 
 
 def load(path: Path | str) -> ir.Model:
-    """Load with inferred value types: Q/DQ scales must match each tensor's float dtype."""
+    """Load with inferred value types: Q/DQ scales must match each tensor's float dtype.
+
+    A graph past the proto limit keeps its weights in its external data file, memory-mapped
+    (``ir.ExternalTensor``s with absolute locations, so a proto made from the model still finds
+    them): ``session``/``check``/``save`` then go through a file, never one in-memory proto."""
     import onnx_ir as ir
 
-    return ir.from_proto(load_proto(path))
+    return ir.from_proto(load_proto(path, lazy=True))
 
 
-def load_proto(path: Path | str) -> onnx.ModelProto:
-    """The model proto with inferred value types where onnx can infer them (not past 2 GB)."""
+def load_proto(path: Path | str, lazy: bool = False) -> onnx.ModelProto:
+    """The model proto, weights in memory, with inferred value types where onnx can infer them.
+    Past the proto limit, types are inferred on the graph without its weights (shape inference
+    serializes the model; the weights are not needed), then the weights are read in, or with
+    ``lazy`` left in their file, their locations made absolute."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
-    proto = onnx.load(str(path), load_external_data=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    base_dir = Path(path).absolute().parent  # as onnx.load: beside the path given, links not followed
+    big = not fits_in_proto(proto)
+    if not big:
+        load_external_data_for_model(proto, str(base_dir))
     try:
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - past 2 GB or unknown ops: types then come from ORT
-        return proto
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - unknown ops: types then come from ORT
+        pass
+    if big and lazy:
+        for t in _proto_tensors(proto):
+            for e in t.external_data if t.data_location == onnx.TensorProto.EXTERNAL else ():
+                if e.key == "location":
+                    e.value = str(base_dir / e.value)
+    elif big:
+        load_external_data_for_model(proto, str(base_dir))
+    return proto
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -40,33 +197,48 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def save(model: ir.Model, path: Path) -> None:
-    """Save; weights go to `<name>.data` only when the model would pass the 2 GB proto limit."""
-    import onnx
+def save(model: ir.Model, path: Path, external_above: int = EXTERNAL_DATA_BYTES) -> None:
+    """Save a graph that is whole in its own folder. Tensors totalling more than
+    ``external_above`` bytes go to ``<name>.data`` beside it (written here, including tensors that
+    were already external elsewhere); otherwise every tensor is written inline. ``onnx_ir.save``
+    without ``external_data`` would keep external tensors pointing at their old location."""
+    import onnx_ir as ir
 
-    proto = to_proto(model)
-    if proto.ByteSize() > TWO_GB:
-        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    path = Path(path)
+    if tensor_bytes(model) > external_above:
+        with _in_memory(model, attributes_only=True):  # ir.save externalizes initializers only
+            ir.save(model, path, external_data=path.name + ".data")
     else:
-        onnx.save(proto, str(path))
+        with _in_memory(model):
+            ir.save(model, path)
 
 
-def check(model: ir.Model | onnx.ModelProto) -> None:
+def check(model: ir.Model | onnx.ModelProto | Path) -> None:
+    """onnx.checker (full check). A graph past the proto limit, or one with external tensors, is
+    checked by path: from its file, or from a temporary copy with external data."""
     import onnx
 
-    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
-    if proto.ByteSize() >= TWO_GB:  # the checker takes a path (with external data) past 2 GB
-        with _spilled(proto) as path:
-            onnx.checker.check_model(str(path))
+    if isinstance(model, (str, Path)):
+        onnx.checker.check_model(str(model), full_check=True)
         return
+    if _needs_file(model):
+        with spilled(model) as path:
+            onnx.checker.check_model(str(path), full_check=True)
+        return
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
 
 
-class _spilled:
-    """A temporary on-disk copy with external data, for protos protobuf cannot serialize."""
+def _needs_file(model: ir.Model | onnx.ModelProto) -> bool:
+    """Past the proto limit, or with external tensors (an in-memory proto loses their folder)."""
+    return not fits_in_proto(model) or has_external(model)
 
-    def __init__(self, proto: Any):
-        self.proto = proto
+
+class spilled:
+    """A temporary on-disk copy with external data, for models one proto cannot carry."""
+
+    def __init__(self, model: Any):
+        self.model = model
 
     def __enter__(self) -> Path:
         import tempfile
@@ -76,7 +248,8 @@ class _spilled:
         self.dir = tempfile.TemporaryDirectory(prefix="vlmforge-qdq-")
         path = Path(self.dir.name) / "model.onnx"
         # via onnx-ir: onnx.save(save_as_external_data=True) would rewrite the caller's proto
-        ir.save(ir.from_proto(self.proto), path, external_data="model.onnx.data")
+        m = self.model if isinstance(self.model, ir.Model) else ir.from_proto(self.model)
+        save(m, path, external_above=0)
         return path
 
     def __exit__(self, *exc: object) -> None:
@@ -85,7 +258,8 @@ class _spilled:
 
 def session(model: ir.Model | onnx.ModelProto | Path, optimize: bool = False) -> ort.InferenceSession:
     """ORT CPU session. Quantized graphs run with ORT_DISABLE_ALL: its Q/DQ fusions change
-    rounding and reject FP8 (NOTES §3)."""
+    rounding and reject FP8 (NOTES §3). A file is opened by path (its external data beside it);
+    a model past the proto limit runs from a temporary copy with external data."""
     import onnx
     import onnxruntime as ort
 
@@ -95,12 +269,12 @@ def session(model: ir.Model | onnx.ModelProto | Path, optimize: bool = False) ->
     )
     so.log_severity_level = 3
     so.intra_op_num_threads = 2
-    if isinstance(model, Path):
+    if isinstance(model, (str, Path)):
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
-    if proto.ByteSize() >= TWO_GB:
-        with _spilled(proto) as path:  # ORT reads the weights at session creation
+    if _needs_file(model):
+        with spilled(model) as path:  # ORT reads the weights at session creation
             return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
