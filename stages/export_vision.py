@@ -157,17 +157,21 @@ def bring_your_own(ctx: StageContext) -> StageResult:
 
     src = ctx.params["vision_onnx"]
     t0 = timer()
-    model = onnx.load(src["path"], load_external_data=True)
-    onnx.checker.check_model(model)
+    import onnx_ir as ir
+
+    from stages.lib.qdq import graphio
+
+    onnx.checker.check_model(src["path"])  # by path: works past 2 GB and with external data
+    model = onnx.load(src["path"], load_external_data=False)
     inputs = {i.name: i for i in model.graph.input}
     if src["input_name"] not in inputs:
         raise StageError(f"model.vision_onnx.input_name {src['input_name']!r} is not an input of {src['path']} "
                          f"(inputs: {', '.join(inputs)})")
     dst = ctx.out / "vision.onnx"
-    if Path(src["path"] + ".data").is_file() or model.ByteSize() > 2 * 1024**3:
-        onnx.save(model, str(dst), save_as_external_data=True, location="vision.onnx.data")
+    if graphio.has_external(model):  # whole in our folder, whatever the user's data file is called
+        graphio.save(ir.load(src["path"]), dst)
     else:
-        shutil.copyfile(src["path"], dst)
+        shutil.copyfile(src["path"], dst)  # self-contained: the user's bytes, unchanged
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     meta = sess.get_inputs()
     from stages.lib.qdq.calibset import ImageFeeder, Sample

@@ -150,14 +150,16 @@ def _run(ctx: StageContext) -> StageResult:
         feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
     report: dict[str, Any] = {}
     gates: list[GateCheck] = []
-    for name in ("embed.onnx", *IO_SPECS):  # embeddings are a Gather: nothing to quantize
+    for name in ("embed.onnx", "embed.onnx.data", *IO_SPECS):  # embeddings are a Gather: nothing to quantize
         if (fused / name).is_file():
             shutil.copy2(fused / name, ctx.out / name)
     for graph in graphs:
         mode = p["precision"][graph]
         ctx.report(f"{graph}: {mode}", GRAPHS.index(graph) / len(GRAPHS))
         if mode in HIGH:
-            shutil.copy2(fused / f"{graph}.onnx", ctx.out / f"{graph}.onnx")
+            for name in (f"{graph}.onnx", f"{graph}.onnx.data"):  # the data file too, when it has one
+                if (fused / name).is_file():
+                    shutil.copy2(fused / name, ctx.out / name)
             report[graph] = {"precision": mode, "qdq_pairs": 0, "weight_dq": 0, "copied": True, "checker": None}
             continue
         if graph == "vision" and isinstance(feeder, ImageFeeder):

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     import onnx
     import onnxruntime as ort
 
-_PROTO_LIMIT = 2**31 - 2**26  # protobuf refuses to serialize 2 GB
 KINDS = ("blocks", "layers", "stages")  # ViT blocks, decoder layers, CNN stages
 _BLOCK = re.compile(r"(?:^|[/.: ])(" + "|".join(KINDS) + r")\.(\d+)(?=$|[/.: _])")
 
@@ -158,7 +157,9 @@ def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[s
 
     model = onnx.load(str(model_path), load_external_data=True)
     marked = with_outputs(model, names)
-    if marked.ByteSize() < _PROTO_LIMIT:
+    from stages.lib.qdq.graphio import fits_in_proto
+
+    if fits_in_proto(marked):  # from the tensors: ByteSize() itself raises past 2 GB
         # From bytes: nothing is written next to the (read-only, cached) input graph.
         sess = session(marked.SerializeToString())
     else:  # over the protobuf limit: a temporary copy with external data, in our own folder

@@ -237,7 +237,7 @@ def _cap_ir_version(path: Path, most: int = 10) -> None:
     needs nothing newer than IR 10 (opset 17)."""
     import onnx
 
-    m = onnx.load(str(path))
+    m = onnx.load(str(path), load_external_data=False)  # external tensors keep pointing beside it
     if m.ir_version > most:
         m.ir_version = most
         onnx.save(m, str(path))
