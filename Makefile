@@ -7,7 +7,7 @@ TARGET  ?=
 JOBS    ?= 2
 TARGET_ARGS := $(foreach t,$(TARGET),--target $(t))
 
-.PHONY: setup engines plan test test-all lint clean
+.PHONY: setup engines package plan test test-all lint clean
 
 $(BIN)/vlmforge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(BIN)/vlmforge
 
 engines: setup
 	$(BIN)/vlmforge build $(CONFIG) $(TARGET_ARGS) -j $(JOBS)
+
+# one device archive per target: artifacts/packages/<config>-<target>-<key16>.tar
+package: setup
+	$(BIN)/vlmforge build $(CONFIG) $(TARGET_ARGS) --until package -j $(JOBS)
 
 plan: setup
 	$(BIN)/vlmforge plan $(CONFIG)

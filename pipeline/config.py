@@ -222,6 +222,10 @@ class EngineConfig(Frozen):
     weight_stripped: bool = False
 
 
+class PackageConfig(Frozen):
+    onnx: bool = True  # ship the graphs (the onnxruntime backend and the refit source) beside the engines
+
+
 class Gate(Frozen):
     cosine: float = Field(0.99, ge=-1, le=1)
     rel_l2: float | None = None
@@ -265,6 +269,7 @@ class BuildConfig(Frozen):
         default_factory=_default_gates
     )
     verify: VerifyConfig = VerifyConfig()
+    package: PackageConfig = PackageConfig()
 
     @field_validator("name")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
 
@@ -109,12 +109,29 @@ def _calibration_folder(cfg: BuildConfig) -> str | None:
     if not names:
         return f"calibration.images: {c.images} has no images (expected files ending {', '.join(IMAGE_SUFFIXES)})"
     try:
-        lines = c.prompts.read_text().splitlines()
+        records = read_prompt_records(c.prompts)
+    except ValueError as e:
+        return f"calibration.prompts: {e}"
+    for i, rec in records:
+        image = rec.get("image")
+        if image not in (None, "") and (not isinstance(image, str) or image not in names):
+            return (f"calibration.prompts: {c.prompts}:{i}: names image {image!r}, which is not an image "
+                    f"in {c.images}")
+    return None
+
+
+PROMPT_RECORD = '{"prompt": "...", "image": optional file name in calibration.images}'
+
+
+def read_prompt_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSONL prompts file: the one reader for the load-time check and
+    the calibrate stage. Raises ValueError, one line naming the file (and the line)."""
+    try:
+        lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
-        return f"calibration.prompts: {c.prompts} cannot be read ({why}; expected a JSONL file)"
-    expected = '{"prompt": "...", "image": optional file name in calibration.images}'
-    records = 0
+        raise ValueError(f"{path} cannot be read ({why}; expected a JSONL file)") from None
+    records = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -123,12 +140,8 @@ def _calibration_folder(cfg: BuildConfig) -> str | None:
         except json.JSONDecodeError:
             rec = None
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            return f"calibration.prompts: {c.prompts}:{i}: expected {expected}"
-        image = rec.get("image")
-        if image not in (None, "") and (not isinstance(image, str) or image not in names):
-            return (f"calibration.prompts: {c.prompts}:{i}: names image {image!r}, which is not an image "
-                    f"in {c.images}")
-        records += 1
+            raise ValueError(f"{path}:{i}: expected {PROMPT_RECORD}")
+        records.append((i, rec))
     if not records:
-        return f"calibration.prompts: {c.prompts} has no prompts (expected one {expected} per line)"
-    return None
+        raise ValueError(f"{path} has no prompts (expected one {PROMPT_RECORD} per line)")
+    return records

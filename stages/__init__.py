@@ -17,6 +17,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "stages.quantize",
     "stages.engine",
     "stages.verify",
+    "stages.package",
 )
 
 # Subcommands the stage layer adds to `vlmforge` (each module has ``register(subparsers)``).

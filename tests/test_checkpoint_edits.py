@@ -17,6 +17,7 @@ from pipeline.targets import load_catalog
 READ_ALL = {"checkpoint", "reference", "calibrate", "quantize@rtx3090", "quantize@rtx4090",
             "verify@rtx3090", "verify@rtx4090"}
 READ_WEIGHTS = READ_ALL | {"export_vision", "export_decoder"}  # also what reads the processor
+PACKAGE = {"package@rtx3090", "package@rtx4090"}  # ships the tokenizer and processor files
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +61,10 @@ def test_an_in_place_edit_rekeys_exactly_its_readers(tmp_path: Path, user_ckpt: 
         expected = READ_WEIGHTS
     elif what == "tokenizer":
         _rewrite_json(ckpt / "tokenizer_config.json", lambda d: d.update(model_max_length=1234))
-        expected = READ_ALL
+        expected = READ_ALL | PACKAGE
     else:
         _rewrite_json(ckpt / "preprocessor_config.json", lambda d: d.update(image_mean=[0.5, 0.5, 0.5]))
-        expected = READ_WEIGHTS
+        expected = READ_WEIGHTS | PACKAGE
     after = _keys(cfg, nodes)
     changed = {n for n in before if before[n] != after[n]}
     assert changed == expected

@@ -146,6 +146,8 @@ def test_every_family_and_dtype_passes_parity(family: str, dtype: str, ckpts: di
     io = {i["name"]: i for i in json.loads((tmp_path / "decoder.json").read_text())["inputs"]}
     assert io["inputs_embeds"]["dtype"] == {"fp32": "float32", "fp16": "float16"}[dtype]
     assert ("deepstack_embeds.0" in io) == (family == "qwen3_vl")
+    if family == "qwen3_vl":  # the released layout: three deepstack maps
+        assert {n for n in io if n.startswith("deepstack_embeds.")} == {f"deepstack_embeds.{i}" for i in range(3)}
 
 
 @pytest.mark.slow

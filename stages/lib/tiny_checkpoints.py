@@ -33,6 +33,10 @@ def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> A
     hidden, layers, heads, kv = (2048, 16, 16, 8) if big else (64, 2, 4, 2)
     inter = 5632 if big else 128
     v_dim, v_depth, v_heads = (1024, 24, 16) if big else (32, 2, 2)
+    if family == "qwen3_vl" and not big:
+        # every released Qwen3-VL has three deepstack layers ([8, 16, 24] of 27 blocks): keep that
+        # layout (three maps, injected after the first three text layers) in the tiny model too
+        layers, v_depth = 3, 3
     special = {name: vocab_size - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}
     ids: dict[str, Any] = {
         "image_token_id": special["<|image_pad|>"],
@@ -75,7 +79,7 @@ def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> A
         text["rope_parameters"]["mrope_interleaved"] = True
         vision = {**vis_common, "hidden_size": v_dim, "intermediate_size": 2 * v_dim, "out_hidden_size": hidden,
                   "patch_size": 16, "num_position_embeddings": 64 if not big else 2304,
-                  "deepstack_visual_indexes": [0] if not big else [5, 11, 17]}
+                  "deepstack_visual_indexes": [0, 1, 2] if not big else [5, 11, 17]}
         return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
     raise StageError(f"cannot generate family {family!r}; supported: {', '.join(VLM_FAMILIES)}")
 

@@ -9,7 +9,6 @@ shapes, so no decoder matmul looks like a GEMV (NOTES §2.6).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,26 +58,12 @@ def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
+    from pipeline.config_checks import read_prompt_records
+
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise StageError(f"calibration.prompts {path} is not readable ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise StageError(f"calibration.prompts {path} is not UTF-8 text (expected a JSONL file)") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise StageError(f"{path}:{i}: not a JSON object") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise StageError(f'{path}:{i}: expected {{"prompt": "...", "image": optional file name}}')
-        out.append(rec)
-    if not out:
-        raise StageError(f"calibration.prompts {path} has no prompts")
-    return out
+        return [rec for _, rec in read_prompt_records(path)]
+    except ValueError as e:
+        raise StageError(f"calibration.prompts: {e}") from None
 
 
 def folder_samples(images: Path, prompts: Path, n: int, sizes: Sequence[tuple[int, int]]) -> Iterator[Sample]:
@@ -150,7 +135,9 @@ class Feeder:
         mask = np.ones_like(input_ids)
         pos, _ = T.rope_index(self.tspec, input_ids, image_grid_thw=grid, attention_mask=mask)
         feed: dict[str, np.ndarray] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
-        deep = [v for k2, v in vision_out.items() if "deepstack" in k2]
+        # export_vision writes the deepstack maps stacked, [n_deepstack, tokens, H]: one per layer
+        stacked = next((v for k2, v in vision_out.items() if "deepstack" in k2), None)
+        deep = list(stacked) if stacked is not None else []
         vmask = T.visual_mask(input_ids, self.tspec)
         for a in inputs:
             if a.name.startswith("past_key_values."):
