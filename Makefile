@@ -27,7 +27,7 @@ engines: setup
 
 # one device archive per target: artifacts/packages/<config>-<target>-<key16>.tar
 package: setup
-	$(BIN)/vlmforge build $(CONFIG) $(TARGET_ARGS) --until package -j $(JOBS)
+	$(BIN)/vlmforge package $(CONFIG) $(TARGET_ARGS) -j $(JOBS)
 
 plan: setup
 	$(BIN)/vlmforge plan $(CONFIG)

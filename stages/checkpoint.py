@@ -91,7 +91,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="checkpoint",
-    version="2",  # 2: {"path": null, "family": "byo"} for a bring-your-own vision ONNX
+    version="3",  # 3: the tiny Qwen3-VL has three deepstack layers (2: {"path": null} for BYO ONNX)
     run=_run,
     params=_params,
     deps=(),
