@@ -142,7 +142,10 @@ def test_unknown_family_is_one_line_error(tmp_path: Path) -> None:
 def test_every_family_and_dtype_passes_parity(family: str, dtype: str, ckpts: dict[str, Path], tmp_path: Path) -> None:
     res = _run(_cfg(family, export={"dtype": dtype}), ckpts[family], tmp_path)
     assert all(g.passed for g in res.gates), res.gates
-    assert res.metrics["token_agreement"] == 1.0 and res.metrics["top1"] == 1.0
+    assert res.metrics["token_agreement"] == 1.0
+    # FP16 may flip an argmax where a random model's two best logits tie within FP16 rounding
+    # (seen: 1 position of 132 on the three-deepstack Qwen3-VL); FP32 must agree everywhere
+    assert res.metrics["top1"] == 1.0 if dtype == "fp32" else res.metrics["top1"] >= 0.99
     io = {i["name"]: i for i in json.loads((tmp_path / "decoder.json").read_text())["inputs"]}
     assert io["inputs_embeds"]["dtype"] == {"fp32": "float32", "fp16": "float16"}[dtype]
     assert ("deepstack_embeds.0" in io) == (family == "qwen3_vl")
