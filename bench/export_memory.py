@@ -24,9 +24,13 @@ sys.path.insert(0, str(REPO))
 
 
 def _rss() -> int:
-    from stages.export_vision import peak_rss_bytes  # VmHWM: not inherited across exec
-
-    return peak_rss_bytes()
+    """This process image's peak RSS in bytes (``VmHWM``), not ``pipeline.worker.peak_rss_mb``:
+    ``ru_maxrss`` survives ``exec``, and the parent that starts each child may have just
+    generated the 1B checkpoint, so a child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:

@@ -25,6 +25,9 @@ from pipeline.errors import ConfigError
 
 Precision = Literal["best", "fp8", "int8", "int4-weight", "fp16"]
 Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+# ImageNet normalisation: the default mean/std of a vision graph's input (config, calibration, CNN export)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # A build name is a folder name under the artifacts root (runs/, out/, locks/): never a path.
 BUILD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 BUILD_NAME_RULE = ("a plain build name: 1-128 letters, digits, '.', '_' or '-', starting with a letter "
@@ -67,8 +70,8 @@ class OnnxGraphSource(Frozen):
     input_name: str = "pixel_values"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     resize: HW = (224, 224)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[PosFloat, PosFloat, PosFloat] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[PosFloat, PosFloat, PosFloat] = IMAGENET_STD
 
     _p = field_validator("path", mode="before")(_resolve)
 

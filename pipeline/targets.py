@@ -14,6 +14,24 @@ Builder = Literal["tensorrt-rtx", "tensorrt"]
 LOW_PRECISION_ORDER: tuple[Precision, ...] = ("fp8", "int8", "int4-weight", "fp16")
 
 
+def sm_int(sm: str) -> int:
+    """A compute capability as one number: "8.9" -> 89."""
+    major, minor = sm.split(".")
+    return int(major) * 10 + int(minor)
+
+
+def precision_refusal(name: str, sm: str, have: tuple[str, ...], wanted: str) -> str | None:
+    """Why target ``name`` (SM ``sm``, catalog precisions ``have``) cannot build ``wanted``, or
+    None: the one rule behind the config check, ``resolve_precision`` and the engine stage."""
+    if wanted == "fp8" and ("fp8" not in have or sm_int(sm) < 89):
+        return f"FP8 needs SM >= 8.9 and target {name} is SM {sm}"
+    if wanted == "int8" and sm_int(sm) < 75:
+        return f"INT8 tensor cores need SM >= 7.5 and target {name} is SM {sm}"
+    if wanted not in have:
+        return f"target {name} (SM {sm}) does not support {wanted} (it has: {', '.join(have)})"
+    return None
+
+
 class TargetSpec(Frozen):
     name: str
     sm: str = Field(pattern=r"^\d+\.\d+$")  # compute capability, e.g. "8.9"
@@ -24,8 +42,7 @@ class TargetSpec(Frozen):
 
     @property
     def sm_int(self) -> int:
-        major, minor = self.sm.split(".")
-        return int(major) * 10 + int(minor)
+        return sm_int(self.sm)
 
     def resolve_precision(self, wanted: Precision) -> tuple[Precision, str | None]:
         """The precision to build and, when `best` chose or fell back, why (for the report)."""
@@ -34,9 +51,9 @@ class TargetSpec(Frozen):
                 if p in self.precisions and p != "int4-weight":
                     return p, f"best on {self.name} (SM {self.sm}) is {p}"
             return "fp16", f"{self.name} supports no low precision; fp16"
-        if wanted not in self.precisions:
-            have = ", ".join(self.precisions)
-            raise ConfigError(f"target {self.name} (SM {self.sm}) does not support {wanted} (it has: {have})")
+        why = precision_refusal(self.name, self.sm, self.precisions, wanted)
+        if why:
+            raise ConfigError(why)
         return wanted, None
 
 
@@ -79,17 +96,11 @@ def check_precisions(cfg: BuildConfig, config_path: Path, targets: list[TargetSp
     for graph in ("vision", "decoder"):
         wanted = getattr(cfg.precision, graph)
         for t in targets:
-            if wanted == "best" or wanted in t.precisions:
-                continue
-            if wanted == "fp8":
-                raise ConfigError(
-                    f"{config_path}: precision.{graph}: fp8 needs SM >= 8.9 and target {t.name} is SM {t.sm}; "
-                    f"targets with FP8: {', '.join(with_fp8(catalog))} (or use precision: best to fall back)"
-                )
-            raise ConfigError(
-                f"{config_path}: precision.{graph}: target {t.name} (SM {t.sm}) does not support {wanted} "
-                f"(it has: {', '.join(t.precisions)})"
-            )
+            why = None if wanted == "best" else precision_refusal(t.name, t.sm, t.precisions, wanted)
+            if why and wanted == "fp8":
+                why += f"; targets with FP8: {', '.join(with_fp8(catalog))} (or use precision: best to fall back)"
+            if why:
+                raise ConfigError(f"{config_path}: precision.{graph}: {why}")
 
 
 def with_fp8(catalog: dict[str, TargetSpec]) -> list[str]:

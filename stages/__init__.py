@@ -21,4 +21,4 @@ STAGE_MODULES: tuple[str, ...] = (
 )
 
 # Subcommands the stage layer adds to `vlmforge` (each module has ``register(subparsers)``).
-COMMAND_MODULES: tuple[str, ...] = ("stages.lib.packaging.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("stages.lib.packaging.cli", "stages.lib.runtime.cli")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoint_reads import checkpoint_reads
 
 if TYPE_CHECKING:
@@ -46,14 +47,6 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
                    "generate_tokens": v.generate_tokens, "seed": v.seed},
         "trust_remote_code": cfg.model.trust_remote_code,
     }
-
-
-def peak_rss_mb() -> float:
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(rss / 1024**2 if sys.platform == "darwin" else rss / 1024)
 
 
 def _gates(summary: dict[str, Any], gate: dict[str, Any]) -> list[GateCheck]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoint_reads import checkpoint_reads
 
 if TYPE_CHECKING:
@@ -70,22 +71,6 @@ def check_sizes(params: dict[str, Any]) -> None:
     if min(2, len(params["verify_sizes"])) > prof["max_images"]:
         raise StageError(f"parity runs {len(params['verify_sizes'])} images at once but "
                          f"profiles.vision.max_images is {prof['max_images']}")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. ``VmHWM`` first: ``ru_maxrss`` survives ``exec`` on Linux, so a
-    worker started by a big parent would report the parent's peak."""
-    import resource
-    import sys
-
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def gate_checks(prefix: str, parity: Any, gate: dict[str, Any]) -> list[GateCheck]:
@@ -153,7 +138,8 @@ def bring_your_own(ctx: StageContext) -> StageResult:
 
     import numpy as np
     import onnx
-    import onnxruntime as ort
+
+    from stages.lib.ortsession import ort_session
 
     src = ctx.params["vision_onnx"]
     t0 = timer()
@@ -172,7 +158,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
         graphio.save(ir.load(src["path"]), dst)
     else:
         shutil.copyfile(src["path"], dst)  # self-contained: the user's bytes, unchanged
-    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    sess = ort_session(dst)
     meta = sess.get_inputs()
     from stages.lib.qdq.calibset import ImageFeeder, Sample
 
@@ -202,5 +188,5 @@ def bring_your_own(ctx: StageContext) -> StageResult:
         "parity": {"reference": "itself in onnxruntime fp32", "output_shapes": [list(o.shape) for o in outs]},
     })
     return StageResult(metrics={"export_seconds": round(timer() - t0, 3), "onnx_bytes": dst.stat().st_size,
-                                "peak_rss_bytes": peak_rss_bytes(), "cosine": 1.0, "dtype": "fp32", "family": "byo"},
+                                "peak_rss_bytes": round(peak_rss_mb() * 2**20), "cosine": 1.0, "dtype": "fp32", "family": "byo"},
                        notes=[f"bring-your-own ONNX {src['path']}: parity reference is the graph itself"])

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
 
@@ -161,8 +162,8 @@ def _cnn_sample(model: Any, proc: Any, p: dict[str, Any], i: int) -> tuple[dict[
     rng = np.random.default_rng([int(p["seed"]), i])
     h, w = p["image_sizes"][i % len(p["image_sizes"])]
     image = synthetic_image(h, w, rng)
-    mean = np.asarray(getattr(proc, "image_mean", None) or (0.485, 0.456, 0.406), np.float32)
-    std = np.asarray(getattr(proc, "image_std", None) or (0.229, 0.224, 0.225), np.float32)
+    mean = np.asarray(getattr(proc, "image_mean", None) or IMAGENET_MEAN, np.float32)
+    std = np.asarray(getattr(proc, "image_std", None) or IMAGENET_STD, np.float32)
     x = ((image.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)[None].copy()
     backbone = getattr(model, "resnet", None) or getattr(model, "convnext", None) or model
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_byo_onnx_builds_end_to_end(tmp_path: Path) -> None:
     r = cli("build", str(cfg), "-j", "2", "--json", timeout=900)
     nodes = {n["id"]: n for n in json.loads(r.stdout)["nodes"]}
     want = ["checkpoint", "export_vision", "export_decoder", "fuse", "calibrate", "reference",
-            *(f"{s}@{t}" for s in ("quantize", "engine", "verify") for t in TARGETS)]
+            *(f"{s}@{t}" for s in ("quantize", "engine", "verify", "package") for t in TARGETS)]
     assert sorted(nodes) == sorted(want)
     assert all(n["status"] == "ran" for n in nodes.values()), {k: n["status"] for k, n in nodes.items()}
 

@@ -47,7 +47,7 @@ def test_wrong_type_and_bad_value(cli: Cli):
 def test_fp8_on_an_sm_without_it(cli: Cli):
     cfg = cli.config(BASE_CONFIG.replace("[rtx3090, rtx4090]", "[rtx3090]"))
     line = _one_line_error(cli("build", str(cfg), "--precision", "fp8", check=None))
-    assert "fp8 needs SM >= 8.9" in line and "rtx3090 is SM 8.6" in line
+    assert "FP8 needs SM >= 8.9" in line and "rtx3090 is SM 8.6" in line
     assert "rtx4090" in line and "h100" in line  # lists the targets that have FP8
 
 

@@ -23,8 +23,9 @@ import pytest
 from pipeline.config import BuildConfig
 from pipeline.stage import StageContext, StageError, StageResult
 from pipeline.targets import load_catalog
-from stages.lib.packaging import check_archive, extract, layout, load_probe, read_member, write_tar
+from stages.lib.packaging import check_archive, layout, load_probe, read_member, write_tar
 from stages.lib.packaging.archive import Member
+from stages.lib.runtime.archive import extract  # the one safe extractor (the device side)
 from stages.package import STAGE
 from tests.conftest import Cli
 

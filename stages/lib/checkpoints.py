@@ -17,6 +17,7 @@ from stages.lib import safetensors_check as st
 
 # ROLES, file_role and the hf_load loaders are re-exported: stages import the checkpoint API from here
 from stages.lib.ckpt_files import ROLES, check_links, checkpoint_files, file_role  # noqa: F401
+from stages.lib.dtypes import torch_dtype
 from stages.lib.hf_load import (  # noqa: F401
     check_remote_code,
     from_pretrained,
@@ -177,7 +178,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, trust_r
     family = detect_family(path)
     validate_checkpoint(path)
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        dtype = torch_dtype(dtype)
     cls = model_class(family)
     # Eager attention: deterministic on CPU and the reference the exported graph must match.
     model = from_pretrained(cls, path, "model", trust_remote_code, dtype=dtype or torch.float32,

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+from stages.lib.dtypes import CONFIG_NUMPY, torch_dtype
 
 
 def generate_tiny_cnn(out_dir: str | Path, seed: int = 0) -> Path:
@@ -92,12 +91,12 @@ def _wrap(model: Any) -> tuple[Any, list[str]]:
 
 def _parity(onnx_path: Path, tower: Any, sizes: list[list[int]], seed: int, np_dtype: str) -> Any:
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from stages.lib.metrics import compare, worst
+    from stages.lib.ortsession import ort_session
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort_session(onnx_path)
     rng = np.random.default_rng(seed)
     out: list[Any] = []
     batches = [(1, h, w) for h, w in sizes] + [(2, *sizes[0])]  # each size, and a batch of 2
@@ -123,7 +122,7 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
     model = _load(Path(model_path), bool(params.get("trust_remote_code", False)))
     tower32, names = _wrap(model)
     dtype = params.get("dtype", "fp16")
-    tdt = getattr(torch, _TORCH_DTYPES[dtype])
+    tdt = torch_dtype(dtype)
     h, w = params.get("sample_image", [224, 224])
     sample = torch.randn(1, 3, int(h), int(w), dtype=tdt)
     onnx_path = out_dir / "vision.onnx"
@@ -135,7 +134,7 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
                       opset_version=int(params.get("opset", 19)), dynamo=False, dynamic_axes=axes,
                       training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True)
     export_s = time.time() - t0
-    np_dt = {"fp16": "float16", "bf16": "float32", "fp32": "float32"}[dtype]
+    np_dt = CONFIG_NUMPY[dtype]
     sizes = [list(s) for s in params.get("verify_sizes", [[112, 168], [196, 140]])]
     parity = _parity(onnx_path, tower32, sizes, int(params.get("seed", 0)), np_dt)
     gate = params.get("gate_fp16" if dtype != "fp32" else "gate") or {"cosine": 0.9999}

@@ -32,18 +32,13 @@ from typing import Any
 
 import numpy as np
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from stages.lib.dtypes import torch_dtype
+
 # Weights go to external data (``<graph>.onnx.data``) above this size. Saving inline serialises the
 # whole ModelProto in memory: a second copy of the weights (measured on a 715 MB decoder: peak RSS
 # +1.9 GB inline vs +0.15 GB with external data, both exporters' inline paths alike). Protobuf's
 # 2 GB cap is far above; small graphs stay one file for convenience.
 EXTERNAL_DATA_BYTES = 256 * 1024**2
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, DTYPES[name])
 
 
 def decoder_dims(text_config: Any) -> dict[str, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageError
+from stages.lib.dtypes import torch_dtype
 
 # transformers 5 layout first; original hub checkpoints name the text model "model.*"
 _PREFIXES = ("model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.", "model.norm.")
@@ -47,7 +48,7 @@ def load_decoder(path: str | Path, dtype: str = "fp32", trust_remote_code: bool 
     path = Path(path)
     family = detect_family(path)
     validate_checkpoint(path)
-    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tdtype = torch_dtype(dtype)
     config = load_config_hf(path, trust_remote_code)
     config._attn_implementation = "eager"
     with torch.device("meta"):

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stages.lib.dtypes import ORT_FLOATS
 from stages.lib.metrics import compare
+from stages.lib.ortsession import reference_session
 
 if TYPE_CHECKING:
     import onnx
@@ -38,19 +40,7 @@ KINDS = ("blocks", "layers", "stages")  # ViT blocks, decoder layers, CNN stages
 _BLOCK = re.compile(r"(?:^|[/.: ])(" + "|".join(KINDS) + r")\.(\d+)(?=$|[/.: _])")
 
 
-def session(model: str | Path | bytes) -> ort.InferenceSession:
-    """An ORT CPU session with graph optimizations disabled (the quantized-graph reference)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
-_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 def fit_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,7 +52,7 @@ def fit_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[
     out = {}
     for i in ins:
         if i.name in feeds:
-            v, want = feeds[i.name], _ORT_FLOATS.get(i.type)
+            v, want = feeds[i.name], ORT_FLOATS.get(i.type)
             out[i.name] = v.astype(want) if want is not None and np.issubdtype(v.dtype, np.floating) else v
     return out
 
@@ -161,14 +151,14 @@ def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[s
 
     if fits_in_proto(marked):  # from the tensors: ByteSize() itself raises past 2 GB
         # From bytes: nothing is written next to the (read-only, cached) input graph.
-        sess = session(marked.SerializeToString())
+        sess = reference_session(marked.SerializeToString())
     else:  # over the protobuf limit: a temporary copy with external data, in our own folder
         if workdir is None:
             raise ValueError(f"{model_path.name} is over 2 GB: drill-down needs a workdir for a marked copy")
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = workdir / f"marked_{model_path.name}"
         onnx.save(marked, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
-        sess = session(tmp)
+        sess = reference_session(tmp)
     del model, marked
     vals = sess.run(list(names), fit_feeds(sess, feeds))
     return dict(zip(names, vals, strict=True))

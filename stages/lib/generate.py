@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from stages.lib.dtypes import ORT_FLOATS
 from stages.lib.hostside import text as host
-
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+from stages.lib.ortsession import Optimization, ort_session
 
 
 @dataclass
@@ -44,14 +44,6 @@ class Prompt:
         return np.asarray(self.attention_mask, dtype=np.int64)
 
 
-def _session(path: Path, providers: tuple[str, ...]) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
-
-
 class OrtPipeline:
     def __init__(
         self,
@@ -61,14 +53,16 @@ class OrtPipeline:
         vision_path: str | Path | None = None,
         vision_spec: Any = None,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        optimization: Optimization = "all",  # "none" for Q/DQ graphs (ORT's fusions reject FP8)
     ):
         self.spec = spec
-        self.decoder = _session(Path(decoder_path), providers)
-        self.embed = _session(Path(embed_path), providers)
-        self.vision = _session(Path(vision_path), providers) if vision_path else None
+        opts: dict[str, Any] = {"providers": providers, "optimization": optimization, "log_level": 3}
+        self.decoder = ort_session(Path(decoder_path), **opts)
+        self.embed = ort_session(Path(embed_path), **opts)
+        self.vision = ort_session(Path(vision_path), **opts) if vision_path else None
         self.vision_spec = vision_spec
         ins = {i.name: i for i in self.decoder.get_inputs()}
-        self.dtype = ORT_DTYPES[ins["inputs_embeds"].type]
+        self.dtype = ORT_FLOATS[ins["inputs_embeds"].type]
         self.hidden = int(ins["inputs_embeds"].shape[-1])
         self.n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         k0 = ins["past_key_values.0.key"].shape
@@ -104,7 +98,7 @@ class OrtPipeline:
         feeds = vision_inputs(self.vision_spec, prompt.pixel_values, prompt.image_grid_thw)
         types = {i.name: i.type for i in self.vision.get_inputs()}
         # float inputs in the graph's own dtype (an FP16 graph takes FP16 pixels)
-        feeds = {k: v.astype(ORT_DTYPES[types[k]], copy=False) if types[k] in ORT_DTYPES else v
+        feeds = {k: v.astype(ORT_FLOATS[types[k]], copy=False) if types[k] in ORT_FLOATS else v
                  for k, v in feeds.items() if k in types}
         outs = dict(zip([o.name for o in self.vision.get_outputs()], self.vision.run(None, feeds), strict=True))
         # export_vision writes Qwen3-VL deepstack maps stacked: [n_deepstack, tokens, H]

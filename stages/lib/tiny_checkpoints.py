@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.stage import StageError
 from stages.lib.checkpoints import VLM_FAMILIES, model_class
+from stages.lib.dtypes import torch_dtype
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -141,7 +142,7 @@ def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = 
     model.eval()
     model.generation_config.do_sample = False
     if dtype != "fp32":
-        model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+        model.to(torch_dtype(dtype))
     # Shards of ~2 GB for the bench model exercise the sharded-index path of validate_checkpoint.
     model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
     _tiny_tokenizer(cfg.text_config.vocab_size).save_pretrained(out)

@@ -40,6 +40,7 @@ class Backend:
 
 
 def sm_int(sm: str) -> int:
+    """``pipeline.targets.sm_int``, kept here free of pydantic: the device runtime imports it."""
     major, minor = sm.split(".")
     return int(major) * 10 + int(minor)
 

@@ -9,7 +9,6 @@ the RTX-only calls (compute capability) go through `getattr` in one place.
 from __future__ import annotations
 
 import hashlib
-import resource
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
+from pipeline.worker import peak_rss_mb
 from stages.lib import trt_timing_cache
 from stages.lib.trt_backend import Backend, local_gpu_sms, make_logger, make_progress_monitor, sm_int
 
@@ -196,8 +196,7 @@ def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, pro
     out_path.write_bytes(data)
     result.bytes = data.nbytes
     result.sha256 = hashlib.sha256(data).hexdigest()
-    # ru_maxrss is KiB on Linux: the worker process's peak so far (one node per process)
-    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.peak_rss_mb = peak_rss_mb()  # the worker process's peak so far (one node per process)
     say(f"{graph}: built {result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s", 1.0)
     return result
 
@@ -224,17 +223,17 @@ def graph_quant_dtypes(onnx_path: Path) -> set[str]:
 
 def refuse_unsupported(graph: str, precision: str, quant: set[str], target: dict[str, Any]) -> None:
     """Refuse, before any build, a precision the target's hardware does not have."""
-    from pipeline.targets import load_catalog, with_fp8
+    from pipeline.targets import load_catalog, precision_refusal, with_fp8
 
     name, sm = target["name"], target["sm"]
     have = tuple(target.get("precisions", ()))
     if precision == "fp8" or "fp8" in quant:
-        if "fp8" not in have or sm_int(sm) < 89:
-            raise StageError(
-                f"{graph}: FP8 needs SM >= 8.9 and target {name} is SM {sm} (the graph "
-                f"{'asks for fp8' if precision == 'fp8' else 'holds FP8 Q/DQ'}); targets with FP8: "
-                f"{', '.join(with_fp8(load_catalog()))}")
-    if precision not in (*have, "fp16"):
-        raise StageError(f"{graph}: target {name} (SM {sm}) does not support {precision} (it has: {', '.join(have)})")
-    if "int8" in quant and sm_int(sm) < 75:
-        raise StageError(f"{graph}: INT8 tensor cores need SM >= 7.5 and target {name} is SM {sm}")
+        why = precision_refusal(name, sm, have, "fp8")
+        if why:
+            raise StageError(f"{graph}: {why} (the graph {'asks for fp8' if precision == 'fp8' else 'holds FP8 Q/DQ'}); "
+                             f"targets with FP8: {', '.join(with_fp8(load_catalog()))}")
+    why = None if precision == "fp16" else precision_refusal(name, sm, have, precision)  # FP16 builds anywhere
+    if not why and "int8" in quant:  # INT8 Q/DQ in the graph: the hardware rule alone
+        why = precision_refusal(name, sm, (*have, "int8"), "int8")
+    if why:
+        raise StageError(f"{graph}: {why}")

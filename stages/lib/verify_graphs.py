@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.stage import GateCheck, StageError
-from stages.lib.drilldown import fit_feeds, session
+from stages.lib.drilldown import fit_feeds
 from stages.lib.metrics import Parity, compare, topk_agreement, worst
+from stages.lib.ortsession import reference_session
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _run_all(path: Path, feeds: list[dict[str, np.ndarray]], name: str) -> list[
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
-    sess = session(path)
+    sess = reference_session(path)
     runner = OnnxrtRunner(sess, name=name)
     results = Comparator.run([runner], data_loader=[fit_feeds(sess, f) for f in feeds])
     return [{k: np.asarray(v) for k, v in it.items()} for it in results[name]]
@@ -166,15 +167,9 @@ def measure_generation(vision: Path | None, decoder: Path, embed: Path, specs: S
     """Greedy generation through vision -> merge -> decoder (KV cache), vs ``model.generate``."""
     from stages.lib import generate as gen
 
-    # generate.py opens its sessions with ORT's default optimizations, which fuse Q/DQ into
-    # integer kernels that reject FP8 at load time (NOTES §3); the graphs under test must run
-    # without them, so its session factory is swapped for ours while the pipeline is built.
-    factory = gen._session
-    gen._session = lambda path, providers: session(path)  # type: ignore[assignment]
-    try:
-        pipe = gen.OrtPipeline(decoder, embed, specs.text, vision, specs.vision)
-    finally:
-        gen._session = factory
+    # ORT's default optimizations fuse Q/DQ into integer kernels that reject FP8 at load time
+    # (NOTES §3): the graphs under test run without them.
+    pipe = gen.OrtPipeline(decoder, embed, specs.text, vision, specs.vision, optimization="none")
     per, agree, prefix = [], [], []
     for s in samples:
         prompt = gen.Prompt(s["input_ids"], s["attention_mask"], pixel_values=s["pixel_values"],

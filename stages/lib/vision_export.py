@@ -7,15 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageContext, StageError, StageResult
-from stages.export_vision import finish, gate_checks, peak_rss_bytes, timer, write_json
-
-ORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+from pipeline.worker import peak_rss_mb
+from stages.export_vision import finish, gate_checks, timer, write_json
+from stages.lib.dtypes import CONFIG_DTYPES, torch_dtype
 
 
 def _round(side: int, factor: int) -> int:
@@ -46,8 +40,8 @@ def io_spec(spec: Any, family: str, dtype: str, params: dict[str, Any], out_dim:
               "rotary_sin": ("float32", ["patches", spec.head_dim]),
               "attn_segments": ("int64", ["patches"]), "window_segments": ("int64", ["patches"]),
               "pos_interp_index": ("int64", ["patches", 4]), "pos_interp_weight": ("float32", ["patches", 4]),
-              "image_features": (ORT_DTYPES[dtype], ["tokens", out_dim]),
-              "deepstack_features": (ORT_DTYPES[dtype], [len(spec.deepstack_layers), "tokens", out_dim])}
+              "image_features": (CONFIG_DTYPES[dtype], ["tokens", out_dim]),
+              "deepstack_features": (CONFIG_DTYPES[dtype], [len(spec.deepstack_layers), "tokens", out_dim])}
     prof = params["profile"]
     n = {"min": patches_for(spec, prof["min_image"]), "opt": patches_for(spec, prof["opt_image"]),
          "max": patches_for(spec, prof["max_image"]) * prof["max_images"]}
@@ -171,20 +165,19 @@ def run_parity(onnx_path: Path, reference: Any, spec: Any, image_proc: Any, para
                family: str) -> tuple[Any, list[dict[str, Any]]]:
     """ORT vs the unpatched FP32 torch encoder on each verify size alone, then all at once."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from stages.lib.hostside import vision as hv
     from stages.lib.metrics import Parity, compare, worst
+    from stages.lib.ortsession import ort_session
 
     if params["dtype"] == "bf16":
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:  # never beside the outputs: not an artefact
-            sess = ort.InferenceSession(str(bf16_as_fp32(onnx_path, Path(tmp) / "vision_fp32.onnx")),
-                                        providers=["CPUExecutionProvider"])
+            sess = ort_session(bf16_as_fp32(onnx_path, Path(tmp) / "vision_fp32.onnx"))
     else:
-        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        sess = ort_session(onnx_path)
     sizes = params["verify_sizes"]
     cases = [[s] for s in sizes] + ([sizes[: params["profile"]["max_images"]]] if len(sizes) > 1 else [])
     rows, pars = [], []
@@ -230,7 +223,7 @@ def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: 
     image_proc = ck.load_image_processor(path, bool(p.get("trust_remote_code", False)), missing_ok=True)
     report("loading the vision encoder", 0.05)
     t0 = timer()
-    visual = ck.load_vision(path, family, _torch_dtype(p["dtype"]), trust_remote_code=bool(p.get("trust_remote_code", False)))
+    visual = ck.load_vision(path, family, torch_dtype(p["dtype"]), trust_remote_code=bool(p.get("trust_remote_code", False)))
     load_s = timer() - t0
     spec = hv.VisionSpec.from_config(family, visual.config, image_proc)
     weight_bytes = sum(t.numel() * t.element_size() for t in visual.state_dict().values())
@@ -258,7 +251,7 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
 
     p = ctx.params
     f = export_graph(ctx.out, path, family, p, ctx.report)
-    export_rss = peak_rss_bytes()
+    export_rss = round(peak_rss_mb() * 2**20)
     ctx.report("parity in onnxruntime", 0.6)
     reference = ck.load_vision(path, family, torch.float32, trust_remote_code=bool(p.get("trust_remote_code", False)))  # FP32 reference even for FP16 exports
     parity, rows = run_parity(ctx.out / "vision.onnx", reference, f["spec"], f["image_proc"], p, family)
@@ -273,5 +266,5 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
     metrics = {"cosine": parity.cosine, "max_abs": parity.max_abs, "rel_l2": parity.rel_l2,
                "norm_ratio": parity.norm_ratio, "export_seconds": round(f["export_seconds"], 3),
                "onnx_bytes": f["onnx_bytes"], "weight_bytes": f["weight_bytes"], "export_peak_rss_bytes": export_rss,
-               "peak_rss_bytes": peak_rss_bytes(), "exporter": f["exporter"], "dtype": p["dtype"], "family": family}
+               "peak_rss_bytes": round(peak_rss_mb() * 2**20), "exporter": f["exporter"], "dtype": p["dtype"], "family": family}
     return finish(metrics, checks, [f"vision exported with {f['exporter']}, FP32 islands: {len(f['islands'])}"])

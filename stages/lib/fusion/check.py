@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from stages.lib.dtypes import ONNX_NUMPY
+
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-_NP = {1: "float32", 10: "float16", 11: "float64", 16: "float32", 6: "int32", 7: "int64", 9: "bool"}
 
 
 def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnx
-    import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    from stages.lib.ortsession import reference_session
+
     if isinstance(model, onnx.ModelProto):
         from stages.lib.qdq.graphio import fits_in_proto, spilled
 
@@ -29,7 +28,7 @@ def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) 
             with spilled(model) as path:
                 return ort_run(str(path), feeds)
         model = model.SerializeToString()
-    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    sess = reference_session(model)
     return list(sess.run(None, feeds))
 
 
@@ -52,7 +51,7 @@ def random_feeds(
             d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, default_dim)
             for d in tt.shape.dim
         ]
-        dtype = _NP.get(tt.elem_type)
+        dtype = ONNX_NUMPY.get(tt.elem_type)
         if dtype is None:
             raise ValueError(f"input {inp.name}: element type {tt.elem_type} not supported here")
         if dtype.startswith("float"):

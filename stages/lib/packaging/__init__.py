@@ -6,7 +6,7 @@ manifest.json), ``archive`` (deterministic tar writing, the reader's checks), ``
 (one call: build folders in, package.tar + manifest.json out).
 """
 
-from stages.lib.packaging.archive import Member, check_archive, extract, read_member, write_tar
+from stages.lib.packaging.archive import Member, check_archive, read_member, write_tar
 from stages.lib.packaging.assemble import Assembled, assemble, members
 from stages.lib.packaging.describe import digest_params
 from stages.lib.packaging.layout import FORMAT_VERSION, MANIFEST, TAR_NAME, top_folder
@@ -22,7 +22,6 @@ __all__ = [
     "assemble",
     "check_archive",
     "digest_params",
-    "extract",
     "load_probe",
     "members",
     "read_member",

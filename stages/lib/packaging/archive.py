@@ -177,25 +177,3 @@ def read_member(tar_path: str | Path, rel: str) -> bytes:
                 assert f is not None
                 return f.read()
     raise KeyError(f"{tar_path}: no member {rel}")
-
-
-def extract(tar_path: str | Path, dest: str | Path) -> Path:
-    """Unpack a package (after ``check_archive`` finds nothing wrong); the top folder's path."""
-    problems = check_archive(tar_path)
-    if problems:
-        raise ValueError(f"{tar_path}: not a well-formed package: {problems[0]}")
-    dest = Path(dest)
-    with tarfile.open(tar_path, mode="r:") as tar:
-        top = tar.getnames()[0].split("/", 1)[0]
-        for ti in tar:
-            target = dest / ti.name
-            if ti.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            f = tar.extractfile(ti)
-            assert f is not None
-            with target.open("wb") as out:
-                while chunk := f.read(CHUNK):
-                    out.write(chunk)
-    return dest / top

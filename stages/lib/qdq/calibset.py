@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config_checks import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # one list: load_config checks the folder
 from pipeline.stage import StageError
+from stages.lib.dtypes import ORT_NUMPY
 
 WORDS = ("describe the image colors shape left right top bottom red blue green square light dark what "
          "is in a picture count objects near far").split()
@@ -157,13 +159,11 @@ class Feeder:
 
 def cast_feed(sess: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cast each array to the dtype the session declares (fp16 graphs take fp16 inputs)."""
-    types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
     out = {}
     for a in sess.get_inputs():
         if a.name not in feed:
             raise StageError(f"graph input {a.name!r} has no feed")
-        dt = types.get(a.type)
+        dt = ORT_NUMPY.get(a.type)
         out[a.name] = np.ascontiguousarray(feed[a.name].astype(dt) if dt is not None else feed[a.name])
     return out
 
@@ -177,8 +177,8 @@ class ImageFeeder:
         inputs = io_spec.get("inputs") or [{"name": "pixel_values"}]
         self.name = str(pre.get("input_name") or inputs[0]["name"])
         self.layout = str(pre.get("layout") or io_spec.get("layout") or "NCHW")
-        self.mean = np.asarray(pre.get("mean", (0.485, 0.456, 0.406)), np.float32)
-        self.std = np.asarray(pre.get("std", (0.229, 0.224, 0.225)), np.float32)
+        self.mean = np.asarray(pre.get("mean", IMAGENET_MEAN), np.float32)
+        self.std = np.asarray(pre.get("std", IMAGENET_STD), np.float32)
         self.resize = tuple(pre["resize"]) if pre.get("resize") else None  # BYO graphs have a fixed size
 
     def vision(self, s: Sample) -> tuple[dict[str, np.ndarray], None]:

@@ -261,21 +261,19 @@ def session(model: ir.Model | onnx.ModelProto | Path, optimize: bool = False) ->
     rounding and reject FP8 (NOTES §3). A file is opened by path (its external data beside it);
     a model past the proto limit runs from a temporary copy with external data."""
     import onnx
-    import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 2
+    from stages.lib.ortsession import ort_session
+
+    def open_(src: str | Path | bytes) -> ort.InferenceSession:
+        return ort_session(src, optimization="basic" if optimize else "none", log_level=3, threads=2)
+
     if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        return open_(model)
     if _needs_file(model):
         with spilled(model) as path:  # ORT reads the weights at session creation
-            return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            return open_(path)
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return open_(proto.SerializeToString())
 
 
 def run(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""The one place an onnxruntime session is made: onnxruntime only (no torch, no onnx), since the
+generation pipeline a device runtime imports uses it too."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+Optimization = Literal["none", "basic", "extended", "all"]
+_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all",
+                providers: Sequence[str] = ("CPUExecutionProvider",), log_level: int | None = None,
+                threads: int | None = None) -> Any:
+    """A session on a model file (external data beside it) or serialized bytes. ``optimization``:
+    ORT's graph optimization level ("all" is ORT's default; Q/DQ graphs need "none": ORT's Q/DQ
+    fusions change rounding and reject FP8, NOTES §3). ``log_level``: ORT severity (3: errors
+    only), ``threads``: intra-op threads; None keeps ORT's default."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
+    if log_level is not None:
+        so.log_severity_level = log_level
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
+
+
+def reference_session(model: str | Path | bytes) -> Any:
+    """The quantized-graph reference: CPU, graph optimizations off, errors-only logging."""
+    return ort_session(model, optimization="none", log_level=3)

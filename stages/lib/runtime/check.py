@@ -1,0 +1,192 @@
+"""``vlmforge check PACKAGE``: is this package intact, can this device run it, does it still compute
+what the PyTorch model computed?
+
+1. every file against the manifest (sha256 and size; nothing unlisted) -- a miss: exit 1;
+2. the package against this device (SM, builder and version, bindings, GPU) -- a refusal: exit 2;
+3. the probe set through the chosen backend, compared with the packaged PyTorch reference under
+   the packaged gates (``stages.lib.metrics``, ``verify_graphs.gate_checks``) -- a miss: exit 1.
+
+The probe set is the reference stage's held-out samples (``stages.lib.runtime.probes``): the
+vision graph, the decoder prefill, and a greedy generation through vision -> embed -> decoder,
+each graded under the gate ``probe/probe.json`` records for its graph (generation: the
+decoder gate's ``tokens``; a graph without a gate is measured and reported "ungated").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.lib.runtime import probes
+from stages.lib.runtime.compat import BACKEND_OF, Compatibility, DeviceInfo, best_backend, check, probe_device
+from stages.lib.runtime.errors import PackageError, RuntimeFailure
+from stages.lib.runtime.package import FileCheck, Package, opened, verify_files
+
+
+@dataclass
+class GraphResult:
+    graph: str
+    precision: str
+    samples: int
+    status: str  # "pass" | "fail" | "ungated" | "error"
+    figures: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class CheckResult:
+    package: str
+    exit_code: int
+    message: str
+    description: str = ""
+    files: FileCheck | None = None
+    compat: Compatibility | None = None
+    backend: str | None = None
+    graphs: list[GraphResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"package": self.package, "passed": self.passed, "exit_code": self.exit_code, "message": self.message,
+                "description": self.description, "files": self.files.as_dict() if self.files else None,
+                "compat": self.compat.as_dict() if self.compat else None, "backend": self.backend,
+                "graphs": [g.__dict__ for g in self.graphs]}
+
+
+def _graded(graph: str, precision: str, n: int, figures: dict[str, Any], gate: dict[str, Any],
+            runtime: str) -> GraphResult:
+    from stages.lib.verify_graphs import gate_checks
+
+    checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
+    status = "ungated" if not checks else ("pass" if all(c.passed for c in checks) else "fail")
+    return GraphResult(graph, precision, n, status, figures, [c.__dict__ for c in checks])
+
+
+def check_graph(backend: Any, graph: str, cases: list[probes.Case], precision: str,
+                gate: dict[str, Any]) -> GraphResult:
+    """Run each probe case; the worst figures over cases and outputs (plus pooled top-1 of logits)."""
+    from stages.lib.metrics import compare, topk_agreement, worst
+
+    sess = backend.session(graph)
+    names = [o.name for o in sess.get_outputs()]
+    parities, top1, positions = [], 0.0, 0
+    for feeds, refs in cases:
+        outs = dict(zip(names, sess.run(None, probes.fit(sess, feeds)), strict=True))
+        missing = [n for n in refs if n not in outs]
+        if missing:
+            raise PackageError(f"probe of {graph}: the graph has no output {missing[0]!r} (it has {names})")
+        for n, ref in refs.items():
+            out = np.asarray(outs[n], dtype=np.float32)
+            parities.append(compare(out.reshape(ref.shape) if out.size == ref.size else out, ref))
+            if n == "logits":
+                k = int(np.prod(ref.shape[:-1]))
+                top1 += topk_agreement(out.reshape(ref.shape), ref) * k
+                positions += k
+    figures: dict[str, Any] = worst(parities).as_dict()
+    if positions:
+        figures["top1"] = top1 / positions
+    return _graded(graph, precision, len(cases), figures, gate, backend.name)
+
+
+def check_generation(pkg: Package, backend: Any, prompts: list[tuple[Any, np.ndarray]],
+                     precision: str, gate: dict[str, Any]) -> GraphResult:
+    """Greedy generation through the whole chain (no EOS stop) vs the packaged PyTorch tokens."""
+    from stages.lib.generate import token_agreement
+    from stages.lib.runtime.backends import open_pipeline
+    from stages.lib.runtime.generate import generate
+
+    pipe = open_pipeline(pkg, backend)
+    agree, per = [], []
+    for prompt, ref in prompts:
+        got = generate(pipe, prompt, max_new_tokens=int(ref.size)).tokens
+        agree.append(token_agreement(np.asarray(got), ref))
+        per.append({"tokens": got, "reference": ref.tolist()})
+    figures = {"tokens": float(np.mean(agree)), "per_sample": per}
+    return _graded("generation", precision, len(prompts), figures, gate, backend.name)
+
+
+def _error(graph: str, precision: str, n: int, e: Exception) -> GraphResult:
+    msg = str(e).splitlines()[0][:300] if str(e) else ""
+    return GraphResult(graph, precision, n, "error", error=f"{type(e).__name__}: {msg}")
+
+
+def run_probes(pkg: Package, backend: Any) -> list[GraphResult]:
+    meta, samples = probes.load(pkg)
+    build = {"vision": probes.vision_case, "decoder": probes.decoder_case}
+    out: list[GraphResult] = []
+    for graph in (g for g in ("vision", "decoder") if g in pkg.manifest.graphs):
+        prec, gate = probes.gate(meta, graph, pkg.manifest.precision.get(graph, "fp16"))
+        try:
+            sess = backend.session(graph)
+            cases = [c for s in samples if (c := build[graph](pkg, sess, s)) is not None]
+            if cases:
+                out.append(check_graph(backend, graph, cases, prec, gate))
+        except RuntimeFailure:
+            raise
+        except Exception as e:  # the runtimes' own error types (ORT Fail, TensorRT RuntimeError, ...)
+            out.append(_error(graph, prec, len(samples), e))
+    prompts = [p for s in samples if (p := probes.generation_prompt(s)) is not None]
+    if prompts and "decoder" in pkg.manifest.graphs:
+        prec = "+".join(f"{g}:{p}" for g, p in pkg.manifest.precision.items())
+        _, gate = probes.gate(meta, "generation", prec)
+        try:
+            out.append(check_generation(pkg, backend, prompts, prec, gate))
+        except RuntimeFailure:
+            raise
+        except Exception as e:
+            out.append(_error("generation", prec, len(prompts), e))
+    if not out:
+        raise PackageError(f"{pkg.name}: the probe set holds no case for any packaged graph")
+    return out
+
+
+def choose(pkg: Package, backend: str | None, device: DeviceInfo | None = None) -> Compatibility:
+    """The compatibility verdict for ``backend`` (None: the best this device has)."""
+    if device is None:
+        engine = backend if backend in ("tensorrt_rtx", "tensorrt") else BACKEND_OF.get(pkg.manifest.target.builder)
+        device = probe_device((engine,) if engine and backend != "onnxruntime" else ())
+    return check(pkg, backend, device) if backend else best_backend(pkg, device)
+
+
+def check_package(path: str | Path, backend: str | None = None, device: DeviceInfo | None = None) -> CheckResult:
+    """Digests, compatibility, probes: a result whose ``exit_code`` is 0, 1 or 2 (see the module doc)."""
+    from stages.lib.runtime.backends import open_backend
+
+    res = CheckResult(str(path), 1, "")
+    try:
+        with opened(path) as pkg:
+            res.package, res.description = pkg.name, pkg.describe()
+            res.files = verify_files(pkg)
+            if not res.files.ok:
+                res.message = f"{pkg.name}: {len(res.files.problems)} file(s) differ from the manifest: " \
+                              f"{res.files.problems[0]}"
+                return res
+            res.compat = choose(pkg, backend, device)
+            if not res.compat.ok:
+                res.exit_code, res.message = 2, str(res.compat.reason)
+                return res
+            b = open_backend(pkg, res.compat)
+            try:
+                res.backend = b.describe()
+                res.graphs = run_probes(pkg, b)
+            finally:
+                b.close()
+    except RuntimeFailure as e:
+        res.exit_code, res.message = e.exit_code, str(e)
+        return res
+    on = res.compat.backend if res.compat else "?"
+    missed = [c["name"] for g in res.graphs for c in g.gates if not c["passed"]]
+    errors = [f"{g.graph}: {g.error}" for g in res.graphs if g.status == "error"]
+    if missed:
+        res.exit_code, res.message = 1, f"{res.package}: gate missed on {on}: {', '.join(missed)}"
+    elif errors:
+        res.exit_code, res.message = 1, f"{res.package}: probe failed to run on {on}: {'; '.join(errors)}"
+    else:
+        res.exit_code, res.message = 0, f"{res.package}: passed on {on}"
+    return res

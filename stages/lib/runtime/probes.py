@@ -1,0 +1,120 @@
+"""The packaged probe set as feeds and references per graph (format: ``probe/probe.json``'s "compare").
+
+``probe/probe.npz`` is the reference stage's ``reference.npz`` unchanged: per sample ``s{i}.<name>``
+the inputs (pixel_values, image_grid_thw, input_ids, attention_mask, position_ids,
+inputs_embeds, deepstack.K) and the PyTorch outputs (vision_features, logits, generated).
+
+* vision: ``hostside.vision.vision_inputs(spec, pixel_values, image_grid_thw)`` -> image_features
+  (and Qwen3-VL deepstack maps) vs vision_features (deepstack.K);
+* decoder: inputs_embeds, attention_mask, position_ids, an empty past (and dense deepstack maps)
+  -> logits vs logits;
+* generation: greedy from the prompt, no EOS stop: tokens vs generated.
+
+The feeds are built from the session's own input list (names, shapes), not from the ONNX file,
+so the same probe runs through an engine exactly as through onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from stages.lib.dtypes import ORT_FLOATS
+from stages.lib.runtime.errors import PackageError
+from stages.lib.runtime.package import Package
+
+Case = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (feeds, reference outputs by output name)
+
+
+def load(pkg: Package) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+    """(probe.json, one dict of arrays per sample)."""
+    from stages.lib.packaging.layout import PROBE_JSON, PROBE_NPZ
+    from stages.lib.packaging.sources import load_probe
+
+    npz, meta = pkg.root / PROBE_NPZ, pkg.root / PROBE_JSON
+    if not npz.is_file():
+        raise PackageError(f"{pkg.name}: {PROBE_NPZ} is missing (no held-out set to check against)")
+    try:
+        doc = json.loads(meta.read_text()) if meta.is_file() else {}
+        samples = load_probe(npz)
+    except (ValueError, OSError) as e:
+        raise PackageError(f"{pkg.name}: the probe set cannot be read ({e})") from None
+    return doc, samples
+
+
+def gate(meta: dict[str, Any], graph: str, fallback_precision: str) -> tuple[str, dict[str, Any]]:
+    """(precision, gate) the package was built under for ``graph``; generation uses the
+    decoder's ``tokens`` threshold, as the verify stage does."""
+    entry = (meta.get("gates") or {}).get("decoder" if graph == "generation" else graph) or {}
+    g = dict(entry.get("gate") or {})
+    if graph == "generation":
+        g = {k: v for k, v in g.items() if k == "tokens"}
+    return str(entry.get("precision") or fallback_precision), g
+
+
+def _dtype(session: Any, name: str) -> Any:
+    t = {i.name: i.type for i in session.get_inputs()}.get(name)
+    return ORT_FLOATS.get(str(t), np.float32)
+
+
+def fit(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds as the graph declares them (floats in its float type); a missing input is an error."""
+    types = {i.name: i.type for i in session.get_inputs()}
+    missing = [n for n in types if n not in feeds]
+    if missing:
+        raise PackageError(f"the probe set gives no input {missing[0]!r} for this graph")
+    return {n: feeds[n].astype(ORT_FLOATS[t]) if t in ORT_FLOATS and np.issubdtype(feeds[n].dtype, np.floating)
+            else feeds[n] for n, t in types.items()}
+
+
+def vision_case(pkg: Package, session: Any, s: dict[str, np.ndarray]) -> Case | None:
+    from stages.lib.hostside.vision import vision_inputs
+
+    if "vision_features" not in s:
+        return None
+    spec = pkg.vision_spec()
+    feeds = (vision_inputs(spec, s["pixel_values"], s["image_grid_thw"]) if spec is not None
+             else {next(iter(i.name for i in session.get_inputs())): s["pixel_values"]})  # CNN / BYO: the image
+    outs = [o.name for o in session.get_outputs()]
+    name = "image_features" if "image_features" in outs else outs[0]
+    refs = {name: s["vision_features"]}
+    deep = sorted((o for o in outs if o.startswith("deepstack")), key=lambda k: (len(k), k))
+    maps = sorted((k for k in s if k.startswith("deepstack.")), key=lambda k: int(k.split(".")[1]))
+    if len(deep) == 1 and maps:  # export_vision stacks the maps: [K, N, H]
+        refs[deep[0]] = np.stack([s[k] for k in maps])
+    elif deep and len(deep) == len(maps):
+        refs.update({o: s[k] for o, k in zip(deep, maps, strict=True)})
+    if "logits" in outs and "logits" in s and pkg.runtime.get("text") is None:
+        refs["logits"] = s["logits"]  # a CNN classifier head
+    return feeds, refs
+
+
+def decoder_case(pkg: Package, session: Any, s: dict[str, np.ndarray]) -> Case | None:
+    from stages.lib.hostside.text import scatter_deepstack
+
+    if "logits" not in s or "inputs_embeds" not in s:
+        return None
+    dt = _dtype(session, "inputs_embeds")
+    feeds = {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"],
+             "position_ids": s["position_ids"]}
+    spec = pkg.text_spec()
+    deep = [s[f"deepstack.{k}"] for k in range(spec.deepstack_layers)]
+    dense = scatter_deepstack(s["input_ids"], deep, spec, dt) if deep else []
+    batch = int(s["inputs_embeds"].shape[0])
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((batch, int(i.shape[1]), 0, int(i.shape[3])), dtype=dt)
+        elif i.name.startswith("deepstack_embeds."):
+            feeds[i.name] = dense[int(i.name.split(".")[1])]
+    return feeds, {"logits": s["logits"]}
+
+
+def generation_prompt(s: dict[str, np.ndarray]) -> tuple[Any, np.ndarray] | None:
+    from stages.lib.generate import Prompt
+
+    if "generated" not in s or "input_ids" not in s:
+        return None
+    prompt = Prompt(s["input_ids"], s.get("attention_mask"), s.get("pixel_values"), s.get("image_grid_thw"))
+    return prompt, np.asarray(s["generated"]).reshape(-1)
