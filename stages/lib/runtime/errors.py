@@ -13,8 +13,12 @@ A gate missed by ``check`` is not an exception: it is a result with ``exit_code`
 
 from __future__ import annotations
 
+from pipeline.errors import VlmforgeError
 
-class RuntimeFailure(Exception):
+
+class RuntimeFailure(VlmforgeError):
+    """One hierarchy with the build's errors: `vlmforge` prints any of them as one line."""
+
     exit_code = 1
 
     def __init__(self, message: str):
