@@ -55,12 +55,22 @@ class OrtPipeline:
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         optimization: Optimization = "all",  # "none" for Q/DQ graphs (ORT's fusions reject FP8)
     ):
-        self.spec = spec
         opts: dict[str, Any] = {"providers": providers, "optimization": optimization, "log_level": 3}
-        self.decoder = ort_session(Path(decoder_path), **opts)
-        self.embed = ort_session(Path(embed_path), **opts)
-        self.vision = ort_session(Path(vision_path), **opts) if vision_path else None
-        self.vision_spec = vision_spec
+        self._bind(ort_session(Path(decoder_path), **opts), ort_session(Path(embed_path), **opts), spec,
+                   ort_session(Path(vision_path), **opts) if vision_path else None, vision_spec)
+
+    @classmethod
+    def from_sessions(cls, decoder: Any, embed: Any, spec: host.TextSpec, vision: Any = None,
+                      vision_spec: Any = None) -> OrtPipeline:
+        """Over sessions already open: any backend with onnxruntime's ``get_inputs``/``run``
+        interface (the device runtime's TensorRT sessions)."""
+        pipe = cls.__new__(cls)
+        pipe._bind(decoder, embed, spec, vision, vision_spec)
+        return pipe
+
+    def _bind(self, decoder: Any, embed: Any, spec: host.TextSpec, vision: Any, vision_spec: Any) -> None:
+        """Keep the sessions and read the decoder's facts from its inputs (dtype, widths, KV)."""
+        self.spec, self.decoder, self.embed, self.vision, self.vision_spec = spec, decoder, embed, vision, vision_spec
         ins = {i.name: i for i in self.decoder.get_inputs()}
         self.dtype = ORT_FLOATS[ins["inputs_embeds"].type]
         self.hidden = int(ins["inputs_embeds"].shape[-1])

@@ -76,25 +76,8 @@ def pipeline_over(decoder: GraphSession, embed: GraphSession, spec: Any, vision:
                   vision_spec: Any = None) -> OrtPipeline:
     """An ``OrtPipeline`` whose graphs are the given sessions (any backend's), not files it opens.
 
-    ``OrtPipeline.__init__`` opens ONNX files itself; this binds existing sessions and reads the
-    same facts from the decoder's inputs (dtype, hidden size, layers, KV heads, deepstack inputs).
-    Once ``stages.lib.generate`` offers a constructor from sessions, this becomes a call to it.
+    The loop itself is ``stages.lib.generate``'s, one copy for the build's parity and the device.
     """
-    from stages.lib.dtypes import ORT_FLOATS
     from stages.lib.generate import OrtPipeline
 
-    make = getattr(OrtPipeline, "from_sessions", None)
-    if make is not None:
-        pipe: OrtPipeline = make(decoder, embed, spec, vision, vision_spec)
-        return pipe
-    pipe = OrtPipeline.__new__(OrtPipeline)
-    pipe.spec, pipe.decoder, pipe.embed, pipe.vision, pipe.vision_spec = spec, decoder, embed, vision, vision_spec
-    ins = {i.name: i for i in decoder.get_inputs()}
-    pipe.dtype = ORT_FLOATS[ins["inputs_embeds"].type]
-    pipe.hidden = int(ins["inputs_embeds"].shape[-1])  # type: ignore[arg-type]
-    pipe.n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
-    k0 = ins["past_key_values.0.key"].shape
-    pipe.kv_heads, pipe.head_dim = int(k0[1]), int(k0[3])  # type: ignore[arg-type]
-    pipe.deepstack_names = sorted((n for n in ins if n.startswith("deepstack_embeds.")),
-                                  key=lambda n: int(n.split(".")[1]))
-    return pipe
+    return OrtPipeline.from_sessions(decoder, embed, spec, vision, vision_spec)
