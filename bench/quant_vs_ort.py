@@ -124,7 +124,7 @@ def held_out(work: Path, graph: str) -> tuple[list[dict[str, np.ndarray]], list[
     from stages.lib.checkpoints import resolve_checkpoint
     from stages.lib.qdq import graphio, heldout
     from stages.lib.qdq.calibset import Feeder
-    from stages.reference import load_reference
+    from stages.lib.reference_io import load_reference
 
     ckpt, family = resolve_checkpoint(work / "checkpoint")
     feeder = Feeder(ckpt, family, 8, graphio.session(work / "fuse" / "embed.onnx"))

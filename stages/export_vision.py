@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from pipeline.stage import Stage, StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoint_reads import checkpoint_reads
+from stages.lib.vision_gates import gate_checks
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -73,24 +74,6 @@ def check_sizes(params: dict[str, Any]) -> None:
                          f"profiles.vision.max_images is {prof['max_images']}")
 
 
-def gate_checks(prefix: str, parity: Any, gate: dict[str, Any]) -> list[GateCheck]:
-    checks = [GateCheck.check(f"{prefix}.cosine", parity.cosine, gate["cosine"], ">=")]
-    for key in ("rel_l2", "max_abs", "norm_ratio"):
-        if gate.get(key) is not None:
-            checks.append(GateCheck.check(f"{prefix}.{key}", getattr(parity, key), gate[key], "<="))
-    return checks
-
-
-def finish(metrics: dict[str, Any], checks: list[GateCheck], notes: list[str]) -> StageResult:
-    result = StageResult(metrics=metrics, gates=checks, notes=notes)
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        c = failed[0]
-        raise GateFailed(f"vision parity gate {c.name} = {c.value:.6g} (needs {c.op} {c.threshold:g})"
-                         + (f" and {len(failed) - 1} more" if len(failed) > 1 else ""), result)
-    return result
-
-
 def _run(ctx: StageContext) -> StageResult:
     from stages.lib.checkpoints import VISION_ONLY_FAMILIES, resolve_checkpoint
 
@@ -124,14 +107,6 @@ STAGE = Stage(
 )
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2))
-
-
-def timer() -> float:
-    return time.perf_counter()
-
-
 def bring_your_own(ctx: StageContext) -> StageResult:
     """A user's FP32 ONNX as vision.onnx: validated, run once in ORT; it is its own reference."""
     import shutil
@@ -142,7 +117,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
     from stages.lib.ortsession import ort_session
 
     src = ctx.params["vision_onnx"]
-    t0 = timer()
+    t0 = time.perf_counter()
     import onnx_ir as ir
 
     from stages.lib.qdq import graphio
@@ -178,7 +153,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
     def shape(v: Any) -> list[Any]:
         return [d if isinstance(d, int) else str(d) for d in v.shape]
 
-    write_json(ctx.out / "vision.json", {
+    (ctx.out / "vision.json").write_text(json.dumps({
         "inputs": [{"name": i.name, "dtype": i.type.removeprefix("tensor(").rstrip(")"), "shape": shape(i)} for i in meta],
         "outputs": [{"name": o.name, "dtype": o.type.removeprefix("tensor(").rstrip(")"), "shape": shape(o)}
                     for o in sess.get_outputs()],
@@ -186,7 +161,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
         "dtype": "fp32", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
         "family": "byo", "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")},
         "parity": {"reference": "itself in onnxruntime fp32", "output_shapes": [list(o.shape) for o in outs]},
-    })
-    return StageResult(metrics={"export_seconds": round(timer() - t0, 3), "onnx_bytes": dst.stat().st_size,
+    }, indent=2))
+    return StageResult(metrics={"export_seconds": round(time.perf_counter() - t0, 3), "onnx_bytes": dst.stat().st_size,
                                 "peak_rss_bytes": round(peak_rss_mb() * 2**20), "cosine": 1.0, "dtype": "fp32", "family": "byo"},
                        notes=[f"bring-your-own ONNX {src['path']}: parity reference is the graph itself"])

@@ -136,7 +136,7 @@ def _run(ctx: StageContext) -> StageResult:
     from stages.lib.qdq import heldout
     from stages.lib.qdq.calibset import Feeder, ImageFeeder, Sample
     from stages.lib.qdq.graphio import session
-    from stages.reference import load_reference
+    from stages.lib.reference_io import load_reference
 
     t0 = time.time()
     p, fused = ctx.params, ctx.inputs["fuse"]

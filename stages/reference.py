@@ -21,7 +21,6 @@ image preprocessed as declared, vision_features the graph's first output and log
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +29,13 @@ import numpy as np
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
+from stages.lib.qdq.calibset import synthetic_image
+from stages.lib.reference_io import META, NPZ, save_reference
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
     from pipeline.targets import TargetSpec
 
-NPZ, META = "reference.npz", "reference.json"
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -79,21 +79,6 @@ def check_held_out(p: dict[str, Any]) -> None:
     if shared:
         raise StageError(f"verify.image_sizes {shared} are also calibration.image_sizes: held-out images "
                          "must have other shapes (a graph that baked in a shape must fail here)")
-
-
-def synthetic_image(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth gradients, a few rectangles and mild noise: structured, not white noise, so the
-    vision tower sees edges and flat regions like a photo, and the same on every machine."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    img = np.empty((h, w, 3))
-    for c in range(3):
-        fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
-        img[..., c] = 127 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
-    for _ in range(4):
-        y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
-        img[y0:y0 + int(rng.integers(8, h // 2)), x0:x0 + int(rng.integers(8, w // 2))] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _prompt_ids(tok: Any, n: int, rng: np.random.Generator) -> tuple[str, list[int]]:
@@ -187,7 +172,7 @@ def _byo_run(ctx: StageContext) -> StageResult:
     p = ctx.params
     src = p["vision_onnx"]
     feeder = ImageFeeder({"preprocess": src})
-    arrays: dict[str, np.ndarray] = {}
+    samples: list[dict[str, np.ndarray]] = []
     metas = []
     names = [o.name for o in session(Path(src["path"])).get_outputs()]
     for i in range(int(p["samples"])):
@@ -200,14 +185,12 @@ def _byo_run(ctx: StageContext) -> StageResult:
         a = {"image": image, "pixel_values": feed[feeder.name], "vision_features": out[names[0]]}
         if "logits" in out:  # a classifier head: verify grades its top-1 too
             a["logits"] = out["logits"]
-        arrays.update({f"s{i}.{k}": v for k, v in a.items()})
+        samples.append(a)
         metas.append({"image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1, "grid_thw": None})
-    savez: Any = np.savez  # numpy's stubs type **kwargs as its allow_pickle flag
-    savez(ctx.out / NPZ, **arrays)
     meta = {"family": "byo", "vision_only": True, "samples": metas, "dtype": "fp32",
             "reference": f"onnxruntime fp32 {Path(src['path']).name}", "outputs": names,
             "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")}}
-    (ctx.out / META).write_text(json.dumps(meta, indent=2))
+    save_reference(ctx.out, samples, meta)
     return StageResult(metrics={"samples": len(metas), "image_sizes": [m["image_size"] for m in metas],
                                 "reference": "onnxruntime fp32"},
                        notes=[f"bring-your-own ONNX: the reference is {Path(src['path']).name} itself in onnxruntime"])
@@ -236,15 +219,13 @@ def _run(ctx: StageContext) -> StageResult:
         proc, tok = load_image_processor(path, bool(p["trust_remote_code"])), None
     else:
         proc, tok = load_processor(path, bool(p["trust_remote_code"]))
-    arrays: dict[str, np.ndarray] = {}
+    samples: list[dict[str, np.ndarray]] = []
     metas = []
     for i in range(int(p["samples"])):
         ctx.report(f"reference sample {i + 1}/{p['samples']}", i / int(p["samples"]))
         a, m = _cnn_sample(model, proc, p, i) if vision_only else _sample(model, proc, tok, p, i)
-        arrays.update({f"s{i}.{k}": v for k, v in a.items()})
+        samples.append(a)
         metas.append(m)
-    savez: Any = np.savez  # numpy's stubs type **kwargs as its allow_pickle flag
-    savez(ctx.out / NPZ, **arrays)
     c = model.config
     meta: dict[str, Any] = {"family": family, "vision_only": vision_only, "samples": metas, "dtype": "fp32"}
     metrics: dict[str, Any] = {"samples": len(metas), "image_sizes": [m["image_size"] for m in metas]}
@@ -252,21 +233,9 @@ def _run(ctx: StageContext) -> StageResult:
         meta |= {"generate_tokens": int(p["generate_tokens"]), "image_token_id": int(c.image_token_id),
                  "vocab_size": int(c.text_config.vocab_size), "eos_token_id": c.text_config.eos_token_id}
         metrics |= {"seq_lens": [m["seq_len"] for m in metas],
-                    "generated_distinct_tokens": [len(set(arrays[f"s{i}.generated"].tolist())) for i in range(len(metas))]}
-    (ctx.out / META).write_text(json.dumps(meta, indent=2))
+                    "generated_distinct_tokens": [len(set(s["generated"].tolist())) for s in samples]}
+    save_reference(ctx.out, samples, meta)
     return StageResult(metrics=metrics)
-
-
-def load_reference(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
-    """(reference.json, one dict of arrays per sample) from a reference stage's folder."""
-    folder = Path(folder)
-    meta = json.loads((folder / META).read_text())
-    with np.load(folder / NPZ, allow_pickle=False) as z:
-        samples: list[dict[str, np.ndarray]] = [{} for _ in meta["samples"]]
-        for key in z.files:
-            idx, name = key.split(".", 1)
-            samples[int(idx[1:])][name] = z[key]
-    return meta, samples
 
 
 STAGE = Stage(

@@ -150,7 +150,7 @@ def _miss_table(checks: list[GateCheck]) -> str:
 
 def _run(ctx: StageContext) -> StageResult:
     from stages.lib import verify_graphs as vg
-    from stages.reference import load_reference
+    from stages.lib.reference_io import load_reference
 
     p = ctx.params
     qdir = ctx.inputs["quantize"]

@@ -104,7 +104,7 @@ def reference_folder(root: Path, ckpt: Path, fuse: Path, sizes=((112, 168), (196
     path, family = resolve_checkpoint(ckpt)
     f = Feeder(path, family, 24, session(fuse / "embed.onnx"))
     arrays, metas = {}, []
-    from stages.reference import synthetic_image
+    from stages.lib.qdq.calibset import synthetic_image
 
     for i, (h, w) in enumerate(sizes):
         rng = np.random.default_rng([seed, i])

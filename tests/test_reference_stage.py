@@ -12,7 +12,9 @@ import pytest
 
 from pipeline.config import BuildConfig
 from pipeline.stage import StageContext, StageError
-from stages.reference import NPZ, STAGE, check_held_out, load_reference, synthetic_image
+from stages.lib.qdq.calibset import synthetic_image
+from stages.lib.reference_io import NPZ, load_reference
+from stages.reference import STAGE, check_held_out
 
 BASE: dict[str, Any] = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"}, "targets": ["rtx4090"]}
 

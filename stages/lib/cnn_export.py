@@ -115,7 +115,7 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
     Raises GateFailed when ONNX Runtime and PyTorch disagree beyond the export gate."""
     import torch
 
-    from stages.export_vision import finish, gate_checks
+    from stages.lib.vision_gates import finish, gate_checks
 
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
-from stages.export_vision import finish, gate_checks, timer, write_json
 from stages.lib.dtypes import CONFIG_DTYPES, torch_dtype
+from stages.lib.vision_gates import finish, gate_checks
 
 
 def _round(side: int, factor: int) -> int:
@@ -222,9 +224,9 @@ def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: 
     # the image processor alone (no tokenizer files); None without processor files: numpy patchifier
     image_proc = ck.load_image_processor(path, bool(p.get("trust_remote_code", False)), missing_ok=True)
     report("loading the vision encoder", 0.05)
-    t0 = timer()
+    t0 = time.perf_counter()
     visual = ck.load_vision(path, family, torch_dtype(p["dtype"]), trust_remote_code=bool(p.get("trust_remote_code", False)))
-    load_s = timer() - t0
+    load_s = time.perf_counter() - t0
     spec = hv.VisionSpec.from_config(family, visual.config, image_proc)
     weight_bytes = sum(t.numel() * t.element_size() for t in visual.state_dict().values())
     islands = pv.keep_fp32(visual, tuple(p["fp32_vision_blocks"])) if p["dtype"] != "fp32" else []
@@ -240,7 +242,7 @@ def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: 
     del visual, args
     onnx.checker.check_model(str(onnx_path))
     return {"exporter": exporter, "spec": spec, "image_proc": image_proc, "islands": islands, "grid": grid,
-            "out_dim": out_dim, "weight_bytes": weight_bytes, "export_seconds": timer() - t0, "load_seconds": load_s,
+            "out_dim": out_dim, "weight_bytes": weight_bytes, "export_seconds": time.perf_counter() - t0, "load_seconds": load_s,
             "onnx_bytes": sum(f.stat().st_size for f in out.glob("vision.onnx*"))}
 
 
@@ -262,7 +264,7 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
     spec_json.update({"exporter": f["exporter"], "fp32_islands": f["islands"], "sample_grid_thw": f["grid"].tolist(),
                       "parity": {"reference": "pytorch fp32 (unpatched)", "runtime": how, "worst": parity.as_dict(),
                                  "gate": gate, "cases": rows}})
-    write_json(ctx.out / "vision.json", spec_json)
+    (ctx.out / "vision.json").write_text(json.dumps(spec_json, indent=2))
     metrics = {"cosine": parity.cosine, "max_abs": parity.max_abs, "rel_l2": parity.rel_l2,
                "norm_ratio": parity.norm_ratio, "export_seconds": round(f["export_seconds"], 3),
                "onnx_bytes": f["onnx_bytes"], "weight_bytes": f["weight_bytes"], "export_peak_rss_bytes": export_rss,

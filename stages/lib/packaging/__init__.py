@@ -10,7 +10,8 @@ from stages.lib.packaging.archive import Member, check_archive, read_member, wri
 from stages.lib.packaging.assemble import Assembled, assemble, members
 from stages.lib.packaging.describe import digest_params
 from stages.lib.packaging.layout import FORMAT_VERSION, MANIFEST, TAR_NAME, top_folder
-from stages.lib.packaging.sources import BuildFolders, load_probe
+from stages.lib.packaging.sources import BuildFolders
+from stages.lib.reference_io import load_samples as load_probe  # a probe.npz is a reference.npz
 
 __all__ = [
     "FORMAT_VERSION",

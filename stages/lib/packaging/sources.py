@@ -16,8 +16,9 @@ from typing import Any
 
 from pipeline.stage import StageError
 from stages.lib.packaging import layout
+from stages.lib.reference_io import META as REFERENCE_JSON
+from stages.lib.reference_io import NPZ as REFERENCE_NPZ
 
-REFERENCE_NPZ, REFERENCE_JSON = "reference.npz", "reference.json"  # the reference stage's outputs
 VERIFY_JSON = "verify.json"
 
 
@@ -145,19 +146,6 @@ def reference_files(reference_dir: Path) -> tuple[Path, dict[str, Any]]:
     if meta is None or not npz.is_file():
         raise StageError(f"{reference_dir}: expected {REFERENCE_NPZ} and {REFERENCE_JSON} (a reference stage output)")
     return npz, meta
-
-
-def load_probe(npz: Path, n_samples: int | None = None) -> list[dict[str, Any]]:
-    """One dict of arrays per sample from a reference.npz / probe.npz (keys ``s{i}.<name>``)."""
-    import numpy as np
-
-    samples: dict[int, dict[str, Any]] = {}
-    with np.load(npz, allow_pickle=False) as z:
-        for key in z.files:
-            idx, name = key.split(".", 1)
-            samples.setdefault(int(idx[1:]), {})[name] = z[key]
-    n = max(samples, default=-1) + 1 if n_samples is None else n_samples
-    return [samples.get(i, {}) for i in range(n)]
 
 
 def verify_doc(verify_dir: Path | None) -> dict[str, Any] | None:

@@ -83,10 +83,23 @@ def folder_samples(images: Path, prompts: Path, n: int, sizes: Sequence[tuple[in
         yield Sample(path.name, read_image(path, sizes[i % len(sizes)]), rec["prompt"])
 
 
+def synthetic_image(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth gradients, a few rectangles and mild noise: structured, not white noise, so the
+    vision tower sees edges and flat regions like a photo, and the same on every machine."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.empty((h, w, 3))
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+        img[..., c] = 127 + 90 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph)
+    for _ in range(4):
+        y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
+        img[y0:y0 + int(rng.integers(8, h // 2)), x0:x0 + int(rng.integers(8, w // 2))] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def synthetic_samples(n: int, sizes: Sequence[tuple[int, int]], seed: int) -> Iterator[Sample]:
     """Deterministic structured images (gradients, rectangles, noise) and word prompts."""
-    from stages.reference import synthetic_image
-
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         h, w = sizes[i % len(sizes)]

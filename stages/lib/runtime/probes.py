@@ -31,7 +31,7 @@ Case = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (feeds, reference 
 def load(pkg: Package) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
     """(probe.json, one dict of arrays per sample)."""
     from stages.lib.packaging.layout import PROBE_JSON, PROBE_NPZ
-    from stages.lib.packaging.sources import load_probe
+    from stages.lib.reference_io import load_samples as load_probe
 
     npz, meta = pkg.root / PROBE_NPZ, pkg.root / PROBE_JSON
     if not npz.is_file():
