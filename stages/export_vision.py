@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoint_reads import checkpoint_reads
-from stages.lib.vision_gates import gate_checks
+from stages.lib.metrics import gate_checks
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig

@@ -123,11 +123,10 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     }
     gate = ctx.params["gates"].get(mode, {})
     basis = par.get("vs_reference", par["vs_unquantized"])
-    checks = [GateCheck.check(f"{graph}.{mode}.cosine", basis["cosine"], float(gate.get("cosine", 0.99)))]
-    if gate.get("norm_ratio") is not None:
-        checks.append(GateCheck.check(f"{graph}.{mode}.norm_ratio", basis["norm_ratio"], float(gate["norm_ratio"]), "<="))
-    if logits and gate.get("top1") is not None:
-        checks.append(GateCheck.check(f"{graph}.{mode}.top1", basis["top1"], float(gate["top1"])))
+    from stages.lib.metrics import gate_checks
+
+    figures = {k: v for k, v in basis.items() if logits or k != "top1"}
+    checks = gate_checks(f"{graph}.{mode}", figures, {"cosine": 0.99, **gate})
     return entry, checks
 
 

@@ -54,7 +54,7 @@ def _row(graph: str, precision: str, target: str, runtime: str, status: str, **k
 
 def _gated_row(graph: str, precision: str, p: dict[str, Any], runtime: str, figures: dict[str, Any],
                per_sample: list[Any], gate: dict[str, Any]) -> tuple[dict[str, Any], list[GateCheck]]:
-    from stages.lib.verify_graphs import gate_checks
+    from stages.lib.metrics import gate_checks
 
     checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
     # A figure no gate covers (e.g. token agreement of an int8 graph by default) is measured,

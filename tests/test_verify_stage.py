@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import BuildConfig
 from pipeline.stage import GateFailed, StageContext, StageError
 from pipeline.targets import load_catalog
-from stages.lib.verify_graphs import gate_checks
+from stages.lib.metrics import gate_checks
 from stages.verify import STAGE, _engine_row
 
 DEFAULT: dict[str, Any] = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"},

@@ -115,7 +115,8 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
     Raises GateFailed when ONNX Runtime and PyTorch disagree beyond the export gate."""
     import torch
 
-    from stages.lib.vision_gates import finish, gate_checks
+    from stages.lib.metrics import gate_checks
+    from stages.lib.vision_gates import finish
 
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.stage import GateCheck
+
+# which way each figure must go; a gate names thresholds for some of them (pipeline.config.Gate)
+GATE_DIRECTIONS = (("cosine", ">="), ("rel_l2", "<="), ("max_abs", "<="), ("norm_ratio", "<="),
+                   ("top1", ">="), ("tokens", ">="))
 
 
 @dataclass(frozen=True)
@@ -63,3 +71,18 @@ def topk_agreement(logits: np.ndarray, ref_logits: np.ndarray, k: int = 1) -> fl
     out = logits.reshape(-1, logits.shape[-1])
     topk = np.argpartition(-out, kth=min(k, out.shape[-1] - 1), axis=-1)[:, :k] if k > 1 else np.argmax(out, -1)[:, None]
     return float(np.mean([r in row for r, row in zip(ref_top1, topk, strict=True)]))
+
+
+def gate_checks(prefix: str, figures: Mapping[str, Any] | Parity, gate: Mapping[str, Any]) -> list[GateCheck]:
+    """The one gate builder (exports, quantize, verify, the device's check): every threshold the
+    gate sets for a figure that was measured; a non-finite output never passes."""
+    from pipeline.stage import GateCheck
+
+    figs = figures.as_dict() if isinstance(figures, Parity) else figures
+    out = []
+    for key, op in GATE_DIRECTIONS:
+        if gate.get(key) is not None and key in figs:
+            out.append(GateCheck.check(f"{prefix}.{key}", float(figs[key]), float(gate[key]), op))
+    if figs.get("finite") is False:
+        out.append(GateCheck.check(f"{prefix}.finite", 0.0, 1.0))
+    return out

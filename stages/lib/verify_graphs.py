@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.stage import GateCheck, StageError
+from pipeline.stage import StageError
 from stages.lib.drilldown import fit_feeds
 from stages.lib.metrics import Parity, compare, topk_agreement, worst
 from stages.lib.ortsession import reference_session
@@ -189,18 +189,6 @@ def measure_generation(vision: Path | None, decoder: Path, embed: Path, specs: S
     # share of all generated tokens (pooled); the prefix share is the strict reading: tokens
     # after a first divergence follow another prompt, so matches there are partly luck
     return Measured({"tokens": float(np.mean(agree)), "tokens_prefix": float(np.mean(prefix))}, per)
-
-
-def gate_checks(prefix: str, figures: dict[str, Any], gate: dict[str, Any]) -> list[GateCheck]:
-    """The gate's thresholds that apply to ``figures`` (missing figures are not gated here)."""
-    out = []
-    for key, op in (("cosine", ">="), ("rel_l2", "<="), ("max_abs", "<="), ("norm_ratio", "<="),
-                    ("top1", ">="), ("tokens", ">=")):
-        if gate.get(key) is not None and key in figures:
-            out.append(GateCheck.check(f"{prefix}.{key}", float(figures[key]), float(gate[key]), op))
-    if figures.get("finite") is False:
-        out.append(GateCheck.check(f"{prefix}.finite", 0.0, 1.0))
-    return out
 
 
 def embed_graph(quantize: Path, specs: Specs, workdir: Path) -> tuple[Path, str]:

@@ -11,7 +11,8 @@ from typing import Any
 from pipeline.stage import StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
 from stages.lib.dtypes import CONFIG_DTYPES, torch_dtype
-from stages.lib.vision_gates import finish, gate_checks
+from stages.lib.metrics import gate_checks
+from stages.lib.vision_gates import finish
 
 
 def _round(side: int, factor: int) -> int:

@@ -61,7 +61,7 @@ class CheckResult:
 
 def _graded(graph: str, precision: str, n: int, figures: dict[str, Any], gate: dict[str, Any],
             runtime: str) -> GraphResult:
-    from stages.lib.verify_graphs import gate_checks
+    from stages.lib.metrics import gate_checks
 
     checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
     status = "ungated" if not checks else ("pass" if all(c.passed for c in checks) else "fail")
