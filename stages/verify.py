@@ -208,8 +208,11 @@ def _run(ctx: StageContext) -> StageResult:
         drill_notes.append(f"drill-down of {', '.join(want)} not run: a bring-your-own ONNX has no PyTorch model")
     elif want and specs.path is not None:
         from stages.lib.checkpoints import load_model
+        from stages.lib.streamed_model import load_streamed
 
-        model = load_model(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
+        # a VLM streams its blocks (an 8 B model in FP32 is 35 GB); a CNN classifier loads whole
+        load = load_model if specs.vision is None else load_streamed
+        model = load(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
         for g in want:
             ctx.report(f"drill-down: {g} per block", 0.9)
             drill[g] = _drilldown(ctx, g, qdir / f"{g}.onnx", specs, samples[0], model)

@@ -1,0 +1,187 @@
+"""The whole chain at the sizes users ship: per stage seconds, peak RSS and RSS / graph weight bytes.
+
+    .venv/bin/python bench/scale.py --model qwen3-vl-8b [--text-layers N] [--vision-blocks N]
+        [--targets rtx4090,rtx3090] [--int4] [--mem-limit-gb 23] [--until STAGE]
+
+Writes a random-weight checkpoint with the released configuration (BF16, 2 GB shards;
+``stages/lib/released_checkpoints.py``) into ``artifacts/bench/scale/``, a build config beside
+it, then runs ``vlmforge build`` on it — through the pipeline's own cache, so an interrupted
+run resumes where it stopped and a finished one prints its table again in seconds. ``--int4``
+adds an INT4-weight build for the first INT8 target. A watchdog kills the build's process group
+when the machine's available memory falls under 0.5 GB (no swap here: the kernel's OOM killer
+would otherwise pick any process), and the table says which node it was in.
+
+Per node it prints: seconds, peak RSS of the node's worker process (VmHWM), the FP16 weight
+bytes of the largest graph the node reads or writes (ONNX + external data; for the
+checkpoint-reading stages, the checkpoint's weights in FP16), the ratio, the goal
+(1.25 x graph + 2 GB) and the output bytes. Cached nodes show the figures of the run that
+built them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+WORK = REPO / "artifacts" / "bench" / "scale"
+GB = 1024**3
+# stages whose big input is the checkpoint itself (they load torch modules from it)
+CHECKPOINT_READERS = ("checkpoint", "export_vision", "export_decoder", "reference")
+
+
+def _avail_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _watch(proc: subprocess.Popen[bytes], floor: int, hit: list[float]) -> None:
+    while proc.poll() is None:
+        if _avail_bytes() < floor:
+            hit.append(time.time())
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        time.sleep(0.5)
+
+
+def _checkpoint(args: argparse.Namespace) -> Path:
+    tag = f"{args.model}-t{args.text_layers or 'full'}-v{args.vision_blocks or 'full'}"
+    ckpt = WORK / tag / "checkpoint"
+    if not (ckpt / "model.safetensors.index.json").is_file():
+        t0 = time.time()
+        # in a child process: the generator's peak must not count against the build's parent
+        import multiprocessing
+
+        from stages.lib.released_checkpoints import write_random_checkpoint
+
+        child = multiprocessing.get_context("spawn").Process(
+            target=write_random_checkpoint, args=(args.model, ckpt, args.text_layers, args.vision_blocks))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"writing the checkpoint failed (exit {child.exitcode})")
+        print(f"checkpoint {ckpt}: written in {time.time() - t0:.0f} s", flush=True)
+    return ckpt
+
+
+def _config(args: argparse.Namespace, ckpt: Path) -> Path:
+    name = "scale-" + ckpt.parent.name.replace(".", "_")
+    path = ckpt.parent / f"{name}.yaml"
+    targets = ", ".join(args.targets.split(","))
+    path.write_text(f"name: {name}\nmodel:\n  checkpoint: {ckpt}\ntargets: [{targets}]\n"
+                    "export:\n  dtype: fp16\n")
+    return path
+
+
+def _build(config: Path, extra: list[str], floor: int) -> tuple[int, Path | None, float | None]:
+    cmd = [str(REPO / ".venv" / "bin" / "vlmforge"), "build", str(config), "--json", *extra]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, start_new_session=True)
+    hit: list[float] = []
+    threading.Thread(target=_watch, args=(proc, floor, hit), daemon=True).start()
+    out, _ = proc.communicate()
+    run_dir = None
+    try:
+        run_dir = Path(json.loads(out.decode())["run_dir"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    return proc.returncode, run_dir, hit[0] if hit else None
+
+
+def _graph_bytes(files: dict[str, Any]) -> int:
+    """ONNX + external data bytes among one node's outputs, by graph: the largest graph."""
+    per: dict[str, int] = {}
+    for name, meta in files.items():
+        base = name.split("/")[-1]
+        if ".onnx" in base:
+            stem = base.split(".onnx")[0]
+            per[stem] = per.get(stem, 0) + int(meta["bytes"])
+    return max(per.values(), default=0)
+
+
+def _table(report: dict[str, Any], ckpt_fp16: int) -> list[dict[str, Any]]:
+    from pipeline.graph import load_stages  # the registry knows each stage's deps
+
+    stages = {name: st for name, (_, st) in load_stages().items()}
+    nodes = {n["id"]: n for n in report["nodes"]}
+    rows = []
+    for n in report["nodes"]:
+        own = _graph_bytes(n.get("outputs") or {})
+        dep_ids = [d if d in nodes else f"{d}@{n['target']}" for d in stages[n["stage"]].deps]
+        deps = max((_graph_bytes(nodes[d].get("outputs") or {}) for d in dep_ids if d in nodes), default=0)
+        graph = max(own, deps, ckpt_fp16 if n["stage"] in CHECKPOINT_READERS else 0)
+        rss = n.get("peak_rss_mb") or n.get("built_peak_rss_mb")
+        secs = n.get("seconds") if n["status"] != "cached" else n.get("built_seconds")
+        rows.append({"node": n["id"], "status": n["status"], "seconds": secs, "peak_rss_gb": rss and rss / 1024,
+                     "graph_gb": graph / GB, "ratio": (rss * 2**20 / graph) if rss and graph else None,
+                     "goal_gb": (1.25 * graph + 2 * GB) / GB,
+                     "out_gb": sum(int(m["bytes"]) for m in (n.get("outputs") or {}).values()) / GB,
+                     "error": (n.get("error") or "").splitlines()[0][:90] if n.get("error") else ""})
+    return rows
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    print(f"{'node':22} {'status':8} {'s':>7} {'peak GB':>8} {'graph GB':>9} {'ratio':>6} {'goal GB':>8} "
+          f"{'meets':>5} {'out GB':>7}")
+    for r in rows:
+        meets = "-" if r["peak_rss_gb"] is None else ("yes" if r["peak_rss_gb"] <= r["goal_gb"] else "NO")
+        print(f"{r['node']:22} {r['status']:8} {f(r['seconds'], '7.1f')} {f(r['peak_rss_gb'], '8.2f')} "
+              f"{f(r['graph_gb'], '9.2f')} {f(r['ratio'], '6.2f')} {f(r['goal_gb'], '8.2f')} {meets:>5} "
+              f"{f(r['out_gb'], '7.2f')}  {r['error']}")
+
+
+def main() -> int:
+    from stages.lib.released_checkpoints import RELEASED
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(RELEASED), default="qwen3-vl-8b")
+    ap.add_argument("--text-layers", type=int)
+    ap.add_argument("--vision-blocks", type=int)
+    ap.add_argument("--targets", default="rtx4090,rtx3090")
+    ap.add_argument("--int4", action="store_true", help="also an INT4-weight build of the first INT8 target")
+    ap.add_argument("--until", help="stop after this stage")
+    ap.add_argument("--mem-floor-gb", type=float, default=0.5, help="kill the build below this MemAvailable")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    ckpt = _checkpoint(args)
+    config = _config(args, ckpt)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    ckpt_fp16 = int(index["metadata"]["total_size"])  # BF16 bytes == FP16 bytes
+    extra = ["--until", args.until] if args.until else []
+    runs = [extra]
+    if args.int4:
+        runs.append([*extra, "--precision", "int4-weight", "--target", "rtx3090"])
+    rc_all = 0
+    for run in runs:
+        t0 = time.time()
+        rc, run_dir, killed = _build(config, run, int(args.mem_floor_gb * GB))
+        rc_all = rc_all or rc
+        print(f"build exit {rc} in {time.time() - t0:.0f} s" + (" (killed by the memory watchdog)" if killed else ""))
+        if run_dir is None or not (run_dir / "report.json").is_file():
+            print("no report (the build was killed before writing it); cached nodes survive: rerun to resume")
+            continue
+        rows = _table(json.loads((run_dir / "report.json").read_text()), ckpt_fp16)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(f"model {args.model} ({ckpt_fp16 / GB:.2f} GB BF16 weights); report {run_dir / 'report.md'}")
+            _print(rows)
+    return rc_all
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
