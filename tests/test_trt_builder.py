@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def test_int8_conv_relu_sm86(tmp_path: Path) -> None:
     assert graph_quant_dtypes(g) == {"int8"}
     r = _build(tmp_path, g, "8.6", CONV_PROFILE)
     assert r.bytes > 10_000 and r.path.stat().st_size == r.bytes and len(r.sha256) == 64
+    # the plan is streamed to disk piece by piece: the digest is of the file, nothing half-written stays
+    assert hashlib.sha256(r.path.read_bytes()).hexdigest() == r.sha256
+    assert not list(tmp_path.glob("*.partial"))
     assert "compute_capability=SM86" in r.options_applied
     s = report_from_log(r.log)
     assert s.conv_layers == 2 and s.conv_fused_activation == 2
@@ -69,6 +73,7 @@ def test_builder_failure_is_a_stage_error(tmp_path: Path) -> None:
     g = G.conv_relu(tmp_path / "conv.onnx", "fp8")
     with pytest.raises(StageError, match="HW-specific datatypes"):
         _build(tmp_path, g, "8.6", CONV_PROFILE)
+    assert not list(tmp_path.glob("*.engine*"))  # no plan, not even a partial one
 
 
 def test_full_tensorrt_missing_fails_clearly() -> None:

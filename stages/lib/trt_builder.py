@@ -181,10 +181,12 @@ def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, pro
             cache, use = trt_timing_cache.attach(config, path)
     say(f"{graph}: building ({backend.name} {backend.version}, SM {sm})", None)
     t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    written = _serialize(trt, builder, network, config, out_path)
     result.seconds = time.perf_counter() - t0
-    if plan is None:
+    if written is None:
         errs = [ln for ln in log if ln.startswith(("[E]", "[F]"))]
+        # a CPU-only host logs a CUDA-driver error after the real one when the stream build aborts
+        errs = [e for e in errs if "CUDA driver version is insufficient" not in e] or errs
         raise StageError(f"{graph}: {backend.name} build failed for SM {sm}: "
                          f"{errs[-1][4:].splitlines()[0] if errs else 'no error logged'}")
     if cache is not None and use is not None:
@@ -192,13 +194,49 @@ def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, pro
             warnings.simplefilter("ignore", DeprecationWarning)
             trt_timing_cache.save(config, cache, use)
         result.timing_cache = {"used": True, **use.as_dict()}
-    data = memoryview(plan)
-    out_path.write_bytes(data)
-    result.bytes = data.nbytes
-    result.sha256 = hashlib.sha256(data).hexdigest()
+    result.bytes, result.sha256 = written
     result.peak_rss_mb = peak_rss_mb()  # the worker process's peak so far (one node per process)
     say(f"{graph}: built {result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s", 1.0)
     return result
+
+
+def _serialize(trt: Any, builder: Any, network: Any, config: Any, out_path: Path) -> tuple[int, str] | None:
+    """Build the plan straight into ``out_path`` (bytes, sha256), or None when the build failed.
+
+    ``build_serialized_network_to_stream`` hands the plan to a writer piece by piece instead of
+    returning one host buffer: measured with TensorRT-RTX 1.7 on CPU, peak RSS 2.1x the weights
+    instead of 3.1x (FP16, 2.84 GB of weights). Builders without it return the whole buffer.
+    Written to a temporary name and renamed, so a killed build never leaves a plan that looks whole.
+    """
+    tmp = out_path.with_name(out_path.name + ".partial")
+    digest = hashlib.sha256()
+    size = 0
+    with open(tmp, "wb") as f:
+        if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+            class Writer(trt.IStreamWriter):  # type: ignore[misc,name-defined]
+                def write(self, data: Any) -> int:
+                    nonlocal size
+                    view = memoryview(data)
+                    f.write(view)
+                    digest.update(view)
+                    size += view.nbytes
+                    return view.nbytes
+
+            writer = Writer()
+            ok = builder.build_serialized_network_to_stream(network, config, writer)
+        else:
+            plan = builder.build_serialized_network(network, config)
+            ok = plan is not None
+            if ok:
+                view = memoryview(plan)
+                f.write(view)
+                digest.update(view)
+                size = view.nbytes
+    if not ok or size == 0:
+        tmp.unlink(missing_ok=True)
+        return None
+    tmp.replace(out_path)
+    return size, digest.hexdigest()
 
 
 def graph_quant_dtypes(onnx_path: Path) -> set[str]:
