@@ -2,7 +2,11 @@
 
 Runs the graphs themselves in onnxruntime on the calibration set (a folder of images plus a
 JSONL of prompts, or the deterministic synthetic set), streaming: each sample updates running
-histograms and is dropped. Its own cached artifact, so changing only the Q/DQ recipe (mode,
+histograms and is dropped. The vision graph runs whole, sample by sample; the decoder (a 7-8B one
+cannot run whole in one CPU session) runs block by block (`stages.lib.segments`, cut where the
+model's `vlmforge.segment_cuts` says): every sample's decoder feed is built first (embeddings,
+small), then all samples go through segment k before segment k+1, each segment exposing only
+the calibrated tensors it makes. Its own cached artifact, so changing only the Q/DQ recipe (mode,
 keep patterns, budget) re-runs `quantize` and not this.
 
 Outputs: `ranges_<graph>.json` {"graph", "method", "percentile", "samples", "source",
@@ -80,6 +84,7 @@ def graph_path(folder: Path, name: str) -> Path:
 
 
 def _run(ctx: StageContext) -> StageResult:
+    from stages.lib import segments
     from stages.lib.checkpoints import resolve_checkpoint
     from stages.lib.qdq import calibrators as C
     from stages.lib.qdq import graphio
@@ -90,46 +95,49 @@ def _run(ctx: StageContext) -> StageResult:
     # A vision-only model (CNN backbone, bring-your-own ONNX) has no decoder: calibrate vision.
     graphs = GRAPHS if (fused / "decoder.onnx").is_file() else ("vision",)
     feeder: Any
+    cols: dict[str, C.Collector] = {}
     if "decoder" in graphs:
         ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
         feeder = Feeder(ckpt, family, int(p["prompt_len"]), graphio.session(graph_path(fused, "embed")),
                         trust_remote_code=bool(p["trust_remote_code"]))
+        dec_path = graph_path(fused, "decoder")
+        cols["decoder"] = C.collector(_structure(dec_path))
+        dec_inputs = segments.graph_inputs(dec_path)
     else:
         spec = fused / "vision.json"
         feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
-    cols, sessions, models = {}, {}, {}
-    for g in graphs:
-        models[g] = graphio.load(graph_path(fused, g))
-        cols[g], sessions[g] = C.make_collector(models[g])
-    vis_outputs = [o.name for o in sessions["vision"].get_outputs()]
+    vision = graphio.load(graph_path(fused, "vision"))
+    cols["vision"], vsess = C.make_collector(vision)
+    vis_outputs = [o.name for o in vsess.get_outputs()]
     n = int(p["samples"])
-    seq_lens = []
+    share = 0.3 if "decoder" in graphs else 1.0  # of the progress bar: the decoder's segments take the rest
+    seq_lens, dfeeds, names = [], [], []
     kept: dict[str, dict[str, np.ndarray]] = {g: {} for g in graphs}
     for i, s in enumerate(samples(p)):
-        ctx.report(f"calibration sample {i + 1}/{n} ({s.name})", i / n)
-        graph = "vision"
+        ctx.report(f"calibration sample {i + 1}/{n} ({s.name}): vision", share * i / n)
         try:
             feed, grid = feeder.vision(s)
-            vout = graphio.run(sessions["vision"], cast_feed(sessions["vision"], feed), cols["vision"].names)
+            vout = graphio.run(vsess, cast_feed(vsess, feed), cols["vision"].names)
             cols["vision"].update(vout)
             if i < KEEP_FEEDS:
                 kept["vision"].update({f"s{i}.{k}": v for k, v in feed.items()})
             if "decoder" not in graphs:
                 continue
             vis = {k: np.asarray(vout[k], np.float32) for k in vis_outputs if k in vout}
-            graph = "decoder"
-            dfeed = feeder.decoder(s, grid, vis, sessions["decoder"].get_inputs())
-            seq_lens.append(int(dfeed["inputs_embeds"].shape[1]))
-            if i < KEEP_FEEDS:
-                kept["decoder"].update({f"s{i}.{k}": v for k, v in dfeed.items()})
-            cols["decoder"].update(graphio.run(sessions["decoder"], cast_feed(sessions["decoder"], dfeed),
-                                               cols["decoder"].names))
+            dfeed = feeder.decoder(s, grid, vis, dec_inputs)
         except C.NonFiniteActivation as e:
-            bad = cast_feed(sessions[graph], feed if graph == "vision" else dfeed)
-            first = C.locate_nonfinite(models[graph], bad)
-            raise StageError(f"calibration sample {s.name}: {e} in {graph}.onnx" + (f"; {first}" if first else "")) from None
+            first = C.locate_nonfinite(vision, cast_feed(vsess, feed))
+            raise StageError(f"calibration sample {s.name}: {e} in vision.onnx" + (f"; {first}" if first else "")) from None
         except ValueError as e:  # processor / host-side shape errors name the sample
             raise StageError(f"calibration sample {s.name}: {str(e).splitlines()[0]}") from None
+        seq_lens.append(int(dfeed["inputs_embeds"].shape[1]))
+        if i < KEEP_FEEDS:
+            kept["decoder"].update({f"s{i}.{k}": v for k, v in dfeed.items()})
+        dfeeds.append(cast_feed(dec_inputs, dfeed))
+        names.append(s.name)
+    del vsess, vision  # before the decoder's segments: one graph's weights at a time
+    if "decoder" in graphs:
+        _decoder(ctx, dec_path, cols["decoder"], dfeeds, names, share)
     metrics: dict[str, Any] = {"samples": n, "source": p["source"], "method": p["method"],
                                "decoder_seq_lens": sorted(set(seq_lens))}
     for g in graphs:
@@ -144,9 +152,46 @@ def _run(ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics)
 
 
+def _structure(path: Path) -> Any:
+    """The graph with its value types but without its external weights: all the collector reads
+    (``graphio.load`` would read the weights of a graph under the proto limit)."""
+    import onnx
+    import onnx_ir as ir
+
+    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - unknown ops: the collector then takes untyped values too
+        pass
+    return ir.from_proto(proto)
+
+
+def _decoder(ctx: StageContext, path: Path, col: Any, feeds: list[dict[str, np.ndarray]], names: list[str],
+             share: float) -> None:
+    """Every sample through the decoder segment-major; `col` takes each segment's tensors."""
+    from stages.lib import segments
+    from stages.lib.qdq import calibrators as C
+
+    def collect(seg: segments.Segment, i: int, outs: dict[str, np.ndarray]) -> None:
+        try:
+            col.update(outs, count=seg.index == 0)
+        except C.NonFiniteActivation as e:
+            first = C.locate_nonfinite(path, feeds[i])
+            raise StageError(f"calibration sample {names[i]}: {e} in decoder.onnx"
+                             + (f"; {first}" if first else "")) from None
+
+    def progress(k: int, total: int) -> None:
+        ctx.report(f"decoder segment {k + 1}/{total} ({len(feeds)} samples)", share + (1 - share) * k / total)
+
+    try:
+        segments.run_segmented(path, feeds, collect, expose=col.names, progress=progress)
+    except ValueError as e:  # a stale cut list, an input the graph reads that nobody feeds
+        raise StageError(f"decoder.onnx cannot run segment by segment: {str(e).splitlines()[0]}") from None
+
+
 STAGE = Stage(
     name="calibrate",
-    version="2",
+    version="3",
     run=_run,
     params=_params,
     deps=("fuse", "checkpoint"),

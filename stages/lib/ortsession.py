@@ -13,11 +13,13 @@ _LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "
 
 def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all",
                 providers: Sequence[str] = ("CPUExecutionProvider",), log_level: int | None = None,
-                threads: int | None = None) -> Any:
+                threads: int | None = None, arena: bool = True) -> Any:
     """A session on a model file (external data beside it) or serialized bytes. ``optimization``:
     ORT's graph optimization level ("all" is ORT's default; Q/DQ graphs need "none": ORT's Q/DQ
     fusions change rounding and reject FP8, NOTES §3). ``log_level``: ORT severity (3: errors
-    only), ``threads``: intra-op threads; None keeps ORT's default."""
+    only), ``threads``: intra-op threads; None keeps ORT's default. ``arena=False`` returns each run's
+    buffers to the system (ORT's CPU arena otherwise keeps its high-water mark for the session's life,
+    which a segment-by-segment runner of a big graph cannot afford)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -26,6 +28,7 @@ def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all"
         so.log_severity_level = log_level
     if threads is not None:
         so.intra_op_num_threads = threads
+    so.enable_cpu_mem_arena = arena
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
 
 

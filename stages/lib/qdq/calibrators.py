@@ -3,6 +3,9 @@
 The graph's intermediate tensors that quantization may need (inputs of compute ops, Add and
 Concat inputs, Softmax outputs) are exposed as extra outputs; each sample updates running
 per-tensor statistics and is dropped, so memory does not grow with the number of samples.
+A graph too big for one session runs segment by segment (``stages.lib.segments``): each segment
+exposes the tensors it makes, and the collector takes them per segment (``update(count=False)``
+after the first), each tensor still seeing the samples in order, so the statistics are the same.
 Histograms of |x| keep a fixed bin count and widen by merging whole bins when a later sample
 exceeds the range, so the merge is exact. Ranges: max, percentile, entropy (TensorRT's KL
 search on 128 levels) and MSE (on the int8 or E4M3 grid).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -190,7 +194,9 @@ class Collector:
     stats: dict[str, TensorStats] = field(default_factory=dict)
     samples: int = 0
 
-    def update(self, outputs: Mapping[str, np.ndarray]) -> None:
+    def update(self, outputs: Mapping[str, np.ndarray], count: bool = True) -> None:
+        """Add one sample's values of (some of) the tensors. ``count=False``: more values of a
+        sample already counted (a later segment of a segmented run)."""
         # Check every tensor first, in graph order, so the error names the first bad layer.
         for n in self.names:
             x = outputs.get(n)
@@ -202,11 +208,12 @@ class Collector:
             if x is None or not np.issubdtype(x.dtype, np.floating):
                 continue
             self.stats.setdefault(n, TensorStats()).update(x, channels=n in self.channels)
-        self.samples += 1
+        self.samples += int(count)
 
     def ranges(self, method: str, pct: float = 99.99) -> dict[str, dict[str, Any]]:
         out = {}
-        for n, st in self.stats.items():
+        # in `names` order: a segmented run fills `stats` segment by segment
+        for n, st in ((n, self.stats[n]) for n in self.names if n in self.stats):
             fp8 = choose(st, method if method != "entropy" else "max", pct, grid="fp8")
             out[n] = {
                 "amax": choose(st, method, pct, grid="int8"),
@@ -234,6 +241,13 @@ class Collector:
 def make_collector(model: ir.Model) -> tuple[Collector, Any]:
     """A collector for `model` and the ORT session that exposes its tensors."""
     from stages.lib.qdq.graphio import session
+
+    col = collector(model)
+    return col, session(expose(model, col.names))
+
+
+def collector(model: ir.Model) -> Collector:
+    """A collector for `model`'s calibrated tensors and graph outputs, in graph order."""
     from stages.lib.qdq.placement import ensure_names
 
     ensure_names(model.graph)
@@ -244,21 +258,51 @@ def make_collector(model: ir.Model) -> tuple[Collector, Any]:
     order.update({o.name: i for i, n in enumerate(model.graph) for o in n.outputs})
     names = sorted((n for n in names if n), key=lambda n: order.get(n, -1))
     outs = [o.name for o in model.graph.outputs if o.name]
-    col = Collector(names=names + [o for o in outs if o not in names], channels=chans, producers=producers)
-    return col, session(expose(model, col.names))
+    return Collector(names=names + [o for o in outs if o not in names], channels=chans, producers=producers)
 
 
-def locate_nonfinite(model: ir.Model, feed: Mapping[str, np.ndarray]) -> str | None:
-    """Re-run one failing sample with every node output exposed; name the first node (graph
-    order) whose output is NaN/Inf, so the error points at the layer, not where it surfaced."""
-    from stages.lib.qdq.graphio import run, session
-
-    names = [o.name for n in model.graph for o in n.outputs if o.name]
-    outs = run(session(expose(model, names)), feed, names)
-    producer = {o.name: n for n in model.graph for o in n.outputs if o.name}
+def _first_nonfinite(names: Iterable[str], outs: Mapping[str, Any], producer: Mapping[str, Any]) -> str | None:
     for name in names:
         x = outs.get(name)
         if x is not None and np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all():
             node = producer[name]
             return f"first NaN/Inf at tensor {name!r}, output of node {node.name} ({node.op_type})"
+    return None
+
+
+def locate_nonfinite(model: ir.Model | Path, feed: Mapping[str, np.ndarray]) -> str | None:
+    """Re-run one failing sample with every node output exposed; name the first node (graph
+    order) whose output is NaN/Inf, so the error points at the layer, not where it surfaced.
+    A graph file runs segment by segment (``stages.lib.segments``), stopping at the first
+    segment with a bad value: one segment's values in memory, never the whole graph's."""
+    from stages.lib.qdq.graphio import run, session
+
+    if isinstance(model, (str, Path)):
+        return _locate_segmented(Path(model), feed)
+    names = [o.name for n in model.graph for o in n.outputs if o.name]
+    outs = run(session(expose(model, names)), feed, names)
+    return _first_nonfinite(names, outs, {o.name: n for n in model.graph for o in n.outputs if o.name})
+
+
+class _Found(Exception):
+    pass
+
+
+def _locate_segmented(path: Path, feed: Mapping[str, np.ndarray]) -> str | None:
+    import onnx
+
+    from stages.lib import segments
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    producer = {o: n for n in nodes for o in n.output if o}
+
+    def check(seg: segments.Segment, i: int, outs: dict[str, np.ndarray]) -> None:
+        msg = _first_nonfinite([o for k in seg.nodes for o in nodes[k].output if o in outs], outs, producer)
+        if msg:
+            raise _Found(msg)
+
+    try:
+        segments.run_segmented(path, [feed], check, expose=list(producer))
+    except _Found as e:
+        return str(e)
     return None

@@ -135,7 +135,8 @@ class Feeder:
 
     def decoder(self, s: Sample, grid: np.ndarray, vision_out: Mapping[str, np.ndarray],
                 inputs: Sequence[Any]) -> dict[str, np.ndarray]:
-        """Feeds for every declared decoder input (`inputs`: the session's NodeArg list)."""
+        """Feeds for every declared decoder input (`inputs`: the session's NodeArg list, or
+        `segments.graph_inputs`)."""
         from stages.lib.hostside import text as T
 
         c, ids = self.config, self.prompt_ids(s.text)
@@ -171,9 +172,10 @@ class Feeder:
 
 
 def cast_feed(sess: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Cast each array to the dtype the session declares (fp16 graphs take fp16 inputs)."""
+    """Cast each array to the dtype the session declares (fp16 graphs take fp16 inputs). ``sess``:
+    a session, or its inputs (``segments.graph_inputs`` for a graph not opened whole)."""
     out = {}
-    for a in sess.get_inputs():
+    for a in sess.get_inputs() if hasattr(sess, "get_inputs") else sess:
         if a.name not in feed:
             raise StageError(f"graph input {a.name!r} has no feed")
         dt = ORT_NUMPY.get(a.type)

@@ -1,0 +1,303 @@
+"""Run an ONNX graph block by block, so a decoder bigger than memory still runs in onnxruntime.
+
+A CPU session over an FP16 graph holds about twice its weights, and with graph optimizations
+off (Q/DQ graphs) it grows with every run; a 7-8B decoder cannot run whole on a 24 GB machine.
+Cut at the residual stream after each transformer layer (``segment_cuts``), it runs one layer at
+a time on the previous block's activations, segment-major as llm-compressor's sequential
+pipeline does: every sample through segment k, then segment k+1. Peak memory is one segment's
+session plus the activations carried across the cut.
+
+Segment k holds the nodes that are ancestors of cut k and in no earlier segment; the last holds
+every remaining node. Only the graph structure is read up front (``load_external_data=False``);
+each segment's model gets its own initializers, read when it is built: inline under the proto
+limit, else copied beside a temporary copy of the segment (ORT refuses external data outside the
+model's folder). Outer-scope values an If/Loop body reads count as inputs of its node.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+    from stages.lib.ortsession import Optimization
+
+__all__ = ["INLINE_LIMIT", "InputSpec", "Plan", "Segment", "graph_inputs", "model_cuts", "plan",
+           "run_segmented", "run_whole"]
+
+INLINE_LIMIT: int | None = None  # segment tensor bytes kept inline; None: graphio.PROTO_LIMIT (tests lower it)
+# (segment, sample index, {name: array}) for the wanted values the segment made
+OnOutputs = Callable[["Segment", int, dict[str, np.ndarray]], None]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input as ORT's ``NodeArg`` describes it (``type`` like ``tensor(float16)``), read
+    from the file without opening a session over the whole graph."""
+
+    name: str
+    type: str
+    shape: list[int | str | None]
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    nodes: tuple[int, ...]  # positions in the graph's node list, graph order
+    inputs: tuple[str, ...]  # graph inputs and values of earlier segments it reads
+    outputs: tuple[str, ...]  # values later segments or the caller need, that it makes
+    initializers: tuple[str, ...]
+
+
+@dataclass
+class Plan:
+    path: Path
+    proto: onnx.ModelProto  # the graph, external weights not read
+    segments: list[Segment]
+    wanted: list[str]  # values handed to the caller (graph outputs unless asked otherwise)
+    later: list[set[str]]  # later[k]: values segments after k read (what stays carried)
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The node's inputs plus every outer-scope value its subgraphs (If/Loop/Scan bodies) read."""
+    names = [n for n in node.input if n]
+    for g in (g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)):
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        local |= {s.values.name for s in g.sparse_initializer}
+        for n in g.node:
+            names += [r for r in _reads(n) if r not in local]
+            local.update(n.output)
+    return names
+
+
+def model_cuts(proto: onnx.ModelProto) -> list[str]:
+    """The recorded cut list, else the one torch's name scopes give ([]: run whole)."""
+    import onnx_ir as ir
+
+    from stages.lib.segment_cuts import cuts_from_name_scopes, read_cuts
+
+    return read_cuts(proto) or cuts_from_name_scopes(ir.from_proto(proto))
+
+
+def graph_inputs(source: Path | str | onnx.ModelProto) -> list[InputSpec]:
+    """The graph's inputs (initializer-backed ones left out), as a session would list them."""
+    import onnx
+
+    proto = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for v in proto.graph.input:
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                        for d in tt.shape.dim]
+        out.append(InputSpec(v.name, f"tensor({onnx.TensorProto.DataType.Name(tt.elem_type).lower()})", dims))
+    return out
+
+
+def plan(source: Path | str, cuts: Sequence[str] | None = None, expose: Sequence[str] | None = None) -> Plan:
+    """Partition the graph at ``cuts`` (None: the model's own, ``model_cuts``). ``expose``: the
+    values handed to the caller (None: the graph outputs); each segment exposes those it makes."""
+    import onnx
+
+    path = Path(source)
+    proto = onnx.load(str(path), load_external_data=False)
+    g = proto.graph
+    cuts = model_cuts(proto) if cuts is None else list(cuts)
+    inits = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
+    graph_in = {v.name for v in g.input} - inits
+    reads = [_reads(n) for n in g.node]
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    wanted = list(dict.fromkeys([o.name for o in g.output] if expose is None else expose))
+    for name in [*cuts, *wanted]:
+        if name not in producer and name not in graph_in:
+            raise ValueError(f"{path.name}: {name!r} is not a value the main graph computes "
+                             f"({'segment cut' if name in cuts else 'requested output'})")
+    unknown = next(((i, x) for i, r in enumerate(reads) for x in r if x not in producer and x not in graph_in
+                    and x not in inits), None)
+    if unknown:
+        raise ValueError(f"{path.name}: node {g.node[unknown[0]].name or unknown[0]} reads {unknown[1]!r}, "
+                         "which no node, graph input or initializer provides")
+    owner = [-1] * len(g.node)
+    groups: list[list[int]] = []
+    for cut in cuts:
+        todo = [producer[cut]] if cut in producer else []
+        members: list[int] = []
+        while todo:  # the cut's ancestors not yet in a segment
+            i = todo.pop()
+            if owner[i] != -1:
+                continue
+            owner[i] = len(groups)
+            members.append(i)
+            todo += [producer[x] for x in reads[i] if x in producer]
+        if members:  # a cut already covered (or a graph input) adds no segment
+            groups.append(sorted(members))
+    rest = [i for i in range(len(g.node)) if owner[i] == -1]
+    if rest or not groups:
+        groups.append(rest)
+    later: list[set[str]] = [set() for _ in groups]
+    for k in range(len(groups) - 2, -1, -1):
+        later[k] = later[k + 1] | {x for i in groups[k + 1] for x in reads[i] if x not in inits}
+    segments = []
+    wanted_set = set(wanted)
+    for k, members in enumerate(groups):
+        made = [o for i in members for o in g.node[i].output if o]
+        made_set = set(made)
+        seg_reads = list(dict.fromkeys(x for i in members for x in reads[i]))
+        segments.append(Segment(
+            index=k, nodes=tuple(members),
+            inputs=tuple(x for x in seg_reads if x not in inits and x not in made_set),
+            outputs=tuple(o for o in made if o in later[k] or o in wanted_set),
+            initializers=tuple(x for x in seg_reads if x in inits)))
+    return Plan(path, proto, segments, wanted, later)
+
+
+def _carried_info(name: str, x: np.ndarray) -> onnx.ValueInfoProto:
+    """A carried value's type from the array, every dim symbolic (samples differ in length)."""
+    from onnx import helper
+
+    dims = [f"{name}_d{i}" for i in range(x.ndim)]
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(x.dtype), dims)
+
+
+def _segment_proto(p: Plan, seg: Segment, sample: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """One segment's model: its nodes and initializers (external ones still unread)."""
+    import onnx
+
+    src = p.proto
+    g = src.graph
+    declared = {v.name: v for v in list(g.input) + list(g.output)}
+    keep = set(seg.initializers)
+    m = onnx.ModelProto(ir_version=src.ir_version, producer_name=src.producer_name, domain=src.domain)
+    m.opset_import.extend(src.opset_import)
+    m.functions.extend(src.functions)
+    m.graph.name = f"{g.name}_segment{seg.index}"
+    m.graph.node.extend(g.node[i] for i in seg.nodes)
+    m.graph.initializer.extend(t for t in g.initializer if t.name in keep)
+    m.graph.sparse_initializer.extend(s for s in g.sparse_initializer if s.values.name in keep)
+    # graph inputs and outputs keep their declared types; carried values take the array's (a
+    # value_info a rewrite left stale would make ORT reject a valid feed)
+    m.graph.input.extend(declared[n] if n in declared else _carried_info(n, sample[n]) for n in seg.inputs)
+    outs = set(seg.outputs)
+    m.graph.output.extend(declared.get(n) or onnx.ValueInfoProto(name=n) for n in seg.outputs)
+    made = {o for i in seg.nodes for o in g.node[i].output}
+    m.graph.value_info.extend(v for v in g.value_info if v.name in made and v.name not in outs)
+    return m
+
+
+class _Session:
+    """The ORT session of one segment; its temporary folder (if any) lives as long as it does."""
+
+    def __init__(self, p: Plan, seg: Segment, sample: Mapping[str, np.ndarray], optimization: Optimization,
+                 threads: int | None):
+        import onnx
+        from onnx.external_data_helper import load_external_data_for_model
+
+        from stages.lib.ortsession import ort_session
+        from stages.lib.qdq import graphio
+
+        m = _segment_proto(p, seg, sample)
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        limit = graphio.PROTO_LIMIT if INLINE_LIMIT is None else INLINE_LIMIT
+        src: str | bytes
+        if graphio.tensor_bytes(m) < limit:
+            load_external_data_for_model(m, str(p.path.parent))  # this segment's tensors only
+            src = m.SerializeToString()
+        else:
+            self.tmp = tempfile.TemporaryDirectory(prefix="vlmforge-segment-")
+            path = Path(self.tmp.name) / "segment.onnx"
+            _copy_external(m, p.path.parent, path)
+            onnx.save_model(m, str(path))
+            src = str(path)
+        del m  # ORT keeps its own copy: drop ours before it makes it
+        # no arena: a segment's per-run buffers go back to the system between samples
+        self.sess = ort_session(src, optimization=optimization, log_level=3, threads=threads, arena=False)
+
+    def close(self) -> None:
+        del self.sess
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def _copy_external(m: onnx.ModelProto, base: Path, dst: Path) -> None:
+    """Copy the segment's external tensors, one chunk at a time, into ``<dst>.data``."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from stages.lib.qdq.graphio import _proto_tensors
+
+    offset = 0
+    with open(dst.with_name(dst.name + ".data"), "wb") as out:
+        for t in (t for t in _proto_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL):
+            info = ExternalDataInfo(t)
+            src = base / info.location
+            left = info.length or src.stat().st_size - (info.offset or 0)
+            with open(src, "rb") as f:
+                f.seek(info.offset or 0)
+                while left > 0 and (chunk := f.read(min(left, 64 * 2**20))):
+                    out.write(chunk)
+                    left -= len(chunk)
+            length = out.tell() - offset
+            del t.external_data[:]  # (onnx's set_external_data wants the bytes in memory)
+            for key, value in (("location", dst.name + ".data"), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=key, value=value)
+            out.write(b"\0" * (-out.tell() % 65536))  # aligned, so ORT may map the next tensor
+            offset = out.tell()
+
+
+def run_segmented(source: Path | str, feeds: Sequence[Mapping[str, np.ndarray]], on_outputs: OnOutputs, *,
+                  cuts: Sequence[str] | None = None, expose: Sequence[str] | None = None,
+                  optimization: Optimization = "none", threads: int | None = 2,
+                  progress: Callable[[int, int], None] | None = None) -> Plan:
+    """Run every feed (already cast to the graph's input dtypes) through the graph, segment-major.
+
+    ``on_outputs(segment, i, values)`` gets, per segment and sample, the ``expose``d values (None:
+    the graph outputs) that segment made; exposed graph inputs come with the first segment.
+    Values no later segment reads are dropped after each segment, and each segment's session is
+    closed before the next opens. ``optimization``: ORT's level ("none" for Q/DQ graphs, NOTES
+    §3); ``progress(k, n)`` before segment k of n. Returns the plan it ran."""
+    p = plan(source, cuts, expose)
+    carried = [dict(f) for f in feeds]  # the caller's feeds stay whole
+    wanted = set(p.wanted)
+    made_by = {o for s in p.segments for i in s.nodes for o in p.proto.graph.node[i].output}
+    missing = next((n for s in p.segments for n in s.inputs if n not in made_by and any(n not in f for f in feeds)), None)
+    if missing is not None:
+        raise ValueError(f"{p.path.name}: graph input {missing!r} has no feed")
+    for seg in p.segments if carried else []:
+        if progress is not None:
+            progress(seg.index, len(p.segments))
+        sess = _Session(p, seg, carried[0], optimization, threads) if seg.outputs else None
+        try:
+            for i, values in enumerate(carried):
+                made: dict[str, np.ndarray] = {}
+                if sess is not None:
+                    outs = sess.sess.run(list(seg.outputs), {n: values[n] for n in seg.inputs})
+                    made = dict(zip(seg.outputs, outs, strict=True))
+                hand = {n: x for n, x in made.items() if n in wanted}
+                if seg.index == 0:
+                    hand = {**{n: values[n] for n in p.wanted if n in values}, **hand}
+                on_outputs(seg, i, hand)
+                values.update((n, x) for n, x in made.items() if n in p.later[seg.index])
+                for n in [n for n in values if n not in p.later[seg.index]]:
+                    del values[n]
+        finally:
+            if sess is not None:
+                sess.close()
+    return p
+
+
+def run_whole(source: Path | str, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+              **kw: Any) -> dict[str, np.ndarray]:
+    """One sample through the segmented graph: ``outputs`` (None: the graph outputs) by name, the
+    parity users' equivalent of ``session.run``. ``kw``: ``run_segmented``'s options."""
+    got: dict[str, np.ndarray] = {}
+    p = run_segmented(source, [feed], lambda seg, i, values: got.update(values), expose=outputs, **kw)
+    return {n: got[n] for n in p.wanted}
