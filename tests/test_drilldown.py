@@ -186,3 +186,32 @@ def test_block_output_is_the_activation_not_its_quantized_copy() -> None:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
                           [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
     assert dd.block_outputs(helper.make_model(g), "stages") == {0: "a"}
+
+
+def test_drilldown_runs_segment_by_segment(exported: tuple[Path, Toy, np.ndarray], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With cuts recorded at the block outputs the graph runs one block per session (no
+    whole-graph session of a big decoder), with the figures of the uncut graph."""
+    import json
+
+    from stages.lib import segments as S
+    from stages.lib.segment_cuts import CUTS_KEY
+
+    path, model, x = exported
+    whole = dd.drilldown(path, {"x": x}, "blocks", _torch_outs(model, x))
+    m = onnx.load(str(path))
+    m.metadata_props.add(key=CUTS_KEY, value=json.dumps(list(dd.block_outputs(m, "blocks").values())))
+    cut = tmp_path / "cut.onnx"
+    onnx.save(m, str(cut))
+    sessions: list[int] = []
+    real = S._Session
+
+    def counting(p: S.Plan, seg: S.Segment, *a: object) -> S._Session:
+        sessions.append(seg.index)
+        return real(p, seg, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(S, "_Session", counting)
+    res = dd.drilldown(cut, {"x": x}, "blocks", _torch_outs(model, x))
+    assert sessions == list(range(N_BLOCKS))  # one per block; the head after the last one is not needed
+    for a, b in zip(res["blocks"], whole["blocks"], strict=True):
+        assert a["tensor"] == b["tensor"] and a["cosine"] == pytest.approx(b["cosine"], abs=1e-9)

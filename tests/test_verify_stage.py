@@ -129,8 +129,12 @@ def test_default_rows_meet_default_gates(chain: dict[str, dict[str, Path]], tmp_
         assert len(doc["drilldown"][g]["blocks"]) == 2  # the tiny model: 2 ViT blocks, 2 decoder layers
     assert 0.0 <= rows[("decoder", "onnxruntime")]["figures"]["top1"] <= 1.0
     # int8/fp8 set no token gate by default: the generation row is measured, never shown as passed
-    assert rows[("generation", "onnxruntime")]["status"] == "ungated"
-    assert rows[("generation", "onnxruntime")]["figures"]["tokens"] >= 0.0
+    gen = rows[("generation", "onnxruntime")]
+    assert gen["status"] == "ungated" and gen["figures"]["tokens"] >= 0.0
+    # the tiny graphs are under the free-running limit: both figures, the free-running one gated
+    assert gen["gated_on"] == "free-running" and gen["reason"] is None
+    assert 0.0 <= gen["figures"]["tokens_teacher_forced"] <= 1.0
+    assert all(len(s["teacher_forced"]["tokens"]) == len(s["tokens"]) for s in gen["per_sample"])
     assert doc["passed"] is True and res.metrics["passed"] is True
     assert all(g.passed for g in res.gates)
 

@@ -8,8 +8,10 @@
    block k+1 (or the Q/DQ pair in front of it). Nodes a quantizer added without a scope are
    simply "outside", which keeps that rule true in Q/DQ graphs; nodes a fusion rewrite made
    (no scope at all) inherit their producers' block.
-2. Mark those tensors as extra graph outputs and run once in onnxruntime with all graph
-   optimizations off (NOTES §3: ORT's Q/DQ fusions change rounding and reject FP8).
+2. Run the graph once in onnxruntime with all graph optimizations off (NOTES §3: ORT's Q/DQ
+   fusions change rounding and reject FP8), those tensors exposed, block by block through the
+   segment runner (stages/lib/segments.py): a whole-graph session of a 7-8B decoder does not fit
+   a 24 GB machine; a graph without cuts runs as one segment.
 3. Capture the same points in PyTorch with forward hooks on the model's block modules.
 4. Compare per block (stages/lib/metrics) and name the first block where the error jumps:
    the first block whose rel-L2 increase over the previous block is at least ``share`` of the
@@ -30,11 +32,9 @@ import numpy as np
 
 from stages.lib.dtypes import ORT_FLOATS
 from stages.lib.metrics import compare
-from stages.lib.ortsession import reference_session
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime as ort
 
 KINDS = ("blocks", "layers", "stages")  # ViT blocks, decoder layers, CNN stages
 _BLOCK = re.compile(r"(?:^|[/.: ])(" + "|".join(KINDS) + r")\.(\d+)(?=$|[/.: _])")
@@ -43,10 +43,14 @@ _BLOCK = re.compile(r"(?:^|[/.: ])(" + "|".join(KINDS) + r")\.(\d+)(?=$|[/.: _])
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def fit_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def fit_feeds(graph: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds as the graph declares them: float arrays cast to the input's float type (an FP16
-    graph takes FP16), a lone image tensor renamed to a lone input (BYO graphs), extras dropped."""
-    ins = sess.get_inputs()
+    graph takes FP16), a lone image tensor renamed to a lone input (BYO graphs), extras dropped.
+    ``graph``: a session (``get_inputs``), its input list, or a model path (read without weights)."""
+    from stages.lib.segments import graph_inputs
+
+    ins = graph.get_inputs() if hasattr(graph, "get_inputs") else graph if isinstance(graph, list) else \
+        graph_inputs(graph)
     if len(ins) == 1 and len(feeds) == 1 and ins[0].name not in feeds:
         feeds = {ins[0].name: next(iter(feeds.values()))}
     out = {}
@@ -121,47 +125,11 @@ def block_outputs(model: onnx.ModelProto, kind: str) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns ``names`` (types from shape inference when known)."""
-    import onnx
-    from onnx import helper
+def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run the graph once, segment by segment, and return the tensors ``names``."""
+    from stages.lib.segments import run_whole
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(m)
-        vinfo = {v.name: v for v in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - inference fails on some contrib ops; ORT infers at load
-        vinfo = {}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(vinfo.get(n) or helper.make_empty_tensor_value_info(n))
-    return m
-
-
-def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[str],
-               workdir: Path | None = None) -> dict[str, np.ndarray]:
-    """Run the graph once with ``names`` marked as outputs; returns those tensors."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=True)
-    marked = with_outputs(model, names)
-    from stages.lib.qdq.graphio import fits_in_proto
-
-    if fits_in_proto(marked):  # from the tensors: ByteSize() itself raises past 2 GB
-        # From bytes: nothing is written next to the (read-only, cached) input graph.
-        sess = reference_session(marked.SerializeToString())
-    else:  # over the protobuf limit: a temporary copy with external data, in our own folder
-        if workdir is None:
-            raise ValueError(f"{model_path.name} is over 2 GB: drill-down needs a workdir for a marked copy")
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / f"marked_{model_path.name}"
-        onnx.save(marked, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
-        sess = reference_session(tmp)
-    del model, marked
-    vals = sess.run(list(names), fit_feeds(sess, feeds))
-    return dict(zip(names, vals, strict=True))
+    return run_whole(model_path, fit_feeds(model_path, feeds), list(names))
 
 
 def capture_torch(points: Sequence[tuple[Any, str]], fn: Callable[[], Any]) -> list[np.ndarray]:
@@ -268,7 +236,7 @@ def plot(rows: Sequence[dict[str, Any]], title: str, path: Path, jump: int | Non
 
 
 def drilldown(model_path: Path, feeds: dict[str, np.ndarray], kind: str, torch_outs: Sequence[np.ndarray],
-              orders: Sequence[np.ndarray | None] = (None,), workdir: Path | None = None) -> dict[str, Any]:
+              orders: Sequence[np.ndarray | None] = (None,)) -> dict[str, Any]:
     """Mark, run, compare and locate. ``torch_outs``: per-block PyTorch outputs for ``feeds``."""
     import onnx
 
@@ -276,7 +244,7 @@ def drilldown(model_path: Path, feeds: dict[str, np.ndarray], kind: str, torch_o
     points = block_outputs(proto, kind)
     if not points:
         return {"kind": kind, "blocks": [], "jump": {"block": None, "why": f"no '{kind}.N' scopes in the graph"}}
-    got = run_marked(model_path, feeds, list(points.values()), workdir)
+    got = run_marked(model_path, feeds, list(points.values()))
     rows, order = compare_blocks({b: got[t] for b, t in points.items()}, torch_outs, orders)
     for r in rows:
         r["tensor"] = points[r["block"]]

@@ -1,16 +1,24 @@
 """The verify stage's workers: run each graph under test on the held-out set and measure it.
 
 Graphs run in onnxruntime on CPU with graph optimizations *off* (NOTES §3: with them on, ORT
-fuses Q/DQ into integer kernels that reject FP8 and round differently from TensorRT). The
-isolated runs go through Polygraphy's ``OnnxrtRunner`` + ``Comparator.run`` over that session
-(its own ORT loader cannot disable optimizations); the numbers are ours (stages/lib/metrics).
-The decoder is fed the *reference* merged embeddings, so its figures isolate the decoder; the
-greedy generation then chains the graphs under test end to end (stages/lib/generate.py).
+fuses Q/DQ into integer kernels that reject FP8 and round differently from TensorRT), block by
+block through the segment runner (stages/lib/segments.py): a whole-graph CPU session of a 7-8B
+decoder holds ~2x its weights and grows per run, past a 24 GB machine; a graph without cuts
+(vision, small graphs) runs as one segment. The numbers are ours (stages/lib/metrics).
+
+The decoder is fed the *reference* merged embeddings, so its figures isolate the decoder. The
+same pass carries the reference's greedy tokens after the prompt (teacher forcing, positions
+as the decode loop gives them): causal attention leaves the prompt's logits unchanged, and the
+argmax at each position that predicts a generated token is the teacher-forced token agreement,
+for one prefill's cost at any size. The free-running greedy generation chains the graphs under
+test end to end (stages/lib/generate.py) in whole-graph sessions, so it runs only for graphs
+under ``FREE_RUN_LIMIT``; above it the engine check on a GPU host generates.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,13 @@ import numpy as np
 from pipeline.stage import StageError
 from stages.lib.drilldown import fit_feeds
 from stages.lib.metrics import Parity, compare, topk_agreement, worst
-from stages.lib.ortsession import reference_session
+
+# FP16-equivalent weight bytes (2 x parameters) of vision + embed + decoder under which the
+# free-running generation runs in whole-graph CPU sessions. Those peak at ~2.2x the bytes
+# (6.3 GB for a 2.9 GB FP16 decoder + embed: FP32 upcasts per run, the arena) and a Q/DQ graph
+# dequantizes to FP32 on top; under 512 MiB that stays inside 1.25 x the decoder + 2 GB.
+FREE_RUN_LIMIT = 512 * 2**20
+Report = Callable[[str], None]
 
 
 @dataclass
@@ -55,27 +69,40 @@ def load_specs(checkpoint: Path, trust_remote_code: bool = False) -> Specs:
                  cfg, path)
 
 
-def _run_all(path: Path, feeds: list[dict[str, np.ndarray]], name: str) -> list[dict[str, np.ndarray]]:
-    """One run per feed dict through Polygraphy's Comparator over an optimization-free session."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
+def run_graph(path: Path, feeds: Sequence[dict[str, np.ndarray]], on_sample: Callable[[int, dict[str, np.ndarray]], None],
+              expose: Sequence[str] | None = None, cuts: Sequence[str] | None = None,
+              report: Report | None = None) -> None:
+    """Every feed through the graph segment-major (its own cuts unless ``cuts``; [] = whole):
+    ``on_sample(i, outputs)`` once per sample, with the ``expose``d values (None: graph outputs)."""
+    from stages.lib.segments import graph_inputs, run_segmented
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-    sess = reference_session(path)
-    runner = OnnxrtRunner(sess, name=name)
-    results = Comparator.run([runner], data_loader=[fit_feeds(sess, f) for f in feeds])
-    return [{k: np.asarray(v) for k, v in it.items()} for it in results[name]]
+    got: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+    last: list[int] = []
+
+    def keep(seg: Any, i: int, values: dict[str, np.ndarray]) -> None:
+        got[i].update(values)
+        if seg.index == last[0]:  # the sample is complete: hand it over and let it go
+            on_sample(i, got[i])
+            got[i] = {}
+
+    def progress(k: int, n: int) -> None:
+        last[:] = [n - 1]
+        if report is not None and n > 1:
+            report(f"{path.stem} segment {k + 1}/{n} ({len(feeds)} samples)")
+
+    ins = graph_inputs(path)
+    fitted = [fit_feeds(ins, f) for f in feeds]
+    run_segmented(path, fitted, keep, cuts=cuts, expose=expose, progress=progress)
 
 
-def _dtype(path: Path, input_name: str) -> Any:
+def fp16_weight_bytes(path: Path) -> int:
+    """2 bytes per parameter of the graph's initializers, read without the weights."""
+    import math
+
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    for i in m.graph.input:
-        if i.name == input_name:
-            return onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-    raise StageError(f"{path.name} has no input {input_name!r}")
+    return 2 * sum(math.prod(t.dims) for t in m.graph.initializer)
 
 
 def vision_feeds(specs: Specs, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,24 +113,39 @@ def vision_feeds(specs: Specs, sample: dict[str, np.ndarray]) -> dict[str, np.nd
     return vision_inputs(specs.vision, sample["pixel_values"], sample["image_grid_thw"])
 
 
-def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Prefill feeds: reference merged embeddings, mask, M-RoPE ids, empty KV, deepstack maps."""
+def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray],
+                  after: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Prefill feeds: reference merged embeddings, mask, M-RoPE ids, empty KV, deepstack maps.
+    ``after`` [1, n, H]: embeddings of tokens fed after the prompt in the same pass (teacher
+    forcing); they get the decode loop's positions and no deepstack (zeros, as decode steps)."""
     import onnx
 
-    from stages.lib.hostside.text import scatter_deepstack
+    from stages.lib.hostside import text as host
 
-    dt = _dtype(path, "inputs_embeds")
     m = onnx.load(str(path), load_external_data=False)
-    feeds = {"inputs_embeds": sample["inputs_embeds"].astype(dt), "attention_mask": sample["attention_mask"],
-             "position_ids": sample["position_ids"]}
+    types = {i.name: i.type.tensor_type for i in m.graph.input}
+    if "inputs_embeds" not in types:
+        raise StageError(f"{path.name} has no input 'inputs_embeds'")
+    dt = onnx.helper.tensor_dtype_to_np_dtype(types["inputs_embeds"].elem_type)
+    embeds, mask, pos = sample["inputs_embeds"].astype(dt), sample["attention_mask"], sample["position_ids"]
+    n = 0 if after is None else int(after.shape[1])
+    if n:
+        deltas = sample.get("rope_deltas")
+        if deltas is None:  # a held-out set written before rope_deltas were stored
+            deltas = host.rope_index(specs.text, sample["input_ids"], sample["image_grid_thw"], None, mask)[1]
+        assert after is not None
+        embeds = np.concatenate([embeds, after.astype(dt)], axis=1)
+        pos, mask = host.continue_position_ids(pos, mask, deltas, n)
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
     deep = [sample[f"deepstack.{k}"] for k in range(specs.text.deepstack_layers)]
-    dense = scatter_deepstack(sample["input_ids"], deep, specs.text, dt) if deep else []
-    for i in m.graph.input:
-        if i.name.startswith("past_key_values."):
-            d = [x.dim_value for x in i.type.tensor_type.shape.dim]
-            feeds[i.name] = np.zeros((1, d[1], 0, d[3]), dtype=dt)
-        elif i.name.startswith("deepstack_embeds."):
-            feeds[i.name] = dense[int(i.name.split(".")[1])]
+    dense = host.scatter_deepstack(sample["input_ids"], deep, specs.text, dt) if deep else []
+    for name, tt in types.items():
+        if name.startswith("past_key_values."):
+            kv = [x.dim_value for x in tt.shape.dim]
+            feeds[name] = np.zeros((1, kv[1], 0, kv[3]), dtype=dt)
+        elif name.startswith("deepstack_embeds."):
+            ds = dense[int(name.split(".")[1])]
+            feeds[name] = np.concatenate([ds, np.zeros((*ds.shape[:-2], n, ds.shape[-1]), dt)], axis=-2)
     return feeds
 
 
@@ -126,8 +168,10 @@ def deepstack_maps(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [outputs[k] for k in names]
 
 
-def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]]) -> Measured:
-    outs = _run_all(path, [vision_feeds(specs, s) for s in samples], "vision")
+def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]],
+                   report: Report | None = None) -> Measured:
+    outs: list[dict[str, np.ndarray]] = [{} for _ in samples]
+    run_graph(path, [vision_feeds(specs, s) for s in samples], lambda i, o: outs[i].update(o), report=report)
     per: list[dict[str, Any]] = []
     ps: list[Parity] = []
     t1: list[float] = []
@@ -145,21 +189,56 @@ def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]
     return Measured({**_figures(ps), **({"top1": float(np.mean(t1))} if t1 else {})}, per)
 
 
-def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]]) -> Measured:
-    outs = _run_all(path, [decoder_feeds(path, specs, s) for s in samples], "decoder")
-    per, ps, t1, t5 = [], [], [], []
-    for s, o in zip(samples, outs, strict=True):
-        logits = o["logits"] if "logits" in o else next(iter(o.values()))
-        p = compare(logits, s["logits"])
-        top1, top5 = topk_agreement(logits, s["logits"], 1), topk_agreement(logits, s["logits"], 5)
-        ps.append(p)
-        t1.append(top1)
-        t5.append(top5)
-        per.append({**p.as_dict(), "top1": top1, "top5": top5})
+def embed_tokens(embed: Path, samples: list[dict[str, np.ndarray]], n: int) -> list[np.ndarray]:
+    """Embeddings [1, n - 1, H] of each sample's first n - 1 reference tokens: the tokens fed
+    back after the prompt so the n positions from the prompt's last one predict all n."""
+    from stages.lib.segments import run_whole
+
+    ids = np.stack([s["generated"][: n - 1] for s in samples]).astype(np.int64)
+    out = next(iter(run_whole(embed, fit_feeds(embed, {"input_ids": ids})).values()))
+    return [out[i: i + 1] for i in range(len(samples))]
+
+
+def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]], embed: Path | None = None,
+                    n: int = 0, cuts: Sequence[str] | None = None,
+                    report: Report | None = None) -> tuple[Measured, Measured | None]:
+    """Prefill parity and, with ``embed`` and ``n`` > 0, the teacher-forced agreement over the
+    reference's first n greedy tokens, from one segment-major pass (``cuts``: run_graph's)."""
+    n = min([n, *(len(s.get("generated", ())) for s in samples)]) if embed is not None else 0
+    after = embed_tokens(embed, samples, n) if embed is not None and n > 1 else [None] * len(samples)
+    feeds = [decoder_feeds(path, specs, s, a) for s, a in zip(samples, after, strict=True)]
+    per: list[dict[str, Any]] = [{} for _ in samples]
+    forced: list[dict[str, Any]] = [{} for _ in samples]
+    ps: list[Parity | None] = [None] * len(samples)
+
+    def grade(i: int, o: dict[str, np.ndarray]) -> None:  # per sample, then its logits go
+        s, logits = samples[i], o["logits"] if "logits" in o else next(iter(o.values()))
+        seq = int(s["logits"].shape[1])
+        pre = logits[:, :seq]  # causal: the tokens after the prompt leave these unchanged
+        ps[i] = parity = compare(pre, s["logits"])
+        per[i] = {**parity.as_dict(), "top1": topk_agreement(pre, s["logits"], 1),
+                  "top5": topk_agreement(pre, s["logits"], 5)}
+        if n:
+            toks = np.argmax(logits[0, seq - 1: seq - 1 + n], axis=-1)
+            ref = s["generated"][:n]
+            forced[i] = {"tokens": toks.tolist(), "reference": ref.tolist(), "agreement": float(np.mean(toks == ref))}
+
+    run_graph(path, feeds, grade, expose=["logits"] if "logits" in _output_names(path) else None, cuts=cuts,
+              report=report)
     # top-k: the share of all prefill positions (pooled over samples), as the gate reads it
-    n = [int(s["logits"].shape[1]) for s in samples]
-    pooled = {"top1": float(np.dot(t1, n) / sum(n)), "top5": float(np.dot(t5, n) / sum(n))}
-    return Measured({**_figures(ps), **pooled}, per)
+    w = [int(s["logits"].shape[1]) for s in samples]
+    pooled = {k: float(np.dot([p[k] for p in per], w) / sum(w)) for k in ("top1", "top5")}
+    prefill = Measured({**_figures([p for p in ps if p is not None]), **pooled}, per)
+    if not n:
+        return prefill, None
+    tf = float(np.mean([f["agreement"] for f in forced]))
+    return prefill, Measured({"tokens_teacher_forced": tf}, forced)
+
+
+def _output_names(path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
 def measure_generation(vision: Path | None, decoder: Path, embed: Path, specs: Specs,

@@ -212,3 +212,16 @@ def scatter_deepstack(
 def zeros_deepstack(spec: TextSpec, batch: int, seq: int, hidden: int, dtype: Any = np.float32) -> list[np.ndarray]:
     """Deepstack inputs for steps without visual tokens (decode, text-only prompts)."""
     return [np.zeros((batch, seq, hidden), dtype=dtype) for _ in range(spec.deepstack_layers)]
+
+
+def continue_position_ids(
+    position_ids: np.ndarray, attention_mask: np.ndarray, rope_deltas: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions [3, B, S + n] and mask [B, S + n] of a prompt followed by ``n`` generated tokens
+    fed in one pass (teacher forcing): the prompt's M-RoPE ids, then for each token the position
+    the decode loop gives it (:func:`decode_position_ids` over the extended mask)."""
+    if n == 0:  # decode_position_ids(..., 0) would slice [-0:], i.e. the whole row
+        return np.asarray(position_ids, dtype=np.int64), np.asarray(attention_mask)
+    mask = extend_attention_mask(attention_mask, n)
+    tail = decode_position_ids(mask, rope_deltas, n)
+    return np.concatenate([np.asarray(position_ids, dtype=np.int64), tail], axis=-1), mask
