@@ -204,10 +204,15 @@ class _Session:
         from stages.lib.ortsession import ort_session
         from stages.lib.qdq import graphio
 
-        m = _segment_proto(p, seg, sample)
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
-        limit = graphio.PROTO_LIMIT if INLINE_LIMIT is None else INLINE_LIMIT
         src: str | bytes
+        if len(p.segments) == 1 and set(seg.outputs) <= {o.name for o in p.proto.graph.output}:
+            # the whole graph, nothing extra exposed: ORT opens the file itself and reads its
+            # external data beside it (a rebuilt copy cost ~3x the weights: bytes, proto, session)
+            self.sess = ort_session(p.path, optimization=optimization, log_level=3, threads=threads, arena=False)
+            return
+        m = _segment_proto(p, seg, sample)
+        limit = graphio.PROTO_LIMIT if INLINE_LIMIT is None else INLINE_LIMIT
         if graphio.tensor_bytes(m) < limit:
             load_external_data_for_model(m, str(p.path.parent))  # this segment's tensors only
             src = m.SerializeToString()
