@@ -1,5 +1,10 @@
 """Export the language decoder (+ token embedding) to ONNX and prove it computes what PyTorch does.
 
+Export (``DECODER_EXPORT``, recorded in the params): ``stamp`` traces the first few layers and
+clones the last traced one for the rest (``stages/lib/decoder_stamp``: export time and memory do
+not grow with depth, weights stream from the checkpoint one tensor at a time); ``trace`` exports
+the whole loaded decoder in one trace. Both record the residual cut after each layer.
+
 Outputs: ``decoder.onnx`` (one graph for prefill and decode; I/O in ``stages/lib/decoder_export``),
 ``embed.onnx`` (``input_ids`` -> ``inputs_embeds``), ``decoder.json`` (io spec, host spec for
 ``hostside/text.py``, parity figures). The image-feature merge is a host step
@@ -33,6 +38,11 @@ if TYPE_CHECKING:
     from pipeline.targets import TargetSpec
 
 
+# "stamp" | "trace": a module default rather than a config field (both export the same graph; a
+# test or bench picks the other by patching it). A params entry, so switching re-keys the cache.
+DECODER_EXPORT = "stamp"
+
+
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     e, v = cfg.export, cfg.verify
     gate_name = "export" if e.dtype == "fp32" else "fp16"
@@ -46,6 +56,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "verify": {"image_sizes": [list(s) for s in v.image_sizes], "prompt_len": v.prompt_len,
                    "generate_tokens": v.generate_tokens, "seed": v.seed},
         "trust_remote_code": cfg.model.trust_remote_code,
+        "decoder_export": DECODER_EXPORT,
     }
 
 
@@ -68,18 +79,17 @@ def _onnx_bytes(out: Path) -> int:
 def _run(ctx: StageContext) -> StageResult:
     import torch
 
-    from stages.lib import decoder_export as dx
     from stages.lib import decoder_graph as dg
     from stages.lib.checkpoints import (
         BYO_FAMILY,
         VISION_ONLY_FAMILIES,
         VLM_FAMILIES,
         checkpoint_family,
+        load_config_hf,
         load_image_processor,
         load_model,
         resolve_checkpoint,
     )
-    from stages.lib.decoder_load import load_decoder
     from stages.lib.decoder_parity import run_parity
     from stages.lib.generate import OrtPipeline
     from stages.lib.hostside.text import TextSpec
@@ -106,22 +116,27 @@ def _run(ctx: StageContext) -> StageResult:
     sample = {"batch": max(2, prof["batch"]["opt"]), "seq": int(p["sample_prompt_len"]),
               "past": max(2, min(prof["past"]["opt"], 8))}
 
-    ctx.report(f"loading the {family} decoder in {dtype}", 0.05)
-    # the language model only, streamed: one copy of the decoder weights during export
-    model = load_decoder(path, dtype=dtype, trust_remote_code=p["trust_remote_code"])
-    spec = TextSpec.from_config(family, model.config)
+    mode = p.get("decoder_export", DECODER_EXPORT)
+    if mode not in ("stamp", "trace"):
+        raise StageError(f"decoder_export must be stamp or trace, got {mode!r}")
+    config = load_config_hf(path, p["trust_remote_code"])
+    spec = TextSpec.from_config(family, config)
     n_deep = spec.deepstack_layers
+    notes: list[str] = []
+    if mode == "stamp":
+        from stages.lib.decoder_stamp import stamp_blocker
+
+        blocker = stamp_blocker(config.text_config, n_deep)
+        if blocker:
+            mode = "trace"
+            notes.append(f"decoder exported by one whole trace, not stamped: {blocker}")
     dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
-    ctx.report("exporting decoder (torch.onnx dynamo)", 0.1)
-    facts = dx.export_decoder_graph(model, family, n_deep, dec_path, dtype, opset, sample)
+    facts = _export(mode, ctx, path, family, n_deep, dtype, opset, sample)
     dg.finalize_graph(dec_path, facts["layers"], n_deep)
-    t0 = time.perf_counter()
-    dx.export_embed_graph(dx.embed_table(model), emb_path, opset)
-    export_seconds = facts["export_seconds"] + (time.perf_counter() - t0)
+    export_seconds = facts["export_seconds"]
     export_rss = peak_rss_mb()
-    # the reference is the whole FP32 model (its own vision tower and generate); drop the export
-    # copy first so that two copies of the weights never coexist
-    del model
+    # the reference is the whole FP32 model (its own vision tower and generate); the export's
+    # copies of the weights are released by now, so that two copies never coexist
     gc.collect()
     model = load_model(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
     # the reference runs the checkpoint's own attention (eager from load_model), unpatched
@@ -131,7 +146,6 @@ def _run(ctx: StageContext) -> StageResult:
         vision_dir = None  # not this checkpoint's Qwen vision graph (e.g. bring-your-own ONNX)
     image_processor = load_image_processor(path, bool(p["trust_remote_code"]))
     v = p["verify"]
-    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:  # widened BF16 copies: never beside the outputs
         run_dec, run_emb = dec_path, emb_path
         if dtype == "bf16":
@@ -158,7 +172,8 @@ def _run(ctx: StageContext) -> StageResult:
     if p["gate"].get("tokens") is None:
         notes.append(f"token agreement {summary['token_agreement']:.3f} reported, not gated (gates.{p['gate_name']}.tokens unset)")
     metrics = {
-        "family": family, "dtype": dtype, "opset": opset, "exporter": facts["exporter"],
+        "family": family, "dtype": dtype, "opset": opset, "exporter": facts["exporter"], "decoder_export": mode,
+        "template_layers": facts.get("template_layers", facts["layers"]),
         **{k: summary[k] for k in ("cosine", "max_abs", "rel_l2", "norm_ratio", "top1", "token_agreement", "vision_source")},
         "export_seconds": round(export_seconds, 3), "export_peak_rss_mb": round(export_rss, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "onnx_bytes": _onnx_bytes(ctx.out),
@@ -166,6 +181,7 @@ def _run(ctx: StageContext) -> StageResult:
     io = dg.io_spec(dec_path)
     meta = {**io, "embed": dg.io_spec(emb_path), "profile": prof, "dtype": dtype, "opset": opset,
             "family": family, "host": spec.as_dict(), "sample": sample, "exporter": facts["exporter"],
+            "decoder_export": mode,
             "semantics": SEMANTICS,
             "parity": {**summary, "gate": p["gate_name"], "gates": [c.__dict__ for c in checks]}}
     (ctx.out / "decoder.json").write_text(json.dumps(meta, indent=2))
@@ -178,6 +194,35 @@ def _run(ctx: StageContext) -> StageResult:
             figures += f"; {len(summary['errors'])} case(s) did not run, first {case}: {msg}"
         raise GateFailed(f"decoder parity gate missed: {figures}", result)
     return result
+
+
+def _export(mode: str, ctx: StageContext, path: Path, family: str, n_deep: int, dtype: str, opset: int,
+            sample: dict[str, int]) -> dict[str, Any]:
+    """decoder.onnx + embed.onnx into ``ctx.out``; the export facts (seconds cover both graphs)."""
+    from stages.lib import decoder_export as dx
+
+    trust = bool(ctx.params["trust_remote_code"])
+    dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
+    if mode == "stamp":
+        from stages.lib.decoder_stamp import export_stamped
+        from stages.lib.lazy_weights import export_embed_lazy
+
+        ctx.report(f"exporting the {family} decoder (template layers traced, the rest stamped)", 0.1)
+        facts = export_stamped(path, family, n_deep, dec_path, dtype, opset, sample, trust)
+        t0 = time.perf_counter()
+        export_embed_lazy(path, dtype, emb_path, opset)
+    else:
+        from stages.lib.decoder_load import load_decoder
+
+        ctx.report(f"loading the {family} decoder in {dtype}", 0.05)
+        # the language model only, streamed: one copy of the decoder weights during export
+        model = load_decoder(path, dtype=dtype, trust_remote_code=trust)
+        ctx.report("exporting decoder (torch.onnx dynamo)", 0.1)
+        facts = dx.export_decoder_graph(model, family, n_deep, dec_path, dtype, opset, sample)
+        t0 = time.perf_counter()
+        dx.export_embed_graph(dx.embed_table(model), emb_path, opset)
+        del model
+    return {**facts, "export_seconds": facts["export_seconds"] + time.perf_counter() - t0}
 
 
 SEMANTICS = {
@@ -209,7 +254,9 @@ def _vision_spec(vision_dir: Path, family: str) -> Any:
 
 STAGE = Stage(
     name="export_decoder",
-    version="3",  # 3: {absent} decoder.json for a bring-your-own vision ONNX (family byo)
+    # 3: {absent} decoder.json for a bring-your-own vision ONNX (family byo); 4: stamped export by
+    # default (decoder_export), the residual cut list recorded in decoder.onnx
+    version="4",
     run=_run,
     params=_params,
     external=checkpoint_reads("model", "processor"),

@@ -17,6 +17,11 @@ families and a 715 MB Qwen2-VL-shaped decoder):
 * optimum-onnx -- no Qwen2-VL / Qwen2.5-VL / Qwen3-VL export (its support PR is still open), so
   not an option for these families.
 
+The whole-decoder trace grows with depth (a 36-layer checkpoint: 150-260 s; a 1.43B model with
+the 151936 vocab peaked at 6.4x its weights). The stage's default is ``decoder_stamp``: this
+exporter traces a few layers (``trace_decoder``) and the rest are cloned from them. Either way
+the residual value after each layer is recorded in the model (``segment_cuts``).
+
 The decoder graph is one graph for prefill and decode: ``inputs_embeds`` [B, S, H],
 ``attention_mask`` [B, past+S] (1 = real token), ``position_ids`` [3, B, S] (M-RoPE rows t/h/w),
 ``past_key_values.N.key/value`` [B, kv_heads, past, head_dim] -> ``logits`` [B, S, V],
@@ -153,11 +158,8 @@ def _dynamic_shapes(n_layers: int, n_deepstack: int) -> tuple[Any, ...]:
     )
 
 
-def export_decoder_graph(
-    model: Any, family: str, n_deepstack: int, out_path: Path, dtype: str, opset: int, sample: dict[str, int],
-    exporter: str = "dynamo",
-) -> dict[str, Any]:
-    """Export ``model`` (already in ``dtype``) to ``out_path``; returns export facts."""
+def trace_decoder(model: Any, family: str, n_deepstack: int, dtype: str, opset: int, sample: dict[str, int]) -> Any:
+    """The dynamo-exported, optimised graph of ``model`` (already in ``dtype``) as an onnx-ir model."""
     import torch
 
     from stages.lib.patches.text import decoder_export_patches
@@ -167,18 +169,44 @@ def export_decoder_graph(
     # Sizes 0 and 1 are specialised by torch.export: the sample uses >= 2 on every dynamic axis.
     args = sample_inputs(dims, n_deepstack, sample["batch"], sample["seq"], sample["past"], torch_dtype(dtype))
     in_names, out_names = io_names(dims["layers"], n_deepstack)
-    t0 = time.perf_counter()
     with torch.no_grad(), decoder_export_patches(family, wrapper.text_model):
-        if exporter == "dynamo":
-            prog = torch.onnx.export(
-                wrapper, tuple(args), dynamo=True, opset_version=opset, input_names=in_names, output_names=out_names,
-                dynamic_shapes=_dynamic_shapes(dims["layers"], n_deepstack), optimize=True, verify=False,
-            )
-            if prog is None:
-                raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
-            external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
-            prog.save(str(out_path), external_data=external)
-        else:
+        prog = torch.onnx.export(
+            wrapper, tuple(args), dynamo=True, opset_version=opset, input_names=in_names, output_names=out_names,
+            dynamic_shapes=_dynamic_shapes(dims["layers"], n_deepstack), optimize=True, verify=False,
+        )
+    if prog is None:
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+    return prog.model
+
+
+def export_decoder_graph(
+    model: Any, family: str, n_deepstack: int, out_path: Path, dtype: str, opset: int, sample: dict[str, int],
+    exporter: str = "dynamo",
+) -> dict[str, Any]:
+    """Export ``model`` (already in ``dtype``) to ``out_path``; returns export facts.
+
+    The dynamo export records the residual cut after each layer (``segment_cuts``) in the model.
+    """
+    import torch
+
+    from stages.lib.segment_cuts import cuts_from_name_scopes, write_cuts
+
+    dims = decoder_dims(model.config.text_config)
+    t0 = time.perf_counter()
+    if exporter == "dynamo":
+        import onnx_ir as ir
+
+        onnx_model = trace_decoder(model, family, n_deepstack, dtype, opset, sample)
+        write_cuts(onnx_model, cuts_from_name_scopes(onnx_model))
+        external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+        ir.save(onnx_model, str(out_path), external_data=out_path.name + ".data" if external else None)
+    else:
+        from stages.lib.patches.text import decoder_export_patches
+
+        wrapper = _wrapper(model, dims["layers"], n_deepstack)
+        args = sample_inputs(dims, n_deepstack, sample["batch"], sample["seq"], sample["past"], torch_dtype(dtype))
+        in_names, out_names = io_names(dims["layers"], n_deepstack)
+        with torch.no_grad(), decoder_export_patches(family, wrapper.text_model):
             torch.onnx.export(
                 wrapper, tuple(args), str(out_path), dynamo=False, opset_version=opset, input_names=in_names,
                 output_names=out_names, dynamic_axes=dynamic_axes(dims["layers"], n_deepstack),
