@@ -87,7 +87,6 @@ def _run(ctx: StageContext) -> StageResult:
         checkpoint_family,
         load_config_hf,
         load_image_processor,
-        load_model,
         resolve_checkpoint,
     )
     from stages.lib.decoder_parity import run_parity
@@ -135,11 +134,13 @@ def _run(ctx: StageContext) -> StageResult:
     dg.finalize_graph(dec_path, facts["layers"], n_deep)
     export_seconds = facts["export_seconds"]
     export_rss = peak_rss_mb()
-    # the reference is the whole FP32 model (its own vision tower and generate); the export's
-    # copies of the weights are released by now, so that two copies never coexist
+    # the reference is the FP32 model (its own vision tower and generate), its blocks streamed
+    # from the shards (stages/lib/streamed_model: an 8 B model in FP32 is 35 GB); it runs the
+    # checkpoint's own attention (eager), unpatched
     gc.collect()
-    model = load_model(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
-    # the reference runs the checkpoint's own attention (eager from load_model), unpatched
+    from stages.lib.streamed_model import load_streamed
+
+    model = load_streamed(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
     ctx.report("parity: logits on held-out shapes + greedy generation", 0.6)
     vision_dir = ctx.inputs.get("export_vision")
     if vision_dir is not None and _vision_spec(vision_dir, family) is None:
