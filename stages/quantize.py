@@ -9,6 +9,15 @@ False: targets resolving to the same precisions share one cache entry.
 `quantize.json`: {graph: {"precision", "qdq_pairs", "weight_dq", "weights": {"weights_total",
 "weights_quantized", "share"}, "kept_high_precision": [{"node"|"group", "why"}], "skipped": {rule:
 count}, "sensitivity", "parity": {"vs_unquantized", "vs_reference"}, "checker", "opset", ...}}.
+
+Streaming, for 7-8B decoders on a 24 GB machine: the fused graph is read as structure only
+(``graphio.load_proto(in_file=True)``: weights stay in ``<graph>.onnx.data``) and every candidate
+is a fresh ``ir.from_proto`` of it; each weight is read once, a chunk at a time, for its scales,
+and its codes are computed again, chunk by chunk, as the candidate is written (``insert.Rows``).
+Every run (references, candidates, the result) goes through the block runner
+(``heldout.run_all`` → ``stages.lib.segments``: segment by segment at the graph's recorded cuts,
+whole for a graph without them) from a file. Candidates are written under the output folder
+(never /tmp, which may be RAM); the one chosen is moved into place, not written twice.
 """
 
 from __future__ import annotations
@@ -44,8 +53,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     }
 
 
-def _graph_outputs(sess: Any, graph: str) -> list[str]:
-    names = [o.name for o in sess.get_outputs()]
+def _graph_outputs(names: list[str], graph: str) -> list[str]:
     if graph == "decoder":
         return ["logits"] if "logits" in names else names[:1]
     return [n for n in names if not n.startswith("present")][:1]
@@ -53,16 +61,18 @@ def _graph_outputs(sess: Any, graph: str) -> list[str]:
 
 def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any], feeds: list[dict[str, Any]],
                     torch_samples: list[dict[str, Any]]) -> tuple[dict[str, Any], list[GateCheck]]:
+    from dataclasses import replace
+
+    import onnx_ir as ir
 
     from stages.lib.qdq import graphio, heldout, sensitivity
-    from stages.lib.qdq.recipe import Calib, Recipe, weight_share
+    from stages.lib.qdq.recipe import Calib, Recipe, build, weight_share
     from stages.lib.qdq.rules import rules_for
 
     src = ctx.inputs["fuse"] / f"{graph}.onnx"
-    proto = graphio.load_proto(src)
-    sess = graphio.session(proto)
-    outputs = _graph_outputs(sess, graph)
-    refs = heldout.run_all(proto, feeds, outputs)
+    source = graphio.load_proto(src, in_file=True)  # structure and types; the weights stay in the file
+    outputs = _graph_outputs([o.name for o in source.graph.output], graph)
+    refs = _run_all(graph, src, feeds, outputs)
     calib = Calib.load(ctx.inputs["calibrate"] / f"ranges_{graph}.json")
     # fp8-mha is an FP8 pattern: a graph resolved to int8 on another target keeps projections only.
     attention = "fp8-mha" if gq.get("attention") == "fp8-mha" and mode == "fp8" else "none"
@@ -70,34 +80,56 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
                     int4_block=int(gq["int4_block"]))
     # Rank layers on calibration samples; the held-out set grades the result only.
     search = heldout.load_feeds(ctx.inputs["calibrate"] / f"feeds_{graph}.npz") or feeds
-    ev = sensitivity.Evaluator(search, heldout.run_all(proto, search, outputs) if search is not feeds else refs, outputs)
+    work = ctx.out / f".{graph}-candidates"  # as big as the graph each: beside the output, not in /tmp
+    ev = sensitivity.Evaluator(search, _run_all(graph, src, search, outputs) if search is not feeds else refs,
+                               outputs, workdir=work)
     rules = rules_for(mode)
+
+    def candidate(recipe: Recipe, name: str) -> tuple[Any, Any, float, list[dict[str, Any]]]:
+        """Built, written and run once: the chosen one is moved to the output, not written again."""
+        b = build(source, recipe, calib)
+        if not [s for s in b.placement.sites if s.kind == "weight"] and not b.placement.kept:
+            ops = "/".join(rules.ops)
+            raise StageError(f"{graph}.onnx cannot take {mode}: it has no {ops} with constant weights to quantize")
+        if mode == "int4-weight" and b.stats["weight_dq"] == 0 and not b.placement.kept:
+            raise StageError(f"{graph}.onnx cannot take int4-weight: no MatMul/Gemm weight fits an INT4 block")
+        path = work / name / f"{graph}.onnx"
+        path.parent.mkdir()
+        graphio.save(b.model, path)
+        outs = ev.run(path)
+        return b, path, ev.cosine(outs), outs
+
     awq_choice = None
+    out = ctx.out / f"{graph}.onnx"
     try:
+        work.mkdir(exist_ok=True)
         if mode == "int4-weight":  # AWQ is a proxy search: keep it only where it measures better
-            from dataclasses import replace
-
-            from stages.lib.qdq.recipe import build
-
-            cos = {a: ev(build(proto, replace(recipe, awq=a), calib)) for a in (True, False)}
-            recipe = replace(recipe, awq=cos[True] >= cos[False])
-            awq_choice = {"awq": cos[True], "plain": cos[False], "chosen": "awq" if recipe.awq else "plain",
+            tried = {a: candidate(replace(recipe, awq=a), "awq" if a else "plain") for a in (True, False)}
+            recipe = replace(recipe, awq=tried[True][2] >= tried[False][2])
+            first = tried[recipe.awq]
+            awq_choice = {"awq": tried[True][2], "plain": tried[False][2], "chosen": "awq" if recipe.awq else "plain",
                           "inputs": "calibration" if search is not feeds else "held-out"}
-        built, sens = sensitivity.run(proto, recipe, calib, gq.get("accuracy_budget"), ev)
+        else:
+            first = candidate(recipe, "full")
+        built, sens = sensitivity.run(source, recipe, calib, gq.get("accuracy_budget"), ev, full=(first[0], first[2]),
+                                      path=src)
+        outs = None
+        if built is first[0]:  # no fallback: the written candidate is the result
+            for f in first[1].parent.iterdir():
+                shutil.move(f, ctx.out / f.name)
+            outs = first[3] if search is feeds else None
+        else:
+            graphio.save(built.model, out)  # tensor by tensor: the codes are computed as they are written
     except ValueError as e:
         raise StageError(f"{graph}.onnx: cannot quantize to {mode}: {str(e).splitlines()[0]}") from None
-    weights = [s for s in built.placement.sites if s.kind == "weight"]
-    if not weights and not sens.kept and not built.placement.kept:
-        ops = "/".join(rules.ops)
-        raise StageError(f"{graph}.onnx cannot take {mode}: it has no {ops} with constant weights to quantize")
-    if mode == "int4-weight" and built.stats["weight_dq"] == 0 and not built.placement.kept:
-        raise StageError(f"{graph}.onnx cannot take int4-weight: no MatMul/Gemm weight fits an INT4 block")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     try:
-        graphio.check(built.model)
+        graphio.check(out)
     except Exception as e:  # noqa: BLE001 - a checker failure is a bug in our output: name it
         raise StageError(f"{graph}.onnx after {mode} Q/DQ fails onnx.checker: {str(e).splitlines()[0]}") from None
-    graphio.save(built.model, ctx.out / f"{graph}.onnx")
-    outs = heldout.run_all(ctx.out / f"{graph}.onnx", feeds, outputs)
+    if outs is None:
+        outs = _run_all(graph, out, feeds, outputs)
     logits = graph == "decoder"
     par: dict[str, Any] = {"vs_unquantized": heldout.parity(outs, refs, outputs[0], logits)}
     trefs = heldout.torch_refs(graph, torch_samples, outputs[0])
@@ -111,11 +143,12 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     entry = {
         "precision": mode, "source": str(src.name), "output": outputs[0], "opset": model_opset,
         "qdq_pairs": int(built.stats.get("qdq_pairs", 0)), "weight_dq": int(built.stats.get("weight_dq", 0)),
-        "weights": weight_share(graphio.load(src).graph, built.placement, built.stats),
+        "weights": weight_share(ir.from_proto(source).graph, built.placement, built.stats),
         "kept_high_precision": kept,
         "skipped": dict(Counter(s["rule"] for s in built.placement.skipped)),
         "skipped_nodes": built.placement.skipped[:200],
         "sensitivity": sens.as_dict(), "parity": par, "checker": True, "ort": "ORT_DISABLE_ALL",
+        "runner": "segments" if _cuts(src) else "whole",
         "held_out": "reference", "sensitivity_inputs": "calibration" if search is not feeds else "held-out",
         "int4_blocks": built.stats.get("blocks"), "int4_awq": awq_choice,
         "awq_scales": built.stats.get("awq_scales"),
@@ -130,12 +163,29 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     return entry, checks
 
 
+def _run_all(graph: str, path: Any, feeds: list[dict[str, Any]], outputs: list[str]) -> list[dict[str, Any]]:
+    from stages.lib.qdq import heldout
+
+    try:
+        return heldout.run_all(path, feeds, outputs)
+    except ValueError as e:  # a stale cut list, an input nobody feeds
+        raise StageError(f"{graph}.onnx cannot run segment by segment: {str(e).splitlines()[0]}") from None
+
+
+def _cuts(path: Any) -> list[str]:
+    import onnx
+
+    from stages.lib.segments import model_cuts
+
+    return model_cuts(onnx.load(str(path), load_external_data=False))
+
+
 def _run(ctx: StageContext) -> StageResult:
     from stages.lib.checkpoints import resolve_checkpoint
     from stages.lib.qdq import heldout
     from stages.lib.qdq.calibset import Feeder, ImageFeeder, Sample
-    from stages.lib.qdq.graphio import session
     from stages.lib.reference_io import load_reference
+    from stages.lib.segments import graph_inputs
 
     t0 = time.time()
     p, fused = ctx.params, ctx.inputs["fuse"]
@@ -143,7 +193,8 @@ def _run(ctx: StageContext) -> StageResult:
     _, samples = load_reference(ctx.inputs["reference"])
     if "decoder" in graphs:
         ckpt, family = resolve_checkpoint(ctx.inputs["checkpoint"])
-        feeder: Any = Feeder(ckpt, family, 8, session(fused / "embed.onnx"), trust_remote_code=bool(p["trust_remote_code"]))
+        # the specs only: the held-out set already holds its embeddings (no embed.onnx session)
+        feeder: Any = Feeder(ckpt, family, 8, None, trust_remote_code=bool(p["trust_remote_code"]))
     else:
         spec = fused / "vision.json"
         feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
@@ -168,7 +219,7 @@ def _run(ctx: StageContext) -> StageResult:
         elif graph == "vision":
             feeds = heldout.vision_feeds(samples, feeder.vspec)
         else:
-            feeds = heldout.decoder_feeds(samples, session(fused / "decoder.onnx").get_inputs(), feeder.tspec)
+            feeds = heldout.decoder_feeds(samples, graph_inputs(fused / "decoder.onnx"), feeder.tspec)
         report[graph], checks = _quantize_graph(ctx, graph, mode, p["quantize"][graph], feeds, samples)
         gates += checks
     # io specs travel with their graphs (fuse copies them from the exporters)
@@ -193,7 +244,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="quantize",
-    version="2",
+    version="3",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

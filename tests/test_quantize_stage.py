@@ -74,6 +74,21 @@ def test_best_precision_graphs(upstream, tmp_path, target, mode):
     assert res.gates and all(g.passed for g in res.gates)
 
 
+def test_no_session_over_a_whole_graph(upstream, tmp_path, monkeypatch):
+    """Every run goes through the block runner (a decoder past memory cannot open whole), and
+    the candidates' folders are gone afterwards."""
+    from stages.lib.qdq import graphio
+
+    def refuse(*a, **kw):
+        raise AssertionError("quantize opened a whole-graph session")
+
+    monkeypatch.setattr(graphio, "session", refuse)
+    _, q = _run(_cfg(), "rtx3090", upstream, tmp_path)
+    assert q["decoder"]["runner"] == "whole"  # the stand-in records no cuts: one segment
+    assert {"decoder.onnx", "vision.onnx", "quantize.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no candidate left
+
+
 def test_mixed_per_graph_and_keep_patterns(upstream, tmp_path):
     cfg = _cfg(precision={"vision": "fp16", "decoder": "int4-weight"},
                quantize={"decoder": {"keep_high_precision": ["*up_proj*"], "int4_block": 64}})

@@ -210,6 +210,11 @@ class _Session:
             # the whole graph, nothing extra exposed: ORT opens the file itself and reads its
             # external data beside it (a rebuilt copy cost ~3x the weights: bytes, proto, session)
             self.sess = ort_session(p.path, optimization=optimization, log_level=3, threads=threads, arena=False)
+            # the file declares every graph input, read or not: ORT wants them all fed
+            self.feeds = [i.name for i in self.sess.get_inputs()]
+            missing = [n for n in self.feeds if n not in sample]
+            if missing:
+                raise ValueError(f"{p.path.name}: graph input {missing[0]!r} has no feed")
             return
         m = _segment_proto(p, seg, sample)
         limit = graphio.PROTO_LIMIT if INLINE_LIMIT is None else INLINE_LIMIT
@@ -225,6 +230,7 @@ class _Session:
         del m  # ORT keeps its own copy: drop ours before it makes it
         # no arena: a segment's per-run buffers go back to the system between samples
         self.sess = ort_session(src, optimization=optimization, log_level=3, threads=threads, arena=False)
+        self.feeds = list(seg.inputs)
 
     def close(self) -> None:
         del self.sess
@@ -284,7 +290,7 @@ def run_segmented(source: Path | str, feeds: Sequence[Mapping[str, np.ndarray]],
             for i, values in enumerate(carried):
                 made: dict[str, np.ndarray] = {}
                 if sess is not None:
-                    outs = sess.sess.run(list(seg.outputs), {n: values[n] for n in seg.inputs})
+                    outs = sess.sess.run(list(seg.outputs), {n: values[n] for n in sess.feeds})
                     made = dict(zip(seg.outputs, outs, strict=True))
                 hand = {n: x for n, x in made.items() if n in wanted}
                 if seg.index == 0:

@@ -5,17 +5,22 @@ scaling channel k of every weight by s_k and gamma_k by 1/s_k leaves the float g
 but gives salient channels (large E[x_k^2]) finer INT4 steps. s = rms(x)^alpha, normalized;
 alpha is searched on a grid to minimize the activation-weighted INT4 error
 sum_k E[x_k^2] / s_k^2 * ||dW'_k||^2 summed over the consumers (AWQ, Lin et al. 2023).
+
+The search reads each consumer once, in chunks of whole INT4 blocks along K (the error of row
+k depends on row k alone, so the chunks give the eager search's numbers exactly); the scaled
+weights are ``insert.lazy_const`` rows, computed from the source when read or saved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib.qdq.graphio import const_array
+from stages.lib.qdq.graphio import const_array, const_shape, const_tensor
+from stages.lib.qdq.insert import Rows, lazy_const, rows_of
 from stages.lib.qdq.int4 import block_for, quantize_blocks
 from stages.lib.qdq.placement import Placement, is_const
 
@@ -38,20 +43,43 @@ def _block_error(w_kn: np.ndarray, block: int, dt: Any) -> np.ndarray:
     return ((w_kn.astype(np.float32) - deq) ** 2).sum(axis=1)
 
 
-def search(ws: list[np.ndarray], ms: np.ndarray, block: int, dt: Any) -> tuple[np.ndarray, float, float]:
-    """(scales s [K], alpha, relative loss reduction vs. alpha = 0) for weights [K, N] sharing X."""
+def search(ws: Sequence[np.ndarray | tuple[Rows, bool]], ms: np.ndarray, block: int, dt: Any) -> tuple[np.ndarray, float, float]:
+    """(scales s [K], alpha, relative loss reduction vs. alpha = 0) for weights [K, N] sharing X
+    (arrays, or (rows, transposed) read a chunk at a time)."""
     rms = np.sqrt(np.maximum(ms.astype(np.float64), 1e-12))
-    best: tuple[float, np.ndarray, float] | None = None
-    base = None
+    scales = []
     for a in ALPHAS:
         s = rms**a
-        s = np.clip(s / np.sqrt(s.max() * s.min()), *S_RANGE).astype(np.float32)
-        loss = float(sum((ms / s.astype(np.float64) ** 2 * _block_error(w * s[:, None], block, dt)).sum() for w in ws))
+        scales.append(np.clip(s / np.sqrt(s.max() * s.min()), *S_RANGE).astype(np.float32))
+    k = ms.shape[0]
+    errs = [[np.empty(k, np.float32) for _ in ws] for _ in ALPHAS]
+    for j, w in enumerate(ws):
+        for r0, r1, kn in _k_chunks(w, block):
+            kn32 = kn.astype(np.float32)
+            for i, s in enumerate(scales):
+                errs[i][j][r0:r1] = _block_error(kn32 * s[r0:r1, None], block, dt)
+    best: tuple[float, np.ndarray, float] | None = None
+    base = None
+    for a, s, err in zip(ALPHAS, scales, errs, strict=True):
+        loss = float(sum((ms / s.astype(np.float64) ** 2 * e).sum() for e in err))
         base = loss if base is None else base
         if best is None or loss < best[0]:
             best = (loss, s, float(a))
     assert best is not None and base is not None
     return best[1], best[2], (1.0 - best[0] / base) if base > 0 else 0.0
+
+
+def _k_chunks(w: np.ndarray | tuple[Rows, bool], block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Rows r0:r1 of W[K, N] in whole blocks. A transposed weight ([N, K] in its file) is read
+    whole: its K rows are columns there."""
+    if isinstance(w, np.ndarray):
+        yield 0, w.shape[0], w
+        return
+    rows, transposed = w
+    if transposed:
+        full = rows.get(0, rows.shape[0]).T
+        rows = Rows(full.shape, rows.dtype, lambda r0, r1: full[r0:r1])
+    yield from rows.chunks(block)
 
 
 def _scale_holder(x: ir.Value) -> tuple[ir.Node, int] | None:
@@ -64,8 +92,8 @@ def _scale_holder(x: ir.Value) -> tuple[ir.Node, int] | None:
         return None
     if p.op_type == "Mul":
         for i, v in enumerate(p.inputs[:2]):
-            arr = const_array(v) if v is not None else None
-            if arr is not None and arr.ndim == 1 and v is not None:
+            shape = const_shape(v)
+            if shape is not None and len(shape) == 1:
                 return p, i
     if p.op_type in ("RMSNormalization", "SimplifiedLayerNormalization") and len(p.inputs) > 1:
         v = p.inputs[1]
@@ -81,8 +109,12 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
     weight_sites = {u[0]: s for s in placement.sites if s.kind == "weight" for u in s.uses}
     out = dict(chan_ms)
     stats = AwqStats()
+    made: dict[str, ir.Value] = {}
+    for n in graph:  # AWQ adds no nodes: the values stay those of the graph as given
+        for v in n.outputs:
+            made.setdefault(v.name or "", v)
     for x_name, ms in chan_ms.items():
-        x = next((v for n in graph for v in n.outputs if v.name == x_name), None)
+        x = made.get(x_name)
         if x is None or x.is_graph_output():
             continue
         holder = _scale_holder(x)
@@ -90,35 +122,41 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
         # every reader must be an INT4 matmul reading x as input 0: others would see x / s
         if holder is None or not consumers or any(c.name not in weight_sites or c.inputs[0] is not x for c in consumers):
             continue
-        ws, views = [], []
+        views = []
         for c in consumers:
             site = weight_sites[c.name or ""]
-            w = const_array(c.inputs[1]) if c.inputs[1] is not None else None
-            if w is None or w.ndim != 2:
+            t = const_tensor(c.inputs[1])
+            if t is None or len(t.shape) != 2:
                 break
-            kn = w if (site.axis or 0) == 0 else w.T
-            if kn.shape[0] != ms.shape[0] or block_for(kn.shape[0], block) is None:
+            w, transposed = rows_of(t), (site.axis or 0) != 0
+            k = w.shape[1] if transposed else w.shape[0]
+            if k != ms.shape[0] or block_for(k, block) is None:
                 break
-            ws.append(kn.astype(np.float32))
-            views.append((c, w.dtype, (site.axis or 0) != 0))
+            views.append((c, w, transposed))
         else:
-            dt = views[0][1] if views[0][1] in (np.float16, np.float32) else np.float32
-            s, alpha, gain = search(ws, ms, block_for(ws[0].shape[0], block) or block, dt)
+            dt = views[0][1].dtype if views[0][1].dtype in (np.float16, np.float32) else np.float32
+            s, alpha, gain = search([(w, tr) for _, w, tr in views], ms, block_for(ms.shape[0], block) or block, dt)
             node, slot = holder
             gv = node.inputs[slot]
             gamma = const_array(gv)  # type: ignore[arg-type]
             assert gamma is not None
             new_g = (gamma.astype(np.float32) / s).astype(gamma.dtype)
             node.replace_input_with(slot, _init(graph, f"{gv.name}_awq", new_g))  # type: ignore[union-attr]
-            for (c, wdt, transposed), kn in zip(views, ws, strict=True):
-                scaled = kn * s[:, None]
-                arr = (scaled.T if transposed else scaled).astype(wdt)
-                nv = _init(graph, f"{c.inputs[1].name}_awq", arr)  # type: ignore[union-attr]
+            for c, w, transposed in views:
+                nv = lazy_const(graph, f"{c.inputs[1].name}_awq", w.map(_scaled(s, transposed, w.dtype), w.dtype))  # type: ignore[union-attr]
                 c.replace_input_with(1, nv)
                 weight_sites[c.name or ""].tensor = nv.name or ""
             out[x_name] = (ms / s.astype(np.float64) ** 2).astype(np.float32)
             stats.groups[x_name] = {"alpha": alpha, "gain": round(gain, 4), "consumers": [c.name for c, _, _ in views]}
     return out, stats
+
+
+def _scaled(s: np.ndarray, transposed: bool, dtype: Any) -> Any:
+    """Rows of W * s along K (K is axis 1 of a transposed weight), in the weight's dtype."""
+    def rows(r0: int, r1: int, w: np.ndarray) -> np.ndarray:
+        return (w.astype(np.float32) * (s[None, :] if transposed else s[r0:r1, None])).astype(dtype)
+
+    return rows
 
 
 def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:

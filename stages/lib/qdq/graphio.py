@@ -153,35 +153,39 @@ def has_external(model: ir.Model | onnx.ModelProto) -> bool:
     return any(isinstance(t, ir.ExternalTensor) for _, t in _ir_tensors(model))
 
 
-def load(path: Path | str) -> ir.Model:
+def load(path: Path | str, in_file: bool = False) -> ir.Model:
     """Load with inferred value types: Q/DQ scales must match each tensor's float dtype.
 
-    A graph past the proto limit keeps its weights in its external data file, memory-mapped
-    (``ir.ExternalTensor``s with absolute locations, so a proto made from the model still finds
-    them): ``session``/``check``/``save`` then go through a file, never one in-memory proto."""
+    A graph past the proto limit (any graph, with ``in_file``) keeps its weights in its external
+    data file (``ir.ExternalTensor``s with absolute locations, unread until asked, so a proto
+    made from the model still finds them): ``session``/``check``/``save`` then go through a
+    file, never one in-memory proto."""
     import onnx_ir as ir
 
-    return ir.from_proto(load_proto(path, lazy=True))
+    return ir.from_proto(load_proto(path, lazy=True, in_file=in_file))
 
 
-def load_proto(path: Path | str, lazy: bool = False) -> onnx.ModelProto:
+def load_proto(path: Path | str, lazy: bool = False, in_file: bool = False) -> onnx.ModelProto:
     """The model proto, weights in memory, with inferred value types where onnx can infer them.
     Past the proto limit, types are inferred on the graph without its weights (shape inference
     serializes the model; the weights are not needed), then the weights are read in, or with
-    ``lazy`` left in their file, their locations made absolute."""
+    ``lazy`` left in their file, their locations made absolute. ``in_file``: every external
+    tensor stays in its file whatever the size (the structure quantize builds candidates from:
+    each ``ir.from_proto`` of it is a fresh model that costs no weight bytes)."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
     proto = onnx.load(str(path), load_external_data=False)
     base_dir = Path(path).absolute().parent  # as onnx.load: beside the path given, links not followed
     big = not fits_in_proto(proto)
-    if not big:
+    keep = in_file or (big and lazy)
+    if not big and not keep:
         load_external_data_for_model(proto, str(base_dir))
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 - unknown ops: types then come from ORT
         pass
-    if big and lazy:
+    if keep:
         for t in _proto_tensors(proto):
             for e in t.external_data if t.data_location == onnx.TensorProto.EXTERNAL else ():
                 if e.key == "location":
@@ -197,15 +201,16 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-def save(model: ir.Model, path: Path, external_above: int = EXTERNAL_DATA_BYTES) -> None:
+def save(model: ir.Model, path: Path, external_above: int | None = None) -> None:
     """Save a graph that is whole in its own folder. Tensors totalling more than
-    ``external_above`` bytes go to ``<name>.data`` beside it (written here, including tensors that
-    were already external elsewhere); otherwise every tensor is written inline. ``onnx_ir.save``
-    without ``external_data`` would keep external tensors pointing at their old location."""
+    ``external_above`` bytes (None: EXTERNAL_DATA_BYTES) go to ``<name>.data`` beside it, written
+    here one tensor at a time (tensors external elsewhere are copied, computed ones computed
+    as they are written); otherwise every tensor is written inline. ``onnx_ir.save`` without
+    ``external_data`` would keep external tensors pointing at their old location."""
     import onnx_ir as ir
 
     path = Path(path)
-    if tensor_bytes(model) > external_above:
+    if tensor_bytes(model) > (EXTERNAL_DATA_BYTES if external_above is None else external_above):
         with _in_memory(model, attributes_only=True):  # ir.save externalizes initializers only
             ir.save(model, path, external_data=path.name + ".data")
     else:
@@ -235,17 +240,19 @@ def _needs_file(model: ir.Model | onnx.ModelProto) -> bool:
 
 
 class spilled:
-    """A temporary on-disk copy with external data, for models one proto cannot carry."""
+    """A temporary on-disk copy with external data, for models one proto cannot carry (and for
+    the block runner, which reads graphs from files). ``folder``: where the temporary folder
+    goes (a candidate of a big graph is as big as the graph: keep it off a RAM-backed /tmp)."""
 
-    def __init__(self, model: Any):
-        self.model = model
+    def __init__(self, model: Any, folder: Path | None = None):
+        self.model, self.folder = model, folder
 
     def __enter__(self) -> Path:
         import tempfile
 
         import onnx_ir as ir
 
-        self.dir = tempfile.TemporaryDirectory(prefix="vlmforge-qdq-")
+        self.dir = tempfile.TemporaryDirectory(prefix="vlmforge-qdq-", dir=self.folder)
         path = Path(self.dir.name) / "model.onnx"
         # via onnx-ir: onnx.save(save_as_external_data=True) would rewrite the caller's proto
         m = self.model if isinstance(self.model, ir.Model) else ir.from_proto(self.model)
@@ -293,14 +300,35 @@ def float_dtype(model: ir.Model) -> Any:
     return ir.DataType.FLOAT
 
 
-def const_array(v: ir.Value) -> np.ndarray | None:
-    """The numpy value of a constant input (initializer or Constant node), else None."""
+def const_tensor(v: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of a constant input (initializer or Constant node), unread, else None."""
+    if v is None:
+        return None
     if v.const_value is not None:
-        return v.const_value.numpy()
+        return v.const_value
     p = v.producer()
     if p is not None and p.op_type == "Constant" and "value" in p.attributes:
-        return p.attributes["value"].value.numpy()
+        return p.attributes["value"].value  # type: ignore[no-any-return]
     return None
+
+
+def const_shape(v: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant input, from its declaration (no bytes read)."""
+    t = const_tensor(v)
+    return None if t is None else tuple(int(d) for d in t.shape.numpy())
+
+
+def const_array(v: ir.Value) -> np.ndarray | None:
+    """The numpy value of a constant input (initializer or Constant node), else None. An
+    external tensor is read into a private copy, not mapped: ``ExternalTensor.numpy`` keeps its
+    whole file mapped and the pages it touched resident until released."""
+    import onnx_ir as ir
+
+    t = const_tensor(v)
+    if isinstance(t, ir.ExternalTensor) and t.dtype.bitwidth >= 8:
+        return np.fromfile(t.path, dtype=t.dtype.numpy(), count=t.size, offset=t.offset or 0).reshape(
+            t.shape.numpy())
+    return None if t is None else t.numpy()
 
 
 def set_opset(model: ir.Model, minimum: int) -> int:

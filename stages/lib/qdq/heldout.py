@@ -68,13 +68,31 @@ def parity(outs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str,
     return d
 
 
-def run_all(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """Run a graph (ir.Model, proto or path) on every feed, optimizations off."""
-    from stages.lib.qdq.calibset import cast_feed
-    from stages.lib.qdq.graphio import run, session
+def run_all(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str],
+            folder: Path | None = None) -> list[dict[str, np.ndarray]]:
+    """``outputs`` (as float32) of a graph on every feed, through the block runner
+    (``segments.run_segmented``: segment by segment at the model's recorded cuts, whole when it
+    has none; ORT optimizations off), so a decoder bigger than memory runs too.
 
-    sess = session(Path(model) if isinstance(model, str) else model)
-    return [{k: np.asarray(v, np.float32) for k, v in run(sess, cast_feed(sess, f), outputs).items()} for f in feeds]
+    ``model``: a path, run from its file; or an ir.Model / ModelProto, first written to a
+    temporary folder (in ``folder``) and run from there, so references and candidates always
+    go through the same runner. That matters: ORT CPU removes FP16 casts inside one session,
+    and a cut rounds the carried residual stream to FP16, so a segmented run differs slightly
+    (decoder logits ~4e-3) from a whole-graph session; compare runs of one runner only."""
+    from stages.lib import segments
+    from stages.lib.qdq.calibset import cast_feed
+
+    if not isinstance(model, (str, Path)):
+        from stages.lib.qdq.graphio import spilled
+
+        with spilled(model, folder) as path:
+            return run_all(path, feeds, outputs)
+    path = Path(model)
+    specs = segments.graph_inputs(path)
+    got: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+    segments.run_segmented(path, [cast_feed(specs, f) for f in feeds], lambda seg, i, v: got[i].update(v),
+                           expose=list(outputs))
+    return [{k: np.asarray(g[k], np.float32) for k in outputs} for g in got]
 
 
 def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:

@@ -4,22 +4,32 @@ Activations: QuantizeLinear→DequantizeLinear, per-tensor, zero point 0 (symmet
 accepts nothing else). Weights: stored already quantized (INT8 / FLOAT8E4M3FN initializer)
 behind one per-channel DequantizeLinear, which TensorRT folds into the gemm. Scales use the
 graph's float dtype so an fp16 graph stays strongly typed in fp16.
+
+Weights stream: a weight is read once, a chunk of rows at a time (``Rows``), for its scales;
+its codes are an ``ir.LazyTensor`` (``Deferred``) computed again from the source rows when the
+model is saved, written chunk by chunk. A 16 GB graph never has more than one chunk of one
+weight in memory, and the codes are the same bytes an eager pass gives: every step is
+elementwise given the scales, or a max.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib.qdq.graphio import const_array, float_dtype, set_opset
+from stages.lib.qdq.graphio import const_tensor, float_dtype, set_opset
 from stages.lib.qdq.placement import Placement, Site
 from stages.lib.qdq.rules import rules_for
 
 if TYPE_CHECKING:
     import onnx_ir as ir
+
+
+CHUNK_BYTES = 16 * 2**20  # float32 bytes of one chunk of rows; a few temporaries of it are the working set
 
 
 class MissingRange(ValueError):
@@ -73,14 +83,104 @@ def _zero_point(qtype: str, shape: tuple[int, ...]) -> np.ndarray:
 def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
     import onnx_ir as ir
 
+    return _register(graph, name, lambda n: ir.tensor(arr, name=n))
+
+
+def _register(graph: ir.Graph, name: str, make: Callable[[str], Any]) -> ir.Value:
+    import onnx_ir as ir
+
     base, i = name, 0
     while name in graph.initializers:
         i += 1
         name = f"{base}_{i}"
-    v = ir.Value(name=name, const_value=ir.tensor(arr, name=name), shape=ir.Shape(list(arr.shape)))
-    v.type = ir.TensorType(v.const_value.dtype)  # type: ignore[union-attr]
+    t = make(name)
+    v = ir.Value(name=name, const_value=t, shape=ir.Shape(list(t.shape)))
+    v.type = ir.TensorType(t.dtype)
     graph.register_initializer(v)
     return v
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A tensor read, or computed, along its first axis: ``get(r0, r1)`` gives rows r0:r1."""
+
+    shape: tuple[int, ...]
+    dtype: Any  # numpy dtype
+    get: Callable[[int, int], np.ndarray]
+
+    def chunks(self, multiple: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(r0, r1, rows) in steps of a multiple of ``multiple`` rows, about CHUNK_BYTES as float32."""
+        if not self.shape:
+            yield 0, 1, self.get(0, 1)
+            return
+        step = max(multiple, CHUNK_BYTES // (4 * max(1, math.prod(self.shape[1:]))) // multiple * multiple)
+        for r0 in range(0, self.shape[0], step):
+            r1 = min(r0 + step, self.shape[0])
+            yield r0, r1, self.get(r0, r1)
+
+    def map(self, fn: Callable[[int, int, np.ndarray], np.ndarray], dtype: Any) -> Rows:
+        """Rows computed from these rows (codes from weights, scaled weights)."""
+        return Rows(self.shape, np.dtype(dtype), lambda r0, r1: fn(r0, r1, self.get(r0, r1)))
+
+
+def rows_of(t: Any) -> Rows:
+    """Row access to a weight: an external one is read from its file a range at a time, a
+    ``Deferred`` one computed, an in-memory one sliced."""
+    import onnx_ir as ir
+
+    if isinstance(t, ir.LazyTensor) and isinstance(t.raw, Deferred):
+        return t.raw.rows
+    shape = tuple(int(x) for x in t.shape.numpy())
+    dt = np.dtype(t.dtype.numpy())
+    if isinstance(t, ir.ExternalTensor) and t.dtype.bitwidth >= 8 and shape:
+        row = math.prod(shape[1:])
+
+        def read(r0: int, r1: int) -> np.ndarray:
+            off = (t.offset or 0) + r0 * row * dt.itemsize
+            return np.fromfile(t.path, dtype=dt, count=(r1 - r0) * row, offset=off).reshape((r1 - r0, *shape[1:]))
+
+        return Rows(shape, dt, read)
+    arr = t.numpy()
+    return Rows(shape, dt, (lambda r0, r1: arr) if not shape else (lambda r0, r1: arr[r0:r1]))
+
+
+class Deferred:
+    """A ``LazyTensor``'s function and what it evaluates to (itself, so ``rows_of`` finds the
+    rows): the whole array on ``numpy()``, chunk by chunk on ``tofile`` (onnx-ir's external-data
+    writer calls it, one tensor at a time). ``multiple`` keeps INT4 chunks whole bytes."""
+
+    def __init__(self, rows: Rows, multiple: int = 1):
+        self.rows, self.multiple = rows, multiple
+
+    def __call__(self) -> Deferred:
+        return self
+
+    def numpy(self) -> np.ndarray:
+        return np.ascontiguousarray(self.rows.get(0, self.rows.shape[0] if self.rows.shape else 1))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        import onnx_ir as ir
+
+        return ir.tensor(self.numpy()).tobytes()
+
+    def tofile(self, file: Any) -> None:
+        import onnx_ir as ir
+
+        for _, _, chunk in self.rows.chunks(self.multiple):
+            file.write(ir.tensor(np.ascontiguousarray(chunk)).tobytes())
+
+
+def lazy_const(graph: ir.Graph, name: str, rows: Rows, multiple: int = 1) -> ir.Value:
+    """An initializer whose bytes are ``rows``, computed when the model is saved (or read)."""
+    import onnx_ir as ir
+
+    d: Any = Deferred(rows, multiple)  # duck-typed: LazyTensor only calls numpy/tobytes/tofile on it
+    dtype = ir.DataType.from_numpy(rows.dtype)
+    return _register(graph, name, lambda n: ir.LazyTensor(d, dtype, ir.Shape(list(rows.shape)), name=n))
 
 
 def site_amax(site: Site, placement: Placement, amax: Mapping[str, float]) -> float:
@@ -136,23 +236,32 @@ def insert_weight(graph: ir.Graph, site: Site, qtype: str, qmax: float) -> None:
     """Per-channel symmetric weight, stored quantized behind a DequantizeLinear(axis)."""
     import onnx_ir as ir
 
-    w_val = _value(graph, site.tensor)
-    w = const_array(w_val)
-    if w is None:
+    t = const_tensor(_value(graph, site.tensor))
+    if t is None:
         raise ValueError(f"weight {site.tensor} is not a constant")
+    w = rows_of(t)
     fdt = w.dtype if w.dtype in (np.float16, np.float32) else np.float32
     axis = site.axis if site.axis is not None else 0
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.max(np.abs(w.astype(np.float32)), axis=red)
+    red = tuple(i for i in range(len(w.shape)) if i != axis)
+    amax = np.zeros(w.shape[axis] if w.shape else (), np.float32)
+    for r0, r1, c in w.chunks():  # a max, so the same value whatever the chunks
+        part = np.max(np.abs(c.astype(np.float32)), axis=red)
+        if axis == 0:
+            amax[r0:r1] = part
+        else:
+            amax = part if r0 == 0 else np.maximum(amax, part)
     # Round the scale to the graph dtype first, so the stored codes match what DQ multiplies.
     scale = np.maximum(amax / qmax, _tiny(fdt)).astype(fdt)
-    bshape = [1] * w.ndim
+    bshape = [1] * len(w.shape)
     bshape[axis] = -1
-    q = quantize_array(w, scale.reshape(bshape), qtype)
-    qv = _const(graph, f"{site.tensor}_quantized", q)
+
+    def codes(r0: int, r1: int, c: np.ndarray) -> np.ndarray:
+        return quantize_array(c, (scale[r0:r1] if axis == 0 else scale).reshape(bshape), qtype)
+
+    qv = lazy_const(graph, f"{site.tensor}_quantized", w.map(codes, _zero_point(qtype, ()).dtype))
     sv = _const(graph, f"{site.tensor}_scale", scale)
     zv = _const(graph, f"{site.tensor}_zp", _zero_point(qtype, scale.shape))
-    replace_weight_with_dq(graph, site, [qv, sv, zv], [ir.AttrInt64("axis", axis)], tuple(w.shape), fdt)
+    replace_weight_with_dq(graph, site, [qv, sv, zv], [ir.AttrInt64("axis", axis)], w.shape, fdt)
 
 
 def replace_weight_with_dq(graph: ir.Graph, site: Site, inputs: list[ir.Value], attrs: list[Any],

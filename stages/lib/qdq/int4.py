@@ -6,6 +6,9 @@ weight-only INT4 gemm takes). Activations stay in high precision. The clip of ea
 searched to minimize the output error the block causes, weighted by the calibrated second
 moment E[x_k^2] of the input channel it multiplies (AWQ-clip, as in Model-Optimizer's awq_clip):
 a large-activation channel's weight error costs more than a near-silent one's.
+
+Each weight is read once, in chunks of whole blocks (``insert.Rows``), for its block scales;
+the codes are computed again from the weight when the model is saved (``insert.lazy_const``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib.qdq.graphio import const_array, set_opset
+from stages.lib.qdq.graphio import const_tensor, set_opset
 from stages.lib.qdq.insert import (
+    Rows,
     _const,
     _value,
+    _zero_point,
     drop_unused_initializers,
+    lazy_const,
     quantize_array,
     replace_weight_with_dq,
+    rows_of,
 )
 from stages.lib.qdq.placement import Placement, Site
 from stages.lib.qdq.rules import rules_for
@@ -61,6 +68,15 @@ def quantize_blocks(w_kn: np.ndarray, block: int, ms: np.ndarray | None, dt: Any
     With `ms` (E[x_k^2], length K) the clip per (block, column) minimizes
     sum_k ms_k (w_kn - dq(w_kn))^2; without it, plain max scaling.
     """
+    best_scale, best, base = clip_search(w_kn, block, ms, dt)
+    codes = block_codes(w_kn, best_scale, block)
+    return codes, best_scale.astype(dt), _gain(best, base)
+
+
+def clip_search(w_kn: np.ndarray, block: int, ms: np.ndarray | None, dt: Any) -> tuple[np.ndarray, Any, float]:
+    """The best clip per (block, column) of W[K, N]: (scales [K/B, N] as float32, the weighted
+    error they leave, the error of plain max scaling). Blocks are independent: any chunk of
+    whole blocks gives its own rows of the same scales."""
     k, n = w_kn.shape
     w = w_kn.astype(np.float32).reshape(k // block, block, n)
     amax = np.abs(w).max(axis=1)  # [nb, N]
@@ -78,47 +94,75 @@ def quantize_blocks(w_kn: np.ndarray, block: int, ms: np.ndarray | None, dt: Any
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, s, best_scale)
-    codes = quantize_array(w, best_scale[:, None, :], "int4").reshape(k, n)
-    gain = float(1.0 - best_err.sum() / max(float(base_err.sum()), 1e-30)) if base_err is not None else 0.0
-    return codes, best_scale.astype(dt), gain
+    assert base_err is not None
+    return best_scale, best_err.sum(), float(base_err.sum())
+
+
+def block_codes(w_kn: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    """INT4 codes of W[K, N] for block scales [K/B, N] (the DQ dtype's values, any float type)."""
+    k, n = w_kn.shape
+    w = w_kn.astype(np.float32).reshape(k // block, block, n)
+    return quantize_array(w, scale.astype(np.float32)[:, None, :], "int4").reshape(k, n)
+
+
+def _gain(best: Any, base: float) -> float:
+    return float(1.0 - best / max(base, 1e-30))
+
+
+def block_scales(w: Rows, axis: int, block: int, ms: np.ndarray | None, dt: Any) -> tuple[np.ndarray, float]:
+    """Block scales of a 2-D weight in its own layout ([K/B, N] for axis 0, [N, K/B] for axis 1)
+    and the error gain, from one pass over its rows (chunks of whole blocks along K)."""
+    parts, best, base = [], None, 0.0
+    for r0, r1, c in w.chunks(block if axis == 0 else 1):
+        if axis == 0:
+            sc, b, e = clip_search(c, block, None if ms is None else ms[r0:r1], dt)
+        else:
+            sc, b, e = clip_search(c.T, block, ms, dt)
+            sc = sc.T
+        parts.append(sc)
+        best, base = (b if best is None else best + b), base + e
+    return np.concatenate(parts, axis=0).astype(dt), _gain(best, base)
 
 
 def insert_int4_weight(graph: ir.Graph, site: Site, block: int, ms: np.ndarray | None, stats: Int4Stats) -> bool:
     import onnx_ir as ir
 
-    wv = _value(graph, site.tensor)
-    w = const_array(wv)
-    if w is None or w.ndim != 2:
+    t = const_tensor(_value(graph, site.tensor))
+    if t is None or len(t.shape) != 2:
         stats.skipped.append({"node": site.uses[0][0], "rule": "int4", "why": "weight is not a 2-D constant"})
         return False
+    w = rows_of(t)
     axis = site.axis if site.axis is not None else 0
     dt = w.dtype if w.dtype in (np.float16, np.float32) else np.float32
-    w_kn = w if axis == 0 else w.T
-    b = block_for(w_kn.shape[0], block)
+    k = w.shape[0] if axis == 0 else w.shape[1]
+    b = block_for(k, block)
     if b is None:
-        why = f"K={w_kn.shape[0]} is not a multiple of an INT4 block (>= {MIN_BLOCK})"
+        why = f"K={k} is not a multiple of an INT4 block (>= {MIN_BLOCK})"
         stats.skipped.append({"node": site.uses[0][0], "rule": "int4-block", "why": why})
         return False
-    if ms is not None and ms.shape != (w_kn.shape[0],):
+    if ms is not None and ms.shape != (k,):
         ms = None
-    codes, scales, gain = quantize_blocks(w_kn, b, ms, dt)
-    if axis != 0:
-        codes, scales = codes.T, scales.T
-    qv = _const(graph, f"{site.tensor}_int4", codes)
+    scales, gain = block_scales(w, axis, b, ms, dt)
+
+    def codes(r0: int, r1: int, c: np.ndarray) -> np.ndarray:
+        if axis == 0:
+            return block_codes(c, scales[r0 // b:r1 // b], b)
+        return block_codes(c.T, scales[r0:r1].T, b).T
+
+    # chunks of whole blocks along K hold an even count of codes: whole bytes, two codes a byte
+    qv = lazy_const(graph, f"{site.tensor}_int4", w.map(codes, _zero_point("int4", ()).dtype), b if axis == 0 else 1)
     sv = _const(graph, f"{site.tensor}_scale", scales)
     attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", b)]
-    replace_weight_with_dq(graph, site, [qv, sv], attrs, tuple(w.shape), dt)
+    replace_weight_with_dq(graph, site, [qv, sv], attrs, w.shape, dt)
     stats.blocks[site.tensor] = b
     if ms is not None:
         stats.awq[site.tensor] = round(gain, 4)
     return True
 
 
-def activation_of(graph: ir.Graph, site: Site) -> str | None:
+def activation_of(nodes: Mapping[str, ir.Node], site: Site) -> str | None:
     """The activation tensor multiplying this weight (input 0 of its consumer)."""
-    nodes = {n.name: n for n in graph}
-    node = nodes[site.uses[0][0]]
-    x = node.inputs[0]
+    x = nodes[site.uses[0][0]].inputs[0]
     return x.name if x is not None else None
 
 
@@ -131,10 +175,11 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
     set_opset(model, rules.opset_min)
     model.ir_version = max(model.ir_version or 0, 10)  # INT4 tensors need IR version 10
     stats = Int4Stats()
+    nodes = {n.name or "": n for n in model.graph}  # sites add DQ nodes only: consumers stay
     for site in placement.sites:
         if site.kind != "weight":
             continue
-        act = activation_of(model.graph, site)
+        act = activation_of(nodes, site)
         ms = chan_ms.get(act) if (awq and act) else None
         if insert_int4_weight(model.graph, site, block, ms, stats):
             stats.weight_dq += 1

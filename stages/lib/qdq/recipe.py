@@ -64,13 +64,21 @@ class Built:
     stats: dict[str, Any]
 
 
-def build(proto: onnx.ModelProto, recipe: Recipe, calib: Calib, keep_nodes: Mapping[str, str] | None = None) -> Built:
-    """Quantize a fresh copy of `proto` (the input is never modified)."""
+def build(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib,
+          keep_nodes: Mapping[str, str] | None = None) -> Built:
+    """Quantize a fresh model made from ``source`` (never modified): a ModelProto, or a path read
+    as ``graphio.load_proto(path, in_file=True)`` (types inferred, external weights left in
+    their file). Building from a proto whose weights are external costs the structure only:
+    each weight is read once for its scales, its codes are computed when the model is saved."""
     import onnx_ir as ir
 
     from stages.lib.qdq import insert, int4
 
-    model = ir.from_proto(proto)
+    if isinstance(source, (str, Path)):
+        from stages.lib.qdq.graphio import load_proto
+
+        source = load_proto(source, in_file=True)
+    model = ir.from_proto(source)
     rules = rules_for(recipe.mode)
     pl = plan(model.graph, recipe.mode, calib.shapes, recipe.keep, recipe.attention, keep_nodes)
     if rules.weights == "block":
@@ -90,8 +98,11 @@ def build(proto: onnx.ModelProto, recipe: Recipe, calib: Calib, keep_nodes: Mapp
 
 
 def weight_share(graph: ir.Graph, placement: Placement, stats: Mapping[str, Any]) -> dict[str, Any]:
-    """Share of matmul/conv weights (by parameter count) that ended up quantized."""
-    from stages.lib.qdq.graphio import const_array
+    """Share of matmul/conv weights (by parameter count) that ended up quantized (from the
+    declared shapes: no weight is read)."""
+    import math
+
+    from stages.lib.qdq.graphio import const_shape
     from stages.lib.qdq.placement import is_const
 
     total = quant = 0
@@ -106,8 +117,8 @@ def weight_share(graph: ir.Graph, placement: Placement, stats: Mapping[str, Any]
         if w is None or not is_const(w) or w.name in seen:
             continue
         seen.add(w.name or "")
-        arr = const_array(w)
-        size = int(arr.size) if arr is not None else 0
+        shape = const_shape(w)
+        size = math.prod(shape) if shape is not None else 0
         total += size
         if w.name in qnames:
             quant += size

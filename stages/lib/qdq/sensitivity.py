@@ -4,6 +4,15 @@ Each group (one attention or MLP block, one conv) is quantized alone and compare
 unquantized graph in onnxruntime with optimizations disabled (NOTES §3: ORT's Q/DQ fusions
 change rounding); then, starting from the fully quantized graph, the most harmful groups go
 back to high precision one at a time until the graph meets the accuracy budget (cosine).
+
+Every candidate runs through the block runner (``heldout.run_all``), written to disk first.
+Past ``BLOCK_ABOVE`` bytes of weights a whole candidate per group would cost a full save and a
+full run each, so groups are scored at their own block instead (as llm-compressor / ModelOpt
+rank layers): the unquantized graph runs once, segment by segment, keeping every segment's
+inputs and outputs; each group is quantized alone, only the segment(s) holding it are cut out
+of the candidate and run on the unquantized inputs, and the cosine of that block's output (the
+residual stream at its cut, the logits for the last) ranks it. The fallback walk still scores
+whole candidates against the budget.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,8 +29,10 @@ from stages.lib.qdq.recipe import Built, Calib, Recipe, build
 
 if TYPE_CHECKING:
     import onnx
+    import onnx_ir as ir
 
 _LAYER = re.compile(r"(?:^|[/.])((?:layers|blocks|layer|h|block|resblocks)[./_]?\d+)(?:[/.]([^/.]+))?")
+BLOCK_ABOVE = 2**31  # source tensor bytes past which groups are scored at their own block
 
 
 def group_of(node_name: str) -> str:
@@ -42,21 +54,30 @@ def min_cosine(outs: Mapping[str, np.ndarray], refs: Mapping[str, np.ndarray]) -
 
 
 class Evaluator:
-    """Runs a candidate graph on fixed feeds and scores it against reference outputs."""
+    """Runs a candidate graph on fixed feeds and scores it against reference outputs (which
+    must come from the same runner: ``heldout.run_all``). Candidates are written under
+    ``workdir`` (None: the system's temporary folder)."""
 
     def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
-                 outputs: Sequence[str]):
-        self.feeds, self.refs, self.outputs = feeds, refs, list(outputs)
+                 outputs: Sequence[str], workdir: Path | None = None):
+        self.feeds, self.refs, self.outputs, self.workdir = feeds, refs, list(outputs), workdir
         self.calls = 0
 
     def __call__(self, built: Built) -> float:
-        from stages.lib.qdq.calibset import cast_feed
-        from stages.lib.qdq.graphio import run, session
+        from stages.lib.qdq.graphio import spilled
+
+        with spilled(built.model, self.workdir) as path:
+            return self.cosine(self.run(path))
+
+    def run(self, path: Path) -> list[dict[str, np.ndarray]]:
+        """The outputs of the graph saved at ``path`` on the feeds (a candidate the caller keeps)."""
+        from stages.lib.qdq.heldout import run_all
 
         self.calls += 1
-        sess = session(built.model)
-        cos = [min_cosine(run(sess, cast_feed(sess, f), self.outputs), {k: r[k] for k in self.outputs})
-               for f, r in zip(self.feeds, self.refs, strict=True)]
+        return run_all(path, self.feeds, self.outputs)
+
+    def cosine(self, outs: Sequence[Mapping[str, np.ndarray]]) -> float:
+        cos = [min_cosine(o, {k: r[k] for k in self.outputs}) for o, r in zip(outs, self.refs, strict=True)]
         return float(min(cos))
 
 
@@ -66,44 +87,142 @@ class SensitivityReport:
     cosine_full: float  # everything the rules allow, quantized
     cosine_final: float
     met: bool
-    ranking: list[dict[str, Any]] = field(default_factory=list)  # {"group","cosine_alone","loss"}
+    ranking: list[dict[str, Any]] = field(default_factory=list)  # {"group","cosine_alone","loss"[,"scored_at"]}
     kept: list[dict[str, Any]] = field(default_factory=list)  # {"group","nodes","why"}
     evaluations: int = 0
+    scored: str = "whole graph"  # or "block": each group at its own segment's output
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-def run(proto: onnx.ModelProto, recipe: Recipe, calib: Calib, budget: float | None,
-        evaluate: Callable[[Built], float]) -> tuple[Built, SensitivityReport]:
-    """Quantize `proto`; with a budget, fall back the most harmful groups until cosine >= budget."""
-    full = build(proto, recipe, calib)
-    cos_full = evaluate(full)
+def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budget: float | None,
+        evaluate: Callable[[Built], float], *, full: tuple[Built, float] | None = None,
+        path: Path | None = None) -> tuple[Built, SensitivityReport]:
+    """Quantize ``source``; with a budget, fall back the most harmful groups until cosine >=
+    budget. ``full``: the fully quantized candidate and its score, when the caller has them.
+    ``path``: the source's file, for block scoring past BLOCK_ABOVE (``evaluate`` then must be
+    an ``Evaluator``)."""
+    from stages.lib.qdq import graphio
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        source = graphio.load_proto(path, in_file=True)
+    if full is None:
+        b = build(source, recipe, calib)
+        full = (b, evaluate(b))
+    best, cos_full = full
     if budget is None:
-        return full, SensitivityReport(None, cos_full, cos_full, True, evaluations=1)
+        return best, SensitivityReport(None, cos_full, cos_full, True, evaluations=1)
     groups: dict[str, list[str]] = {}
-    for node in sorted(full.placement.quantized_nodes()):
-        groups.setdefault(group_of(full.placement.scopes.get(node) or node), []).append(node)
-    all_nodes = {n for ns in groups.values() for n in ns}
-    ranking: list[dict[str, Any]] = []
-    for g, nodes in groups.items():
-        others = {n: "sensitivity probe" for n in all_nodes - set(nodes)}
-        cos = evaluate(build(proto, recipe, calib, keep_nodes=others))
-        ranking.append({"group": g, "cosine_alone": cos, "loss": 1.0 - cos})
+    for node in sorted(best.placement.quantized_nodes()):
+        groups.setdefault(group_of(best.placement.scopes.get(node) or node), []).append(node)
+    block = path is not None and isinstance(evaluate, Evaluator) and graphio.tensor_bytes(source) > BLOCK_ABOVE
+    if block:
+        ranking = block_ranking(path, source, recipe, calib, groups, evaluate)  # type: ignore[arg-type]
+    else:
+        ranking = []
+        all_nodes = {n for ns in groups.values() for n in ns}
+        for g, nodes in groups.items():
+            others = {n: "sensitivity probe" for n in all_nodes - set(nodes)}
+            cos = evaluate(build(source, recipe, calib, keep_nodes=others))
+            ranking.append({"group": g, "cosine_alone": cos, "loss": 1.0 - cos})
     ranking.sort(key=lambda r: -r["loss"])
-    rep = SensitivityReport(budget, cos_full, cos_full, cos_full >= budget, ranking)
-    best, cos = full, cos_full
+    rep = SensitivityReport(budget, cos_full, cos_full, cos_full >= budget, ranking,
+                            scored="block" if block else "whole graph")
+    cos = cos_full
     keep: dict[str, str] = {}
+    where = " at its block's output" if block else ""
     for rank, r in enumerate(ranking, 1):
         if cos >= budget:
             break
-        why = (f"sensitivity: quantized alone it drops cosine to {r['cosine_alone']:.5f} (rank {rank} of "
+        why = (f"sensitivity: quantized alone it drops cosine{where} to {r['cosine_alone']:.5f} (rank {rank} of "
                f"{len(ranking)}); kept to meet accuracy_budget {budget}")
         for n in groups[r["group"]]:
             keep[n] = why
-        best = build(proto, recipe, calib, keep_nodes=keep)
+        best = build(source, recipe, calib, keep_nodes=keep)
         cos = evaluate(best)
         rep.kept.append({"group": r["group"], "nodes": groups[r["group"]], "why": why, "cosine_after": cos})
     rep.cosine_final, rep.met = cos, cos >= budget
-    rep.evaluations = 1 + len(ranking) + len(rep.kept)
+    rep.evaluations = 1 + len(ranking) + len(rep.kept)  # block scores count one each
     return best, rep
+
+
+def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Calib,
+                  groups: Mapping[str, list[str]], ev: Evaluator) -> list[dict[str, Any]]:
+    """Each group scored at the output of the segment(s) holding it (module docstring)."""
+    import onnx_ir as ir
+
+    from stages.lib import segments
+    from stages.lib.qdq import graphio
+    from stages.lib.qdq.calibset import cast_feed
+    from stages.lib.qdq.placement import ensure_names
+
+    p = segments.plan(path, expose=ev.outputs)
+    cuts = set(segments.model_cuts(p.proto)) | set(ev.outputs)
+    fresh = ir.from_proto(source)
+    ensure_names(fresh.graph)  # as build() names them; node i of the file is node i of every load
+    nodes_at = list(fresh.graph)
+    seg_of = {nodes_at[i].name: k for k, seg in enumerate(p.segments) for i in seg.nodes}
+    made = [{o for i in seg.nodes for o in p.proto.graph.node[i].output} for seg in p.segments]
+    regions = {}
+    for g, nodes in groups.items():
+        ks = sorted({seg_of[n] for n in nodes})
+        span = range(ks[0], ks[-1] + 1)
+        inside = set().union(*(made[k] for k in span))
+        ins = list(dict.fromkeys(x for k in span for x in p.segments[k].inputs if x not in inside))
+        last = p.segments[ks[-1]]
+        regions[g] = (ins, [o for o in last.outputs if o in cuts] or list(last.outputs))
+    specs = segments.graph_inputs(path)
+    refs: list[dict[str, np.ndarray]] = [{} for _ in ev.feeds]
+    needed = sorted({x for ins, outs in regions.values() for x in (*ins, *outs)})
+    segments.run_segmented(path, [cast_feed(specs, f) for f in ev.feeds], _into(refs), expose=needed)
+    ranking = []
+    all_nodes = {n for ns in groups.values() for n in ns}
+    for g, nodes in groups.items():
+        ins, outs = regions[g]
+        cand = build(source, recipe, calib, keep_nodes={n: "sensitivity probe" for n in all_nodes - set(nodes)})
+        sub = extract(cand.model, {x: refs[0][x].dtype for x in ins}, outs)
+        got: list[dict[str, np.ndarray]] = [{} for _ in refs]
+        with graphio.spilled(sub, ev.workdir) as sub_path:
+            segments.run_segmented(sub_path, [{x: r[x] for x in ins} for r in refs],
+                                   _into(got), cuts=[])
+        cos = float(min(min_cosine(o, {k: r[k] for k in outs}) for o, r in zip(got, refs, strict=True)))
+        ev.calls += 1
+        ranking.append({"group": g, "cosine_alone": cos, "loss": 1.0 - cos, "scored_at": outs[0]})
+    return ranking
+
+
+def _into(got: list[dict[str, np.ndarray]]) -> Callable[[Any, int, dict[str, np.ndarray]], None]:
+    """The runner's callback collecting each sample's values into ``got[i]``."""
+    return lambda seg, i, values: got[i].update(values)
+
+
+def extract(model: ir.Model, inputs: Mapping[str, Any], outputs: Sequence[str]) -> ir.Model:
+    """Cut ``model`` (in place) down to what computes ``outputs`` from ``inputs`` (name: numpy
+    dtype of the array fed; an inner value becomes a graph input of that type, any shape)."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from stages.lib.segment_cuts import CUTS_KEY
+
+    g = model.graph
+    values = {v.name: v for v in g.inputs}
+    values.update((v.name, v) for n in g for v in n.outputs)
+    new_inputs = []
+    for name, dtype in inputs.items():
+        old = values[name]
+        if old.producer() is None:  # a graph input already: its declared type is what was fed
+            new_inputs.append(old)
+            continue
+        new = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype))))
+        old.name = f"{name}__upstream"
+        ir.convenience.replace_all_uses_with(old, new)
+        new_inputs.append(new)
+    g.inputs.clear()
+    g.inputs.extend(new_inputs)
+    g.outputs.clear()
+    g.outputs.extend(values[o] for o in outputs)
+    RemoveUnusedNodesPass()(model)  # the other segments' nodes and weights
+    model.metadata_props.pop(CUTS_KEY, None)  # its cut values are not all in here
+    return model
