@@ -148,7 +148,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
-    version="4",  # 4: graphs saved whole in their own folder (external data written beside them)
+    version="5",  # 5: the before/after check runs block by block (4: graphs saved whole in their own folder)
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),

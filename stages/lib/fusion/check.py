@@ -17,9 +17,19 @@ if TYPE_CHECKING:
 
 
 def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The graph's outputs in order. A file runs block by block (``stages.lib.segments``: a
+    whole-graph session of a big FP16 decoder holds ~2x its weights; fuse checks two graphs),
+    so before and after are both rounded at the same residual cuts; in-memory models whole."""
     import onnx
 
     from stages.lib.ortsession import reference_session
+
+    if isinstance(model, str):
+        from pathlib import Path
+
+        from stages.lib import segments
+
+        return list(segments.run_whole(Path(model), feeds).values())
 
     if isinstance(model, onnx.ModelProto):
         from stages.lib.qdq.graphio import fits_in_proto, spilled
