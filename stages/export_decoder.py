@@ -156,9 +156,17 @@ def _run(ctx: StageContext) -> StageResult:
             run_emb = bf16_as_fp32(emb_path, Path(tmp) / "embed_fp32.onnx")
             notes.append("bf16 widened to fp32 for onnxruntime CPU (no BF16 kernels): weight rounding is "
                          "checked, BF16 activation rounding is not")
-        pipe = OrtPipeline(run_dec, run_emb, spec,
-                           vision_path=(vision_dir / "vision.onnx") if vision_dir else None,
-                           vision_spec=_vision_spec(vision_dir, family) if vision_dir else None)
+        # a decoder over 2 GiB of weights runs block by block (a whole CPU session holds ~2x them)
+        from stages.lib.ortsession import ort_session
+        from stages.lib.segment_session import SEGMENT_ABOVE, decoder_session
+
+        dec_bytes = sum(f.stat().st_size for f in run_dec.parent.glob(run_dec.name + "*"))
+        pipe = OrtPipeline.from_sessions(
+            decoder_session(run_dec, dec_bytes), ort_session(run_emb, log_level=3), spec,
+            ort_session(vision_dir / "vision.onnx", log_level=3) if vision_dir else None,
+            _vision_spec(vision_dir, family) if vision_dir else None)
+        if dec_bytes > SEGMENT_ABOVE:
+            notes.append(f"decoder parity ran block by block ({dec_bytes / 1024**3:.2f} GiB of weights)")
         with torch.no_grad():
             report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
                                 prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],

@@ -343,3 +343,22 @@ def test_nan_in_a_later_segment_names_sample_and_layer(ckpt: Path, tmp_path: Pat
     with pytest.raises(StageError, match=r"synthetic-0: NaN/Inf .*decoder\.onnx; first NaN/Inf at tensor 'l0', "
                                          r"output of node /bad/log \(Log\)"):
         _calibrate(ckpt, bad, tmp_path / "out")
+
+
+def test_segmented_session_answers_like_a_session(tiny: dict[str, Any]) -> None:
+    """What the generation loop calls (get_inputs/get_outputs/run) gives what a whole-graph
+    session gives: exactly, on an FP32 export (no FP16 rounding at the cuts)."""
+    from stages.lib.ortsession import ort_session
+    from stages.lib.segment_session import SegmentedSession, decoder_session
+
+    path = _export(tiny["ckpt"], tiny["root"] / "fp32", "fp32")
+    whole, seg = ort_session(path, optimization="none"), SegmentedSession(path, optimization="none")
+    assert [(i.name, i.type) for i in seg.get_inputs()] == [(i.name, i.type) for i in whole.get_inputs()]
+    assert [o.name for o in seg.get_outputs()] == [o.name for o in whole.get_outputs()]
+    feed = _feed(path, 6)
+    for a, b in zip(whole.run(None, feed), seg.run(None, feed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    logits = seg.run(["logits"], feed)
+    assert len(logits) == 1 and logits[0].shape[:2] == (1, 6)
+    assert isinstance(decoder_session(path, 1 << 40), SegmentedSession)  # big: block by block
+    assert not isinstance(decoder_session(path, 1 << 20), SegmentedSession)
