@@ -27,7 +27,8 @@ def _pixels(model: object) -> tuple[object, object]:
     return pv, torch.tensor([[1, 4, 4]])
 
 
-@pytest.mark.parametrize(("family", "keep"), [("qwen2_vl", None), ("qwen2_5_vl", 0), ("qwen3_vl", 200_000)])
+@pytest.mark.parametrize(("family", "keep"), [("qwen2_vl", None), ("qwen2_5_vl", 0), ("qwen3_vl", 200_000),
+                                             ("qwen2_5_vl", -1)])
 def test_streamed_equals_whole_model(tiny: dict[str, Path], family: str, keep: int | None,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from stages.lib import streamed_model as sm
@@ -35,6 +36,7 @@ def test_streamed_equals_whole_model(tiny: dict[str, Path], family: str, keep: i
 
     # stream the embedding and lm_head too (in a tiny model they are under the real threshold)
     monkeypatch.setattr(sm, "STREAM_LEAF_BYTES", 1024)
+    monkeypatch.setattr(sm, "_available_bytes", lambda: 1_000_000)  # default budget: 0.35 MB kept
     whole = load_model(tiny[family], "fp32")
     streamed = sm.load_streamed(tiny[family], "fp32", keep_bytes=keep)
     ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -29,9 +29,10 @@ from typing import Any
 from pipeline.stage import StageError
 from stages.lib.dtypes import torch_dtype
 
-__all__ = ["STREAM_LEAF_BYTES", "load_streamed"]
+__all__ = ["KEEP_SHARE", "STREAM_LEAF_BYTES", "load_streamed"]
 
 STREAM_LEAF_BYTES = 64 * 1024**2  # a leaf module at least this big streams (embeddings, lm_head)
+KEEP_SHARE = 0.35  # of MemAvailable: what the kept blocks may take (ORT sessions and activations need the rest)
 _HUB_RENAMES = (("model.embed_tokens.", "model.language_model.embed_tokens."),
                 ("model.layers.", "model.language_model.layers."),
                 ("model.norm.", "model.language_model.norm."),
@@ -117,6 +118,16 @@ class _Store:
         return buf.copy_(t)
 
 
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3  # no /proc (not Linux): a conservative budget
+
+
 @contextlib.contextmanager
 def _params_on_meta() -> Iterator[None]:
     """Parameters on the meta device, buffers real: what accelerate's ``init_empty_weights`` does
@@ -178,11 +189,14 @@ def _loader(prefix: str, mod: Any, store: _Store, dtype: Any) -> Any:
 
 
 def load_streamed(path: str | Path, dtype: str = "fp32", trust_remote_code: bool = False,
-                  keep_bytes: int | None = None) -> Any:
+                  keep_bytes: int | None = -1) -> Any:
     """The family's model in eval mode, its blocks loaded on demand (see the module docstring).
 
-    ``keep_bytes`` caps the stored-dtype block tensors kept between calls (None: all of them,
-    i.e. 1x the checkpoint's weight bytes; 0: re-read every block on every call)."""
+    ``keep_bytes`` caps the stored-dtype block tensors kept between calls: None keeps all of them
+    (1x the checkpoint's weight bytes), 0 re-reads every block on every call, and the default (-1)
+    keeps up to ``KEEP_SHARE`` of the memory available when the model is loaded. The figures are
+    the same either way; only the time changes. (Measured at Qwen3-VL-8B widths, 3 layers: keeping
+    all 5.8 GB beside export_decoder's ORT sessions peaked at 17.3 GB.)"""
     import torch
 
     from stages.lib.checkpoints import detect_family, model_class, validate_checkpoint
@@ -210,6 +224,8 @@ def load_streamed(path: str | Path, dtype: str = "fp32", trust_remote_code: bool
             owner, _, leaf = name.rpartition(".")
             sub = model.get_submodule(owner) if owner else model
             sub._parameters[leaf] = torch.nn.Parameter(_read(locs[name], tdtype), requires_grad=False)
+    if keep_bytes is not None and keep_bytes < 0:
+        keep_bytes = int(KEEP_SHARE * _available_bytes())
     store = _Store(locs, keep_bytes)
     for prefix, mod in streamed:
         mod.register_forward_pre_hook(_loader(prefix, mod, store, tdtype))
