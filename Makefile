@@ -7,7 +7,7 @@ TARGET  ?=
 JOBS    ?= 2
 TARGET_ARGS := $(foreach t,$(TARGET),--target $(t))
 
-.PHONY: setup engines package plan test test-all lint clean
+.PHONY: setup engines package plan test test-all test-scale lint clean
 
 $(BIN)/vlmforge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,7 +38,11 @@ test: setup
 	$(BIN)/pytest -q -ra -m "not slow"
 
 test-all: setup
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -m "not scale"
+
+# released-width models built end to end (tests/test_scale_e2e.py): ~20 GB of disk, ~30 min
+test-scale: setup
+	$(BIN)/pytest -q -ra -s -m scale
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests bench

@@ -24,6 +24,7 @@ GB = 1024**3
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # ~30 min and ~20 GB of disk on 2 cores: `make test-scale`, not yet in CI
 def test_qwen3_vl_8b_widths_build_to_engines(tmp_path: Path) -> None:
     from stages.lib.released_checkpoints import write_random_checkpoint
 
