@@ -154,6 +154,21 @@ def mha_block(seq: int = 16, d: int = 64, heads: int = 4, dt: type = np.float32,
     return _model(nodes, [_vi("x", [1, seq, d], t)], [_vi("y", [1, seq, d], t)], inits)
 
 
+def rms_norm(gamma: np.ndarray, dt: type = np.float32) -> tuple[list, list]:
+    """(initializers, nodes) of an RMSNorm ``x`` -> ``h`` (Mul by ``gamma``): the norm the AWQ
+    scale folds into, shared by the int4 and streaming-quantize graphs."""
+    inits = [numpy_helper.from_array(gamma.astype(dt), "gamma"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-6, dt), "eps")]
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"], name="rms/sq"),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="rms/mean"),
+             helper.make_node("Add", ["ms", "eps"], ["mse"], name="rms/eps"),
+             helper.make_node("Sqrt", ["mse"], ["rt"], name="rms/sqrt"),
+             helper.make_node("Div", ["x", "rt"], ["xn"], name="rms/div"),
+             helper.make_node("Mul", ["gamma", "xn"], ["h"], name="rms/gamma")]
+    return inits, nodes
+
+
 def random_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feed = {}

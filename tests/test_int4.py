@@ -93,15 +93,9 @@ def _rms_qkv(d: int = 128, seq: int = 32):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(np.ones(d, np.float32), "gamma"),
-             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-             numpy_helper.from_array(np.array(1e-6, np.float32), "eps")]
-    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"], name="rms/sq"),
-             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="rms/mean"),
-             helper.make_node("Add", ["ms", "eps"], ["mse"], name="rms/eps"),
-             helper.make_node("Sqrt", ["mse"], ["rt"], name="rms/sqrt"),
-             helper.make_node("Div", ["x", "rt"], ["xn"], name="rms/div"),
-             helper.make_node("Mul", ["gamma", "xn"], ["h"], name="rms/gamma")]
+    from tests.qdq_graphs import rms_norm
+
+    inits, nodes = rms_norm(np.ones(d), np.float32)
     outs = []
     for p in "qkv":
         inits.append(numpy_helper.from_array((rng.standard_normal((d, d)) * 0.1).astype(np.float32), f"w{p}"))

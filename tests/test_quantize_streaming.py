@@ -39,15 +39,7 @@ def _rms_qkv(d: int = 128, seq: int = 32, dt: Any = np.float32, gemm: bool = Fal
     t = TensorProto.FLOAT16 if dt == np.float16 else TensorProto.FLOAT
     lead = [seq] if gemm else [1, seq]
     rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array((1 + 0.1 * rng.standard_normal(d)).astype(dt), "gamma"),
-             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-             numpy_helper.from_array(np.array(1e-6, dt), "eps")]
-    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"], name="rms/sq"),
-             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="rms/mean"),
-             helper.make_node("Add", ["ms", "eps"], ["mse"], name="rms/eps"),
-             helper.make_node("Sqrt", ["mse"], ["rt"], name="rms/sqrt"),
-             helper.make_node("Div", ["x", "rt"], ["xn"], name="rms/div"),
-             helper.make_node("Mul", ["gamma", "xn"], ["h"], name="rms/gamma")]
+    inits, nodes = G.rms_norm(1 + 0.1 * rng.standard_normal(d), dt)
     outs = []
     for p in "qkv":
         inits.append(numpy_helper.from_array((rng.standard_normal((d, d)) * 0.1).astype(dt), f"w{p}"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,23 +58,27 @@ def test_streamed_equals_whole_model(tiny: dict[str, Path], family: str, keep: i
     assert resident < 0.05 * sum(p.numel() for p in whole.parameters())
 
 
+def _rewrite(src: Path, dst: Path, edit: Any) -> Path:
+    """A copy of checkpoint ``src`` whose weights file holds ``edit(state)``."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    save_file(edit(load_file(str(src / "model.safetensors"))), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def test_hub_layout_names_load(tiny: dict[str, Path], tmp_path: Path) -> None:
     """Original hub checkpoints name the text model ``model.*`` and the ViT ``visual.*``."""
-    from safetensors.torch import load_file, save_file
 
     from stages.lib.checkpoints import load_model
     from stages.lib.streamed_model import load_streamed
 
     src = tiny["qwen2_5_vl"]
-    dst = tmp_path / "hub"
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            (dst / f.name).write_bytes(f.read_bytes())
-    state = load_file(str(src / "model.safetensors"))
-    renamed = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
-               for k, v in state.items()}
-    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    dst = _rewrite(src, tmp_path / "hub", lambda state: {
+        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in state.items()})
     ids = torch.randint(0, 400, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(load_model(src, "fp32")(input_ids=ids).logits,
@@ -81,21 +86,12 @@ def test_hub_layout_names_load(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_missing_tensor_is_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
 
     from pipeline.stage import StageError
     from stages.lib.streamed_model import load_streamed
 
-    src = tiny["qwen3_vl"]
-    dst = tmp_path / "cut"
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            (dst / f.name).write_bytes(f.read_bytes())
-    state = load_file(str(src / "model.safetensors"))
     gone = "model.language_model.layers.2.mlp.down_proj.weight"
-    del state[gone]
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    dst = _rewrite(tiny["qwen3_vl"], tmp_path / "cut", lambda state: {k: v for k, v in state.items() if k != gone})
     with pytest.raises(StageError) as e:
         load_streamed(dst, "fp32")
     assert gone in str(e.value) and str(dst) in str(e.value) and "\n" not in str(e.value)
