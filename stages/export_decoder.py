@@ -166,7 +166,8 @@ def _run(ctx: StageContext) -> StageResult:
             ort_session(vision_dir / "vision.onnx", log_level=3) if vision_dir else None,
             _vision_spec(vision_dir, family) if vision_dir else None)
         if dec_bytes > SEGMENT_ABOVE:
-            notes.append(f"decoder parity ran block by block ({dec_bytes / 1024**3:.2f} GiB of weights)")
+            notes.append(f"decoder parity ran block by block ({dec_bytes / 1024**3:.2f} GiB of weights), all cases "
+                         "in one pass; the greedy generation teacher-forced in it")
         with torch.no_grad():
             report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
                                 prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],
@@ -183,7 +184,8 @@ def _run(ctx: StageContext) -> StageResult:
     metrics = {
         "family": family, "dtype": dtype, "opset": opset, "exporter": facts["exporter"], "decoder_export": mode,
         "template_layers": facts.get("template_layers", facts["layers"]),
-        **{k: summary[k] for k in ("cosine", "max_abs", "rel_l2", "norm_ratio", "top1", "token_agreement", "vision_source")},
+        **{k: summary[k] for k in ("cosine", "max_abs", "rel_l2", "norm_ratio", "top1", "token_agreement", "vision_source",
+                                   "generation")},
         "export_seconds": round(export_seconds, 3), "export_peak_rss_mb": round(export_rss, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "onnx_bytes": _onnx_bytes(ctx.out),
     }
@@ -264,8 +266,9 @@ def _vision_spec(vision_dir: Path, family: str) -> Any:
 STAGE = Stage(
     name="export_decoder",
     # 3: {absent} decoder.json for a bring-your-own vision ONNX (family byo); 4: stamped export by
-    # default (decoder_export), the residual cut list recorded in decoder.onnx
-    version="4",
+    # default (decoder_export), the residual cut list recorded in decoder.onnx; 5: above 2 GiB
+    # the parity cases run in one block-by-block pass, generation teacher-forced in it
+    version="5",
     run=_run,
     params=_params,
     external=checkpoint_reads("model", "processor"),

@@ -283,12 +283,14 @@ def test_opset_23_export(ckpts: dict[str, Path], tmp_path: Path) -> None:
 
 def test_big_decoder_parity_runs_block_by_block(ckpts: dict[str, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above SEGMENT_ABOVE the parity cases and the generation run the decoder one block at a
-    time (a whole CPU session of an 8 B decoder would not fit); FP32: the same gates hold exactly."""
+    """Above SEGMENT_ABOVE the parity cases run the decoder one block at a time, all in one pass,
+    the greedy generation teacher-forced in it (a whole CPU session of an 8 B decoder would not
+    fit); FP32: the same gates hold exactly, and the forced tokens are the reference's."""
     from stages.lib import segment_session
 
     monkeypatch.setattr(segment_session, "SEGMENT_ABOVE", 0)
     res = _run(_cfg("qwen3_vl", export={"dtype": "fp32"}), ckpts["qwen3_vl"], tmp_path)
     assert all(g.passed for g in res.gates)
     assert res.metrics["token_agreement"] == 1.0 and res.metrics["top1"] == 1.0
+    assert res.metrics["generation"] == "teacher-forced"
     assert any("block by block" in n for n in res.notes)

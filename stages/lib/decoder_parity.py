@@ -4,7 +4,8 @@ Held-out cases (shapes other than the export sample): a real multimodal prompt (
 left-padded, two image sizes) through embed + merge + decoder prefill, random prefill with no
 past, a chunk after a non-zero past (batch 2, distinct M-RoPE rows, Qwen3-VL deepstack on a
 partial visual mask), and a single-token decode step. Then a greedy multimodal generation
-through the exported pieces against ``model.generate``.
+through the exported pieces against ``model.generate`` (teacher-forced over a block-by-block
+decoder; see :func:`run_parity`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ParityReport:
     ref_tokens: np.ndarray
     vision_source: str  # "onnx" (export_vision graph) or "torch" (the model's own vision tower)
     errors: dict[str, str]  # cases the exported graphs could not run, with the runtime's message
+    generation: str = "free-running"  # or "teacher-forced" (a block-by-block decoder: one pass)
 
     def summary(self) -> dict[str, Any]:
         w = worst(list(self.cases.values()))
@@ -38,6 +40,7 @@ class ParityReport:
             "top1": self.top1,
             "token_agreement": token_agreement(self.tokens, self.ref_tokens),
             "vision_source": self.vision_source,
+            "generation": self.generation,
             "errors": self.errors,
             "cases": {k: v.as_dict() for k, v in self.cases.items()},
             "tokens": self.tokens.tolist(),
@@ -113,8 +116,18 @@ def _torch_decoder(model: Any, embeds: np.ndarray, mask: np.ndarray, pos: np.nda
         return model.lm_head(out.last_hidden_state).float().numpy()
 
 
+@dataclass
+class _Case:
+    """One decoder call under test: its feeds and the FP32 reference logits it must match."""
+
+    feeds: dict[str, np.ndarray]
+    ref: np.ndarray
+    keep: np.ndarray | None = None  # positions that carry meaning (not left padding)
+    prefix: int | None = None  # compare only the first positions (the rest are teacher-forced tokens)
+
+
 def _random_case(pipe: OrtPipeline, model: Any, rng: np.random.Generator, batch: int, seq: int, past_len: int,
-                 distinct_rows: bool) -> tuple[np.ndarray, np.ndarray]:
+                 distinct_rows: bool) -> _Case:
     h, dt = pipe.hidden, pipe.dtype
     embeds = rng.standard_normal((batch, seq, h)).astype(np.float32)
     mask = np.ones((batch, past_len + seq), dtype=np.int64)
@@ -137,69 +150,126 @@ def _random_case(pipe: OrtPipeline, model: Any, rng: np.random.Generator, batch:
     embeds, past = embeds.astype(dt), [p.astype(dt) for p in past]
     deep_dense = [d.astype(dt) for d in deep_dense]
     deep_compact = [d.astype(dt).astype(np.float32) for d in deep_compact] if deep_compact else None
-    out, _ = pipe.step(embeds, mask, pos, past, deep_dense or None)
     ref = _torch_decoder(model, embeds, mask, pos, past, deep_compact, vis)
-    return out, ref
+    return _Case(pipe.step_feeds(embeds, mask, pos, past, deep_dense or None), ref)
 
 
 FAILED = Parity(float("nan"), float("inf"), float("inf"), float("inf"), False)
+
+
+def _message(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+def _run_decoder(pipe: OrtPipeline, cases: dict[str, _Case]) -> dict[str, np.ndarray | Exception]:
+    """Each case's logits (or the runtime's error). A block-by-block session runs every case in
+    one segment-major pass, each block's session built once; if that pass fails, each case runs
+    alone so the error lands on the case that caused it."""
+    logits = pipe.decoder.get_outputs()[0].name
+    run_many = getattr(pipe.decoder, "run_many", None)
+    if run_many is not None:
+        try:
+            outs = run_many([logits], [c.feeds for c in cases.values()])
+            return {name: o[0] for name, o in zip(cases, outs, strict=True)}
+        except Exception:  # noqa: BLE001 - attributed per case below
+            pass
+    got: dict[str, np.ndarray | Exception] = {}
+    for name, c in cases.items():
+        try:
+            got[name] = (run_many([logits], [c.feeds])[0] if run_many else pipe.decoder.run([logits], c.feeds))[0]
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+            got[name] = e
+    return got
+
+
+def _teacher_forced(pipe: OrtPipeline, embeds: np.ndarray, deep: list[np.ndarray], prompt: Prompt,
+                    ref_tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """The prompt followed by the reference's first n - 1 greedy tokens, in one prefill: causal
+    attention leaves the prompt's logits as they were, and the argmax at the n positions from the
+    prompt's last one is what a greedy loop fed the reference's tokens would pick."""
+    n = ref_tokens.shape[1]
+    pos, deltas = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
+    tail = pipe.embed.run(None, {"input_ids": ref_tokens[:, : n - 1].astype(np.int64)})[0].astype(pipe.dtype)
+    pos, mask = host.continue_position_ids(pos, prompt.mask(), deltas, n - 1)
+    pad = [np.concatenate([d, np.zeros((*d.shape[:-2], n - 1, d.shape[-1]), d.dtype)], axis=-2) for d in deep]
+    b = embeds.shape[0]
+    return pipe.step_feeds(np.concatenate([embeds, tail], axis=1), mask, pos, pipe.empty_past(b), pad or None)
 
 
 def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_sizes: list[tuple[int, int]],
                prompt_len: int, sample_seq: int, new_tokens: int, seed: int, vision_source: str) -> ParityReport:
     """``model`` is the FP32 reference; ``pipe`` runs the exported graphs.
 
+    Every PyTorch reference is computed first, then the exported graphs run (so a streamed
+    reference's kept blocks can go before the decoder's sessions open). The greedy generation
+    runs free in the exported graphs when the decoder is one session; over a block-by-block
+    decoder (``segment_session``) it is teacher-forced inside the multimodal case: the same
+    argmax a greedy loop would take at each position, from one pass instead of one per token.
     A case the graph cannot even run (e.g. an export that baked the sample's shapes) counts as
     failed (NaN cosine) with the runtime's message in ``errors``, so the gate reports it.
     """
     import torch
 
+    from stages.lib.streamed_model import release_blocks
+
     rng = np.random.default_rng(seed)
-    cases: dict[str, Parity] = {}
-    tops: list[tuple[float, int]] = []  # (positions agreeing, positions) per case: pooled top-1
     errors: dict[str, str] = {}
-
-    def run_case(name: str, fn: Any) -> None:
-        try:
-            out, ref, keep = fn()
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
-            cases[name], errors[name] = FAILED, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            tops.append((0.0, 1))
-            return
-        o, r = (out[keep], ref[keep]) if keep is not None else (out, ref)
-        cases[name] = compare(o.astype(np.float32), r)
-        n = int(np.prod(r.shape[:-1]))
-        tops.append((topk_agreement(o.astype(np.float32), r) * n, n))
-
     prompt = make_prompt(model, image_processor, image_sizes, prompt_len, seed)
     if vision_source == "torch":
         prompt.image_features, prompt.deepstack_features = torch_visual_features(model, prompt)
-
-    def multimodal() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        embeds, deep = pipe.prompt_embeds(prompt)
-        pos, _ = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
-        out, _ = pipe.step(embeds, prompt.mask(), pos, pipe.empty_past(embeds.shape[0]), deep)
-        with torch.no_grad():
-            ref = model(
-                input_ids=torch.as_tensor(prompt.input_ids), attention_mask=torch.as_tensor(prompt.mask()),
-                pixel_values=torch.as_tensor(prompt.pixel_values), image_grid_thw=torch.as_tensor(prompt.image_grid_thw),
-                mm_token_type_ids=torch.as_tensor(host.mm_token_types(prompt.input_ids, pipe.spec)),
-            ).logits.float().numpy()
-        return out, ref, prompt.mask().astype(bool)  # padded positions carry no meaning
-
-    run_case("multimodal_prefill_b2_padded", multimodal)
+    forced = hasattr(pipe.decoder, "run_many")
+    ref_prompt = Prompt(prompt.input_ids, prompt.attention_mask, prompt.pixel_values, prompt.image_grid_thw)
+    ref_tokens = torch_generate(model, ref_prompt, new_tokens)
+    with torch.no_grad():
+        mm_ref = model(
+            input_ids=torch.as_tensor(prompt.input_ids), attention_mask=torch.as_tensor(prompt.mask()),
+            pixel_values=torch.as_tensor(prompt.pixel_values), image_grid_thw=torch.as_tensor(prompt.image_grid_thw),
+            mm_token_type_ids=torch.as_tensor(host.mm_token_types(prompt.input_ids, pipe.spec)),
+        ).logits.float().numpy()
+    cases: dict[str, _Case] = {}
     for name, (b, s, p, distinct) in {
         f"prefill_b1_s{sample_seq + 5}": (1, sample_seq + 5, 0, False),
         "chunk_b2_s7_past11": (2, 7, 11, True),
         "decode_b2_s1_past20": (2, 1, 20, False),
     }.items():
-        run_case(name, lambda b=b, s=s, p=p, d=distinct: (*_random_case(pipe, model, rng, b, s, p, d), None))
-    ref_prompt = Prompt(prompt.input_ids, prompt.attention_mask, prompt.pixel_values, prompt.image_grid_thw)
-    ref_tokens = torch_generate(model, ref_prompt, new_tokens)
+        cases[name] = _random_case(pipe, model, rng, b, s, p, distinct)
+    release_blocks(model)  # the references are made: the decoder's sessions get the memory
+    mm = "multimodal_prefill_b2_padded"
     try:
-        tokens = pipe.generate(prompt, new_tokens)
-    except Exception as e:
-        errors["generate"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        tokens = np.full_like(ref_tokens, -1)
+        embeds, deep = pipe.prompt_embeds(prompt)
+        if forced and new_tokens > 1:
+            feeds = _teacher_forced(pipe, embeds, deep, prompt, ref_tokens)
+        else:
+            pos, _ = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
+            feeds = pipe.step_feeds(embeds, prompt.mask(), pos, pipe.empty_past(embeds.shape[0]), deep)
+        cases = {mm: _Case(feeds, mm_ref, prompt.mask().astype(bool), mm_ref.shape[1]), **cases}
+    except Exception as e:  # the vision or embed graph could not run
+        errors[mm] = _message(e)
+    outs = _run_decoder(pipe, cases)
+    results: dict[str, Parity] = {mm: FAILED} if mm in errors else {}
+    tops: list[tuple[float, int]] = [(0.0, 1)] if mm in errors else []
+    for name, c in cases.items():
+        out = outs[name]
+        if isinstance(out, Exception):
+            results[name], errors[name] = FAILED, _message(out)
+            tops.append((0.0, 1))
+            continue
+        o = out[:, : c.prefix] if c.prefix is not None else out
+        o, r = (o[c.keep], c.ref[c.keep]) if c.keep is not None else (o, c.ref)
+        results[name] = compare(o.astype(np.float32), r)
+        n = int(np.prod(r.shape[:-1]))
+        tops.append((topk_agreement(o.astype(np.float32), r) * n, n))
+    tokens = np.full_like(ref_tokens, -1)
+    if forced and new_tokens > 1:
+        out = outs.get(mm)
+        if isinstance(out, np.ndarray):
+            s = mm_ref.shape[1]
+            tokens = np.argmax(out[:, s - 1: s - 1 + new_tokens], axis=-1)
+    else:
+        try:
+            tokens = pipe.generate(prompt, new_tokens)
+        except Exception as e:
+            errors["generate"] = _message(e)
     top1 = sum(a for a, _ in tops) / sum(n for _, n in tops)
-    return ParityReport(cases, float(top1), tokens, ref_tokens, vision_source, errors)
+    return ParityReport(results, float(top1), tokens, ref_tokens, vision_source, errors,
+                        "teacher-forced" if forced and new_tokens > 1 else "free-running")

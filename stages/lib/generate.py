@@ -140,6 +140,14 @@ class OrtPipeline:
         deepstack: list[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decoder call: logits [B, S, V] and the present KV (the next call's past)."""
+        outs = self.decoder.run(None, self.step_feeds(embeds, mask, position_ids, past, deepstack))
+        return outs[0], list(outs[1:])
+
+    def step_feeds(
+        self, embeds: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray],
+        deepstack: list[np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The decoder's feeds for one call, in the graph's dtypes (what :meth:`step` runs)."""
         feeds: dict[str, np.ndarray] = {
             "inputs_embeds": embeds.astype(self.dtype, copy=False),
             "attention_mask": mask.astype(np.int64, copy=False),
@@ -152,8 +160,7 @@ class OrtPipeline:
         deep = deepstack if deepstack else host.zeros_deepstack(self.spec, b, s, self.hidden, self.dtype)
         for name, arr in zip(self.deepstack_names, deep, strict=True):
             feeds[name] = arr.astype(self.dtype, copy=False)
-        outs = self.decoder.run(None, feeds)
-        return outs[0], list(outs[1:])
+        return feeds
 
     # --- generation ------------------------------------------------------------------------
 

@@ -51,6 +51,17 @@ class SegmentedSession:
         out = run_whole(self.path, feed, want, optimization=self.optimization)
         return [out[n] for n in want]
 
+    def run_many(self, names: Sequence[str] | None, feeds: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+        """Several independent calls in one segment-major pass: each block's session is built
+        once for all of them, not once per call (what makes many calls affordable at 8 B)."""
+        from stages.lib.segments import run_segmented
+
+        want = list(names) if names else [o.name for o in self._outputs]
+        got: list[dict[str, Any]] = [{} for _ in feeds]
+        run_segmented(self.path, feeds, lambda _seg, i, values: got[i].update(values), expose=want,
+                      optimization=self.optimization)
+        return [[g[n] for n in want] for g in got]
+
 
 def decoder_session(path: str | Path, weight_bytes: int, optimization: Optimization = "all") -> Any:
     """A whole-graph session for a decoder under ``SEGMENT_ABOVE``, a ``SegmentedSession`` above."""

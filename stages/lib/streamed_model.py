@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.stage import StageError
 from stages.lib.dtypes import torch_dtype
 
-__all__ = ["KEEP_SHARE", "STREAM_LEAF_BYTES", "load_streamed"]
+__all__ = ["KEEP_SHARE", "STREAM_LEAF_BYTES", "load_streamed", "release_blocks"]
 
 STREAM_LEAF_BYTES = 64 * 1024**2  # a leaf module at least this big streams (embeddings, lm_head)
 KEEP_SHARE = 0.35  # of MemAvailable: what the kept blocks may take (ORT sessions and activations need the rest)
@@ -227,6 +227,7 @@ def load_streamed(path: str | Path, dtype: str = "fp32", trust_remote_code: bool
     if keep_bytes is not None and keep_bytes < 0:
         keep_bytes = int(KEEP_SHARE * _available_bytes())
     store = _Store(locs, keep_bytes)
+    model._vlmforge_store = store  # release_blocks' handle
     for prefix, mod in streamed:
         mod.register_forward_pre_hook(_loader(prefix, mod, store, tdtype))
         mod.register_forward_hook(lambda module, args, out: _to_meta(module))
@@ -236,3 +237,13 @@ def load_streamed(path: str | Path, dtype: str = "fp32", trust_remote_code: bool
                                                   "dtype": property(lambda self: tdtype)})
     model.generation_config.do_sample = False
     return model.eval()
+
+
+def release_blocks(model: Any) -> None:
+    """Drop a streamed model's kept block tensors and conversion buffers (a later forward reads
+    them again); a model not made by :func:`load_streamed` is left as it is."""
+    store = getattr(model, "_vlmforge_store", None)
+    if isinstance(store, _Store):
+        store.kept.clear()
+        store.buffers.clear()
+        store.used = 0
