@@ -261,10 +261,10 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
         tops.append((topk_agreement(o.astype(np.float32), r) * n, n))
     tokens = np.full_like(ref_tokens, -1)
     if forced and new_tokens > 1:
-        out = outs.get(mm)
-        if isinstance(out, np.ndarray):
+        forced_out = outs.get(mm)
+        if isinstance(forced_out, np.ndarray):
             s = mm_ref.shape[1]
-            tokens = np.argmax(out[:, s - 1: s - 1 + new_tokens], axis=-1)
+            tokens = np.argmax(forced_out[:, s - 1: s - 1 + new_tokens], axis=-1)
     else:
         try:
             tokens = pipe.generate(prompt, new_tokens)
