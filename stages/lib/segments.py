@@ -243,11 +243,11 @@ def _copy_external(m: onnx.ModelProto, base: Path, dst: Path) -> None:
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
-    from stages.lib.qdq.graphio import _proto_tensors
+    from stages.lib.qdq.graphio import proto_tensors
 
     offset = 0
     with open(dst.with_name(dst.name + ".data"), "wb") as out:
-        for t in (t for t in _proto_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL):
+        for t in (t for t in proto_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL):
             info = ExternalDataInfo(t)
             src = base / info.location
             left = info.length or src.stat().st_size - (info.offset or 0)

@@ -25,7 +25,7 @@ def tensor_bytes(model: ir.Model | onnx.ModelProto) -> int:
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        return sum(_proto_tensor_bytes(t) for t in _proto_tensors(model))
+        return sum(proto_tensor_bytes(t) for t in proto_tensors(model))
     return sum(_ir_tensor_bytes(t) for _, t in _ir_tensors(model))
 
 
@@ -34,7 +34,7 @@ def fits_in_proto(model: ir.Model | onnx.ModelProto) -> bool:
     return tensor_bytes(model) < PROTO_LIMIT
 
 
-def _proto_tensor_bytes(t: onnx.TensorProto) -> int:
+def proto_tensor_bytes(t: onnx.TensorProto) -> int:
     import math
 
     import onnx_ir as ir
@@ -47,7 +47,7 @@ def _proto_tensor_bytes(t: onnx.TensorProto) -> int:
         return 0
 
 
-def _proto_tensors(model: onnx.ModelProto) -> Any:
+def proto_tensors(model: onnx.ModelProto) -> Any:
     def attrs(nodes: Any) -> Any:
         for node in nodes:
             for a in node.attribute:
@@ -149,7 +149,7 @@ def has_external(model: ir.Model | onnx.ModelProto) -> bool:
     import onnx_ir as ir
 
     if isinstance(model, onnx.ModelProto):
-        return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _proto_tensors(model))
+        return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto_tensors(model))
     return any(isinstance(t, ir.ExternalTensor) for _, t in _ir_tensors(model))
 
 
@@ -186,7 +186,7 @@ def load_proto(path: Path | str, lazy: bool = False, in_file: bool = False) -> o
     except Exception:  # noqa: BLE001 - unknown ops: types then come from ORT
         pass
     if keep:
-        for t in _proto_tensors(proto):
+        for t in proto_tensors(proto):
             for e in t.external_data if t.data_location == onnx.TensorProto.EXTERNAL else ():
                 if e.key == "location":
                     e.value = str(base_dir / e.value)
