@@ -51,18 +51,22 @@ class NodeOutcome:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory, MB: the one implementation stages and benches use.
+    """This process's peak resident memory, MB, or its largest finished child's if that was
+    larger (a stage that runs a step in a child process to return its memory): the one
+    implementation stages and benches use.
 
     VmHWM first: it starts afresh at exec, while ru_maxrss carries a forking parent's pages over
-    (a worker spawned by a parent that just held a big checkpoint would report the parent's peak)."""
+    (a worker spawned by a parent that just held a big checkpoint would report the parent's peak;
+    a child spawned by this process inherits only what this process held when it started it)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # KiB on Linux
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
+                    return max(int(line.split()[1]) / 1024.0, children)  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, children)
 
 
 def _redirect(log: Path) -> None:

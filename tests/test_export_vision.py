@@ -143,3 +143,22 @@ def test_bf16_export(ckpts: dict[str, Path], tmp_path: Path) -> None:
     res = _run(_cfg("qwen2_5_vl", export={"dtype": "bf16"}), ckpts["qwen2_5_vl"], tmp_path)
     assert all(g.passed for g in res.gates)
     assert "bf16 widened" in json.loads((tmp_path / "vision.json").read_text())["parity"]["runtime"]
+
+
+def test_big_tower_exports_in_a_child_process(ckpts: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above CHILD_ABOVE the export runs in a spawned process (the exporter's leftovers leave
+    with it); the graph, its facts and the parity come out as in-process. The patch below holds
+    only in this process: an export here fails the test, the spawned child imports the real one."""
+    from stages.lib import vision_export
+
+    monkeypatch.setattr(vision_export, "CHILD_ABOVE", 0)
+
+    def not_here(*a: Any, **k: Any) -> Any:
+        raise AssertionError("exported in the stage's own process")
+
+    monkeypatch.setattr(vision_export, "export_graph", not_here)
+    res = _run(_cfg("qwen3_vl", export={"dtype": "fp16"}), ckpts["qwen3_vl"], tmp_path)
+    assert all(g.passed for g in res.gates) and res.metrics["cosine"] > 0.9999
+    assert any("child process" in n for n in res.notes)
+    assert res.metrics["export_peak_rss_bytes"] > 100 * 2**20  # the child's peak, reported

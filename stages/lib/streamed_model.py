@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.stage import StageError
 from stages.lib.dtypes import torch_dtype
 
-__all__ = ["KEEP_SHARE", "STREAM_LEAF_BYTES", "load_streamed", "release_blocks"]
+__all__ = ["KEEP_SHARE", "STREAM_LEAF_BYTES", "load_streamed", "release_blocks", "stored_bytes"]
 
 STREAM_LEAF_BYTES = 64 * 1024**2  # a leaf module at least this big streams (embeddings, lm_head)
 KEEP_SHARE = 0.35  # of MemAvailable: what the kept blocks may take (ORT sessions and activations need the rest)
@@ -247,3 +247,9 @@ def release_blocks(model: Any) -> None:
         store.kept.clear()
         store.buffers.clear()
         store.used = 0
+
+
+def stored_bytes(path: str | Path, prefix: str = "") -> int:
+    """Bytes the checkpoint stores for the tensors under ``prefix`` (transformers 5 module paths,
+    e.g. ``model.visual.``), read from the shard headers alone."""
+    return sum(loc.nbytes for name, loc in _index(Path(path)).items() if name.startswith(prefix))
