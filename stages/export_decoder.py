@@ -138,9 +138,17 @@ def _run(ctx: StageContext) -> StageResult:
     # from the shards (stages/lib/streamed_model: an 8 B model in FP32 is 35 GB); it runs the
     # checkpoint's own attention (eager), unpatched
     gc.collect()
+    # A decoder past SEGMENT_ABOVE keeps at most a quarter of its graph's bytes of checkpoint
+    # blocks between forwards: with the FP32 working set (the largest block, lm_head) and the
+    # graphs' sessions after it, that holds the stage near its budget of 1.25x the graph + 2 GB
+    # (keeping all 2.7 GB of the 1.43 B probe's blocks peaked at 6.1 GB against 4.9); the rest is
+    # re-read from the page cache per forward, about a second per forward at that size.
+    from stages.lib.segment_session import SEGMENT_ABOVE
     from stages.lib.streamed_model import load_streamed
 
-    model = load_streamed(path, dtype="fp32", trust_remote_code=p["trust_remote_code"])
+    graph_bytes = sum(f.stat().st_size for f in ctx.out.glob("decoder.onnx*"))
+    keep = graph_bytes // 4 if graph_bytes > SEGMENT_ABOVE else -1
+    model = load_streamed(path, dtype="fp32", trust_remote_code=p["trust_remote_code"], keep_bytes=keep)
     ctx.report("parity: logits on held-out shapes + greedy generation", 0.6)
     vision_dir = ctx.inputs.get("export_vision")
     if vision_dir is not None and _vision_spec(vision_dir, family) is None:
@@ -156,14 +164,15 @@ def _run(ctx: StageContext) -> StageResult:
             run_emb = bf16_as_fp32(emb_path, Path(tmp) / "embed_fp32.onnx")
             notes.append("bf16 widened to fp32 for onnxruntime CPU (no BF16 kernels): weight rounding is "
                          "checked, BF16 activation rounding is not")
-        # a decoder over 2 GiB of weights runs block by block (a whole CPU session holds ~2x them)
-        from stages.lib.ortsession import ort_session
-        from stages.lib.segment_session import SEGMENT_ABOVE, decoder_session
+        # a decoder over 2 GiB of weights runs block by block (a whole CPU session holds ~2x them);
+        # embed and vision open when first run, after every PyTorch reference is made
+        from stages.lib.ortsession import LazySession
+        from stages.lib.segment_session import decoder_session
 
         dec_bytes = sum(f.stat().st_size for f in run_dec.parent.glob(run_dec.name + "*"))
         pipe = OrtPipeline.from_sessions(
-            decoder_session(run_dec, dec_bytes), ort_session(run_emb, log_level=3), spec,
-            ort_session(vision_dir / "vision.onnx", log_level=3) if vision_dir else None,
+            decoder_session(run_dec, dec_bytes), LazySession(run_emb, log_level=3), spec,
+            LazySession(vision_dir / "vision.onnx", log_level=3) if vision_dir else None,
             _vision_spec(vision_dir, family) if vision_dir else None)
         if dec_bytes > SEGMENT_ABOVE:
             notes.append(f"decoder parity ran block by block ({dec_bytes / 1024**3:.2f} GiB of weights), all cases "

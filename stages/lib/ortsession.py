@@ -37,3 +37,28 @@ def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all"
 def reference_session(model: str | Path | bytes) -> Any:
     """The quantized-graph reference: CPU, graph optimizations off, errors-only logging."""
     return ort_session(model, optimization="none", log_level=3)
+
+
+class LazySession:
+    """A session opened on its first ``run`` (or first I/O question), with ``ort_session``'s
+    options: a caller that must hold several graphs' sessions at different times (the export
+    parity: the PyTorch reference first, then the graphs) passes them around before any of
+    them costs memory, as Polygraphy's lazy loaders do."""
+
+    def __init__(self, model: str | Path, **options: Any):
+        self.model, self.options = model, options
+        self._sess: Any = None
+
+    def _open(self) -> Any:
+        if self._sess is None:
+            self._sess = ort_session(self.model, **self.options)
+        return self._sess
+
+    def get_inputs(self) -> Any:
+        return self._open().get_inputs()
+
+    def get_outputs(self) -> Any:
+        return self._open().get_outputs()
+
+    def run(self, names: Any, feed: Any) -> Any:
+        return self._open().run(names, feed)
