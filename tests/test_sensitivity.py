@@ -56,3 +56,19 @@ def test_unreachable_budget_reports_not_met():
     calib.amax["h"] *= 40
     built, rep = S.run(proto, Recipe("int8"), calib, 1.0 + 0.0, ev)
     assert len(rep.kept) == len(rep.ranking) and np.isfinite(rep.cosine_final)
+
+
+def test_fallback_walk_finds_the_fewest_groups_in_log_steps():
+    """Doubling then bisecting: the same k a one-group-at-a-time walk finds, in O(log n) scores."""
+    for need in range(0, 41):
+        calls: list[int] = []
+
+        def score(k: int, calls: list[int] = calls, need: int = need) -> float:
+            calls.append(k)
+            return 0.999 if k >= need else 0.9 + k * 1e-3
+
+        k, tried = S.fallback_walk(40, 0.999, 0.999 if need == 0 else 0.9, score)
+        assert k == need and tried[k] >= 0.999 and (k == 0 or tried[k - 1] < 0.999)  # k - 1 was scored: fewest
+        assert len(calls) == len(set(calls)) <= 2 * 6 + 1  # log2(40) ~ 5.3, each k scored once
+    k, tried = S.fallback_walk(5, 0.9999, 0.9, lambda k: 0.99)  # unreachable: everything kept
+    assert k == 5 and tried[5] == 0.99

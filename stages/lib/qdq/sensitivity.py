@@ -91,6 +91,7 @@ class SensitivityReport:
     kept: list[dict[str, Any]] = field(default_factory=list)  # {"group","nodes","why"}
     evaluations: int = 0
     scored: str = "whole graph"  # or "block": each group at its own segment's output
+    walk: list[dict[str, Any]] = field(default_factory=list)  # {"kept_groups", "cosine"} per candidate scored
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -130,22 +131,52 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
     ranking.sort(key=lambda r: -r["loss"])
     rep = SensitivityReport(budget, cos_full, cos_full, cos_full >= budget, ranking,
                             scored="block" if block else "whole graph")
-    cos = cos_full
-    keep: dict[str, str] = {}
     where = " at its block's output" if block else ""
-    for rank, r in enumerate(ranking, 1):
-        if cos >= budget:
-            break
-        why = (f"sensitivity: quantized alone it drops cosine{where} to {r['cosine_alone']:.5f} (rank {rank} of "
-               f"{len(ranking)}); kept to meet accuracy_budget {budget}")
-        for n in groups[r["group"]]:
-            keep[n] = why
-        best = build(source, recipe, calib, keep_nodes=keep)
-        cos = evaluate(best)
-        rep.kept.append({"group": r["group"], "nodes": groups[r["group"]], "why": why, "cosine_after": cos})
-    rep.cosine_final, rep.met = cos, cos >= budget
-    rep.evaluations = 1 + len(ranking) + len(rep.kept)  # block scores count one each
-    return best, rep
+    whys = [f"sensitivity: quantized alone it drops cosine{where} to {r['cosine_alone']:.5f} (rank {rank} of "
+            f"{len(ranking)}); kept to meet accuracy_budget {budget}" for rank, r in enumerate(ranking, 1)]
+    built: dict[int, Built] = {0: best}
+
+    def score(k: int) -> float:  # the candidate with the k most harmful groups kept high precision
+        keep = {n: whys[i] for i in range(k) for n in groups[ranking[i]["group"]]}
+        built[k] = build(source, recipe, calib, keep_nodes=keep)
+        return evaluate(built[k])
+
+    k, tried = fallback_walk(len(ranking), budget, cos_full, score)
+    for i in range(k):
+        r = ranking[i]
+        rep.kept.append({"group": r["group"], "nodes": groups[r["group"]], "why": whys[i], "cosine_after": tried.get(i + 1)})
+    rep.cosine_final, rep.met = tried[k], tried[k] >= budget
+    rep.walk = [{"kept_groups": n, "cosine": c} for n, c in sorted(tried.items())]
+    rep.evaluations = len(ranking) + len(tried)  # block scores count one each
+    return built[k], rep
+
+
+def fallback_walk(n: int, budget: float, cos_none: float, score: Callable[[int], float]) -> tuple[int, dict[int, float]]:
+    """The fewest of the n ranked groups to keep, k, such that ``score(k)`` (the candidate with the
+    k most harmful kept) meets ``budget``; all n when none does. ``score`` is called for k = 1, 2,
+    4, ... until one meets it, then bisected between the last two: O(log n) whole-graph
+    candidates where a walk one group at a time needs k (each a full write and run of the graph:
+    minutes at 8 B). The same answer as that walk where the cosine grows with k, which keeping
+    more of the graph in high precision does up to noise. Returns k and every score taken
+    ({0: cos_none} included); the candidate built for k is the last one ``score`` made for it."""
+    tried = {0: cos_none}
+
+    def at(k: int) -> float:
+        if k not in tried:
+            tried[k] = score(k)
+        return tried[k]
+
+    if cos_none >= budget or n == 0:
+        return 0, tried
+    lo, hi = 0, 1
+    while at(hi) < budget:
+        if hi == n:
+            return n, tried
+        lo, hi = hi, min(2 * hi, n)
+    while hi - lo > 1:  # at(lo) < budget <= at(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if at(mid) >= budget else (mid, hi)
+    return hi, tried
 
 
 def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Calib,
