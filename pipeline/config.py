@@ -194,10 +194,21 @@ class CalibrationConfig(Frozen):
 class GraphQuant(Frozen):
     keep_high_precision: tuple[str, ...] = ()  # glob patterns on node names (e.g. "*q_proj*")
     int4_block: Literal[64, 128] = 128
-    accuracy_budget: float | None = Field(None, gt=0, le=1)  # cosine the sensitivity pass must keep
+    # The cosine the mixed-precision fallback keeps on calibration data: "gate" (default) aims a
+    # little inside the graph's quantize gate, so a build meets its gate by keeping the most
+    # harmful layer groups in high precision; a number sets it; "off" (or null) quantizes
+    # everything the rules allow and lets the gate fail the build.
+    accuracy_budget: float | Literal["gate", "off"] | None = "gate"
     # Attention BMMs: "projections" quantizes only the q/k/v/o projections (keeps TensorRT's fused
     # MHA, NOTES §1); "fp8-mha" also quantizes the FP8 MHA pattern (fp8 graphs only; measure it).
     attention: Literal["projections", "fp8-mha"] = "projections"
+
+    @field_validator("accuracy_budget")
+    @classmethod
+    def _budget(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"expected a cosine in (0, 1], \"gate\" or \"off\", got {v}")
+        return v
 
 
 class QuantizeConfig(Frozen):

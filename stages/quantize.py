@@ -1,7 +1,8 @@
 """Quantize: explicit Q/DQ graphs per target precision (int8, fp8, int4-weight; fp16 = copy).
 
 Per graph: the placement rules of `stages.lib.qdq.rules`, calibrated ranges from `calibrate`,
-`keep_high_precision` patterns and, with `accuracy_budget`, the sensitivity fallback. Parity is
+`keep_high_precision` patterns and the sensitivity fallback (`accuracy_budget`, on by default:
+the most harmful layer groups stay high precision until the graph meets its gate). Parity is
 measured on the `reference` stage's held-out set (never the calibration set) against both the
 unquantized graph and PyTorch, in onnxruntime with optimizations disabled. `key_uses_target` is
 False: targets resolving to the same precisions share one cache entry.
@@ -51,6 +52,22 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "gates": {p: cfg.gates[p].model_dump(mode="json") for p in set(prec.values()) if p in cfg.gates},
         "trust_remote_code": cfg.model.trust_remote_code,
     }
+
+
+# "gate" budgets aim this much inside the gate's cosine: the search scores calibration inputs
+# against the unquantized graph, the gate held-out inputs against the PyTorch reference (whose
+# own export error and unseen inputs the search does not see). 0.8: a 0.99 gate searches to 0.992.
+GATE_MARGIN = 0.8
+
+
+def search_budget(setting: float | str | None, gate: dict[str, Any]) -> float | None:
+    """The cosine the mixed-precision fallback must reach, from ``quantize.<graph>.accuracy_budget``
+    and the graph's quantize gate; None: no fallback ("off" / null)."""
+    if setting is None or setting == "off":
+        return None
+    if setting == "gate":
+        return 1.0 - (1.0 - float(gate["cosine"])) * GATE_MARGIN
+    return float(setting)
 
 
 def _graph_outputs(names: list[str], graph: str) -> list[str]:
@@ -111,8 +128,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
                           "inputs": "calibration" if search is not feeds else "held-out"}
         else:
             first = candidate(recipe, "full")
-        built, sens = sensitivity.run(source, recipe, calib, gq.get("accuracy_budget"), ev, full=(first[0], first[2]),
-                                      path=src)
+        budget = search_budget(gq.get("accuracy_budget"), {"cosine": 0.99, **ctx.params["gates"].get(mode, {})})
+        built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src)
         outs = None
         if built is first[0]:  # no fallback: the written candidate is the result
             for f in first[1].parent.iterdir():
@@ -241,13 +258,14 @@ def _run(ctx: StageContext) -> StageResult:
     if failed:
         f = failed[0]
         raise GateFailed(f"quantize gate {f.name}: {f.value:.5f} {'<' if f.op == '>=' else '>'} {f.threshold} "
-                         "(keep layers high precision: quantize.<graph>.keep_high_precision / accuracy_budget)", result)
+                         "(keep layers high precision: quantize.<graph>.keep_high_precision, or a higher "
+                         "quantize.<graph>.accuracy_budget)", result)
     return result
 
 
 STAGE = Stage(
     name="quantize",
-    version="3",
+    version="4",  # 4: accuracy_budget "gate" by default; the fallback walk doubles then bisects
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

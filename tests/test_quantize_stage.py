@@ -135,9 +135,27 @@ def test_int4_on_graph_without_matmul_weights_names_graph(upstream, tmp_path):
 
 
 def test_gate_failure_is_raised(upstream, tmp_path):
-    cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"}, gates={"int8": {"cosine": 1.0, "norm_ratio": None}})
+    """accuracy_budget off: no fallback, the gate fails the build."""
+    cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"}, gates={"int8": {"cosine": 1.0, "norm_ratio": None}},
+               quantize={"decoder": {"accuracy_budget": "off"}})
     with pytest.raises(GateFailed, match="decoder.int8.cosine"):
         _run(cfg, "rtx3090", upstream, tmp_path)
+
+
+def test_default_budget_falls_back_to_meet_the_gate(upstream, tmp_path):
+    """By default the fallback aims inside the gate: a gate the fully quantized graph misses is met
+    by keeping the most harmful groups high precision, and the report says which."""
+    from stages.quantize import search_budget
+
+    gate = 0.9999
+    cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"}, gates={"int8": {"cosine": gate, "norm_ratio": None}})
+    _, q = _run(cfg, "rtx3090", upstream, tmp_path)
+    s = q["decoder"]["sensitivity"]
+    assert s["budget"] == pytest.approx(search_budget("gate", {"cosine": gate})) and s["budget"] > gate
+    assert s["cosine_full"] < gate  # the premise: everything quantized misses this gate
+    assert s["met"] and q["decoder"]["kept_high_precision"] and s["walk"][0] == {"kept_groups": 0, "cosine": s["cosine_full"]}
+    par = q["decoder"]["parity"]
+    assert par.get("vs_reference", par["vs_unquantized"])["cosine"] >= gate  # what the gate read (no GateFailed)
 
 
 def test_vision_only_cnn_model(tmp_path):
