@@ -139,7 +139,7 @@ def real_graphs(config: Path, work: Path) -> list[tuple[str, Any, Any, int, Prof
     graph with its engine profile and random feeds shaped as the fuse stage shapes them."""
     import onnx
 
-    from pipeline.config import load_config
+    from pipeline.config_io import load_config
     from pipeline.stage import StageContext
     from stages.fuse import _axis_sizes
     from stages.lib.engine_profiles import profile_for

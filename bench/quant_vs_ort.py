@@ -158,7 +158,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--json", default=None, help="write the results here too")
     a = ap.parse_args()
-    from pipeline.config import load_config
+    from pipeline.config_io import load_config
     from stages.lib.qdq import heldout
 
     cfg = load_config(a.config)

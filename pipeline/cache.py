@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.hashing import SHA256_HEX, HashMemo, hash_tree
+from pipeline.liveness import pin_file_name
 from pipeline.locks import flocked, shared_many
 
 MANIFEST = "manifest.json"
@@ -160,8 +161,6 @@ class CacheStore:
     @contextmanager
     def pinning(self) -> Iterator[None]:
         """For the duration of a build, keys passed to ``pin`` are kept by a concurrent gc."""
-        from pipeline.housekeeping import pin_file_name
-
         self._pin_file = self.root / ".pins" / pin_file_name()
         self._pin_file.parent.mkdir(parents=True, exist_ok=True)
         try:

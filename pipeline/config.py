@@ -1,4 +1,5 @@
-"""Typed, frozen build configuration loaded from YAML (unknown keys are errors).
+"""Typed, frozen build configuration: the schema a YAML build config must match (unknown keys
+are errors); ``pipeline.config_io.load_config`` reads a file into it.
 
 Each section belongs to one stage family; a stage's ``params`` function picks the fields it
 uses, so editing one section re-keys only the stages that read it. Relative paths resolve
@@ -11,17 +12,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.config_types import HW, Frozen, HWs, PosFloat, resolve_path
 
 Precision = Literal["best", "fp8", "int8", "int4-weight", "fp16"]
 Family = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -34,35 +27,6 @@ BUILD_NAME_RULE = ("a plain build name: 1-128 letters, digits, '.', '_' or '-', 
                    "or digit (no '/', no '..')")
 
 
-def _positive_hw(v: tuple[int, int]) -> tuple[int, int]:
-    if v[0] <= 0 or v[1] <= 0:
-        raise ValueError(f"expected a positive [height, width] in pixels, got {list(v)}")
-    return v
-
-
-def _not_empty(v: tuple[Any, ...]) -> tuple[Any, ...]:
-    if not v:
-        raise ValueError("expected at least one [height, width], got []")
-    return v
-
-
-HW = Annotated[tuple[int, int], AfterValidator(_positive_hw)]
-HWs = Annotated[tuple[HW, ...], AfterValidator(_not_empty)]
-PosFloat = Annotated[float, Field(gt=0)]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _resolve(v: Any, info: ValidationInfo) -> Any:
-    if v is None:
-        return None
-    base = (info.context or {}).get("base_dir")
-    p = Path(v).expanduser()
-    return (Path(base) / p).resolve() if base and not p.is_absolute() else p
-
-
 class OnnxGraphSource(Frozen):
     """Bring your own ONNX: an existing FP32 graph replaces the exported one."""
 
@@ -73,7 +37,7 @@ class OnnxGraphSource(Frozen):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[PosFloat, PosFloat, PosFloat] = IMAGENET_STD
 
-    _p = field_validator("path", mode="before")(_resolve)
+    _p = field_validator("path", mode="before")(resolve_path)
 
     @field_validator("path")
     @classmethod
@@ -91,7 +55,7 @@ class ModelConfig(Frozen):
     trust_remote_code: bool = False  # off unless the user asks: it runs code from the checkpoint
     vision_onnx: OnnxGraphSource | None = None
 
-    _p = field_validator("checkpoint", mode="before")(_resolve)
+    _p = field_validator("checkpoint", mode="before")(resolve_path)
 
     @field_validator("checkpoint")
     @classmethod
@@ -170,7 +134,7 @@ class CalibrationConfig(Frozen):
     percentile: float = Field(99.99, gt=50, le=100)
     seed: int = Field(1234, ge=0)  # numpy's generators take non-negative seeds
 
-    _p = field_validator("images", "prompts", mode="before")(_resolve)
+    _p = field_validator("images", "prompts", mode="before")(resolve_path)
 
     @field_validator("images", "prompts")
     @classmethod
@@ -302,28 +266,3 @@ class BuildConfig(Frozen):
                 merged[k] = {**merged.get(k, {}), **(g or {})} if isinstance(g, dict) else g
             return merged
         return v
-
-
-# --- loading -------------------------------------------------------------------------------
-
-
-def load_config(path: str | Path) -> BuildConfig:
-    """The build config in ``path`` (includes merged), validated; ConfigError (exit 2) otherwise."""
-    from pydantic import ValidationError
-
-    from pipeline.config_checks import check_config
-    from pipeline.config_io import format_error, read_yaml
-
-    path = Path(path).expanduser().resolve()
-    data = read_yaml(path)
-    if "name" not in data:
-        if not BUILD_NAME.fullmatch(path.stem):
-            raise ConfigError(f"{path}: name: not set, and the file name {path.stem!r} is not {BUILD_NAME_RULE}; "
-                              "set name: explicitly")
-        data["name"] = path.stem
-    try:
-        cfg = BuildConfig.model_validate(data, context={"base_dir": str(path.parent)})
-    except ValidationError as e:
-        raise ConfigError(format_error(path, e)) from None
-    check_config(cfg, path)
-    return cfg

@@ -1,11 +1,16 @@
-"""Reading a build config's YAML (``include:`` composition) and wording its validation errors:
-one line naming the file, the key path and what was expected, never a traceback."""
+"""Loading a build config: reading its YAML (``include:`` composition), validating it against
+the schema (``pipeline.config``) and the cross-section checks (``pipeline.config_checks``), and
+wording what is wrong: one line naming the file, the key path and what was expected, never a
+traceback. The schema does not load itself, so neither it nor the checks import each other.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import BUILD_NAME, BUILD_NAME_RULE, BuildConfig
+from pipeline.config_checks import check_config
 from pipeline.errors import ConfigError
 
 
@@ -75,3 +80,22 @@ def format_error(path: Path, err: Any) -> str:
             msg = f"{msg} (got {e['input']!r})"
         parts.append(f"{loc}: {msg}")
     return f"{path}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path) -> BuildConfig:
+    """The build config in ``path`` (includes merged), validated; ConfigError (exit 2) otherwise."""
+    from pydantic import ValidationError
+
+    path = Path(path).expanduser().resolve()
+    data = read_yaml(path)
+    if "name" not in data:
+        if not BUILD_NAME.fullmatch(path.stem):
+            raise ConfigError(f"{path}: name: not set, and the file name {path.stem!r} is not {BUILD_NAME_RULE}; "
+                              "set name: explicitly")
+        data["name"] = path.stem
+    try:
+        cfg = BuildConfig.model_validate(data, context={"base_dir": str(path.parent)})
+    except ValidationError as e:
+        raise ConfigError(format_error(path, e)) from None
+    check_config(cfg, path)
+    return cfg

@@ -17,42 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.cache import CacheStore
-
-
-def _proc_start(pid: int) -> float | None:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-            return None
-        return float(proc.create_time())
-    except psutil.NoSuchProcess:
-        return None
-    except psutil.AccessDenied:
-        return -1.0  # alive, but not ours to inspect: count it as alive
-
-
-def pin_file_name() -> str:
-    """``<pid>.<start time in ms>.<rand>.json``: a pid reused by a later process does not match."""
-    start = _proc_start(os.getpid()) or 0.0
-    return f"{os.getpid()}.{int(start * 1000)}.{uuid.uuid4().hex[:8]}.json"
-
-
-def _pin_alive(p: Path) -> bool:
-    try:
-        pid, start_ms = (int(x) for x in p.name.split(".")[:2])
-    except ValueError:
-        return False
-    start = _proc_start(pid)
-    return start is not None and (start < 0 or abs(start * 1000 - start_ms) < 1000)
+from pipeline.liveness import pin_alive, tmp_alive
 
 
 def live_pins(store: CacheStore, drop_dead: bool) -> set[str]:
     keys: set[str] = set()
     pins = store.root / ".pins"
     for p in sorted(pins.glob("*.json")) if pins.is_dir() else []:
-        if not _pin_alive(p):
+        if not pin_alive(p):
             if drop_dead:
                 p.unlink(missing_ok=True)
             continue
@@ -62,21 +34,6 @@ def live_pins(store: CacheStore, drop_dead: bool) -> set[str]:
             data = []
         keys |= {k for k in data if isinstance(k, str)} if isinstance(data, list) else set()
     return keys
-
-
-def _tmp_alive(tmp: Path) -> bool:
-    """Is the builder that owns this temp folder still running? A killed builder can linger as
-    a zombie (no reaper in a container) and its pid can be reused later: neither counts."""
-    try:
-        start = _proc_start(int(tmp.name.split(".")[1]))
-    except (IndexError, ValueError):
-        return False
-    if start is None:
-        return False
-    try:
-        return start < 0 or start <= tmp.stat().st_mtime + 1.0  # started after the folder: reused pid
-    except FileNotFoundError:
-        return False
 
 
 def _size(p: Path) -> int:
@@ -114,7 +71,7 @@ def gc(store: CacheStore, keep: set[str], dry_run: bool = False) -> GcResult:
         for sub in (".tmp", ".corrupt"):
             folder = store.root / sub
             for p in sorted(folder.glob("*")) if folder.is_dir() else []:
-                if p in doomed or (sub == ".tmp" and _tmp_alive(p)):
+                if p in doomed or (sub == ".tmp" and tmp_alive(p)):
                     continue
                 stale.append(p.name)
                 freed += _size(p)

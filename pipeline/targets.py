@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from pipeline.config import BuildConfig, Frozen, Precision
+from pipeline.config import BuildConfig, Precision
+from pipeline.config_types import Frozen
 from pipeline.errors import ConfigError
 
 Builder = Literal["tensorrt-rtx", "tensorrt"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache import CacheStore
-from pipeline.config import load_config
+from pipeline.config_io import load_config
 from pipeline.graph import build_graph, load_stages
 from pipeline.hashing import HashMemo
 from pipeline.keys import cache_key, key_material

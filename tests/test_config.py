@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config_io import load_config
 from pipeline.errors import ConfigError
 from tests.conftest import BASE_CONFIG, Cli
 

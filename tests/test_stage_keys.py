@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config_io import load_config
 from pipeline.graph import build_graph, load_stages
 from pipeline.hashing import HashMemo
 from pipeline.keys import cache_key, key_material
