@@ -96,7 +96,7 @@ def main() -> int:
 
     ckpt = a.work / f"ckpt_{a.family}_1b"
     if not (ckpt / "config.json").is_file():
-        from stages.lib.checkpoints import generate_tiny
+        from stages.lib.tiny_checkpoints import generate_tiny
 
         t0 = time.perf_counter()
         generate_tiny(a.family, ckpt, seed=0, scale="1b", dtype="bf16")

@@ -55,8 +55,10 @@ def _run(ctx: StageContext) -> StageResult:
     p = ctx.params
     path: str | None
     if p["generate"] == "tiny":
+        from stages.lib.tiny_checkpoints import generate_tiny
+
         ctx.report(f"generating a tiny {p['family']} checkpoint", 0.1)
-        ck.generate_tiny(p["family"], ctx.out / "model", seed=int(p["seed"]))
+        generate_tiny(p["family"], ctx.out / "model", seed=int(p["seed"]))
         path, family = "model", p["family"]
         files = ck.checkpoint_files(ctx.out / "model")
     elif p["generate"] == "cnn-tiny":

@@ -20,7 +20,7 @@ H, V, KV, HD = 64, 512, 2, 16
 
 
 def checkpoint(root: Path, family: str = "qwen2_5_vl") -> Path:
-    from stages.lib.checkpoints import generate_tiny
+    from stages.lib.tiny_checkpoints import generate_tiny
 
     folder = root / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)

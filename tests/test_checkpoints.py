@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.stage import StageError
 from stages.lib import checkpoints as ck
+from stages.lib.tiny_checkpoints import generate_tiny
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -17,7 +18,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
-    return {f: ck.generate_tiny(f, root / f, seed=0) for f in FAMILIES}
+    return {f: generate_tiny(f, root / f, seed=0) for f in FAMILIES}
 
 
 def test_detect_family_of_generated(tiny: dict[str, Path]) -> None:
@@ -87,9 +88,9 @@ def test_pickle_only_weights_refused(tiny: dict[str, Path], tmp_path: Path) -> N
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:
-    a = ck.generate_tiny("qwen2_5_vl", tmp_path / "a", seed=3)
-    b = ck.generate_tiny("qwen2_5_vl", tmp_path / "b", seed=3)
-    c = ck.generate_tiny("qwen2_5_vl", tmp_path / "c", seed=4)
+    a = generate_tiny("qwen2_5_vl", tmp_path / "a", seed=3)
+    b = generate_tiny("qwen2_5_vl", tmp_path / "b", seed=3)
+    c = generate_tiny("qwen2_5_vl", tmp_path / "c", seed=4)
     read = lambda p: (p / "model.safetensors").read_bytes()  # noqa: E731
     assert read(a) == read(b)
     assert read(a) != read(c)

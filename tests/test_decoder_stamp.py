@@ -262,7 +262,7 @@ def test_stage_parity_on_a_stamped_decoder(family: str, dtype: str, tmp_path: Pa
     from pipeline.config import BuildConfig
     from pipeline.stage import StageContext
     from stages.export_decoder import STAGE
-    from stages.lib.checkpoints import generate_tiny
+    from stages.lib.tiny_checkpoints import generate_tiny
 
     layers, n_deep = DEEP[family][0] + 2, DEEP[family][1]
     folder = tmp_path / "ck"

@@ -29,7 +29,7 @@ class _Checkpoints(dict):  # type: ignore[type-arg]
         self.factory = factory
 
     def __missing__(self, family: str) -> Path:
-        from stages.lib.checkpoints import generate_tiny
+        from stages.lib.tiny_checkpoints import generate_tiny
 
         folder = self.factory.mktemp(f"ck_{family}")
         generate_tiny(family, folder / "model", seed=0)

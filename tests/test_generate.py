@@ -20,7 +20,8 @@ from stages.lib.hostside import text as host
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, OrtPipeline, Any]:
     from stages.lib import decoder_export as dx
-    from stages.lib.checkpoints import generate_tiny, load_model, load_processor
+    from stages.lib.checkpoints import load_model, load_processor
+    from stages.lib.tiny_checkpoints import generate_tiny
 
     root = tmp_path_factory.mktemp("gen")
     path = generate_tiny("qwen2_vl", root / "model", seed=0)

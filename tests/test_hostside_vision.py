@@ -9,12 +9,13 @@ import pytest
 
 from stages.lib import checkpoints as ck
 from stages.lib.hostside import vision as hv
+from stages.lib.tiny_checkpoints import generate_tiny, tiny_config
 
 GRIDS = [[[1, 8, 12]], [[1, 8, 12], [1, 14, 10]], [[2, 6, 4], [1, 4, 16]]]
 
 
 def _spec(family: str) -> hv.VisionSpec:
-    return hv.VisionSpec.from_config(family, ck.tiny_config(family).vision_config)
+    return hv.VisionSpec.from_config(family, tiny_config(family).vision_config)
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -33,7 +34,7 @@ def test_rotary_tables_match_the_model_module(family: str) -> None:
     import torch
     from transformers.vision_utils import get_vision_position_ids
 
-    cfg = ck.tiny_config(family).vision_config
+    cfg = tiny_config(family).vision_config
     mod = importlib.import_module(ck.VISION_CLASSES[family][0])
     rot_cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("VisionRotaryEmbedding"))
     grid = GRIDS[1]
@@ -87,9 +88,9 @@ def test_segments_and_feed_names() -> None:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_numpy_patchifier_matches_the_processor(family: str, tmp_path: Path) -> None:
-    path = ck.generate_tiny(family, tmp_path / family)
+    path = generate_tiny(family, tmp_path / family)
     image_proc, _ = ck.load_processor(path)
-    spec = hv.VisionSpec.from_config(family, ck.tiny_config(family).vision_config, image_proc)
+    spec = hv.VisionSpec.from_config(family, tiny_config(family).vision_config, image_proc)
     f = spec.factor
     imgs = [hv.synthetic_image(4 * f, 6 * f, 0), hv.synthetic_image(3 * f, 2 * f, 1)]
     a, ga = hv.preprocess(imgs, spec, image_proc)

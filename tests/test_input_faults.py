@@ -16,13 +16,14 @@ import pytest
 from pipeline.stage import StageError
 from stages.lib import checkpoints as ck
 from stages.lib import safetensors_check as st
+from stages.lib.tiny_checkpoints import generate_tiny
 
 EXPECT_RGB = "expected an RGB image (png, jpg, bmp, webp, gif, tiff)"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ck.generate_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
+    return generate_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
 
 
 @pytest.fixture

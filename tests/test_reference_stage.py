@@ -48,7 +48,7 @@ def test_synthetic_images_are_deterministic_and_structured() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.lib.checkpoints import generate_tiny
+    from stages.lib.tiny_checkpoints import generate_tiny
 
     folder = tmp_path_factory.mktemp("checkpoint")
     generate_tiny("qwen2_5_vl", folder / "model", seed=0)

@@ -15,7 +15,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from stages.lib.checkpoints import generate_tiny
+    from stages.lib.tiny_checkpoints import generate_tiny
 
     root = tmp_path_factory.mktemp("streamed")
     return {f: generate_tiny(f, root / f, seed=0) for f in FAMILIES}

@@ -1,4 +1,4 @@
-"""Local Hugging Face checkpoints: detect the family, validate files, generate tiny ones, load.
+"""Local Hugging Face checkpoints: detect the family, validate files, load.
 
 Nothing here downloads: a checkpoint is a local folder (``config.json``, safetensors shards,
 tokenizer and preprocessor files). Weights are only ever read from safetensors, never from a
@@ -16,7 +16,7 @@ from pipeline.stage import StageError
 from stages.lib import safetensors_check as st
 
 # ROLES, file_role and the hf_load loaders are re-exported: stages import the checkpoint API from here
-from stages.lib.ckpt_files import ROLES, check_links, checkpoint_files, file_role  # noqa: F401
+from stages.lib.ckpt_files import ROLES, checkpoint_files, file_role, read_config  # noqa: F401
 from stages.lib.dtypes import torch_dtype
 from stages.lib.hf_load import (  # noqa: F401
     check_remote_code,
@@ -48,23 +48,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def _supported() -> str:
     return ", ".join(FAMILIES)
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint folder (after the symlink rule: see ckpt_files.check_links)."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise StageError(f"checkpoint {path} has no config.json (expected a local Hugging Face checkpoint folder)")
-    check_links(path)
-    try:
-        data = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise StageError(f"{cfg_file}: not UTF-8 text (expected a JSON object)") from None
-    if not isinstance(data, dict):
-        raise StageError(f"{cfg_file}: expected a JSON object")
-    return data
 
 
 def detect_family(path: str | Path) -> str:
@@ -276,20 +259,3 @@ def load_vision(path: str | Path, family: str, dtype: torch.dtype | None = None,
             for bname, b in fresh.named_buffers(recurse=False):
                 setattr(owner, bname, b)
     return visual.eval()
-
-
-# --- tiny random checkpoints (stages/lib/tiny_checkpoints.py) ------------------------------
-
-
-def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> Any:
-    """A small config of the family (``scale="1b"``: the ~1B-parameter bench configuration)."""
-    from stages.lib.tiny_checkpoints import tiny_config as make
-
-    return make(family, vocab_size=vocab_size, scale=scale)
-
-
-def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = "tiny", dtype: str = "fp32") -> Path:
-    """Write a random-weight checkpoint of ``family`` with tokenizer and image processor to ``out_dir``."""
-    from stages.lib.tiny_checkpoints import generate_tiny as make
-
-    return make(family, out_dir, seed=seed, scale=scale, dtype=dtype)

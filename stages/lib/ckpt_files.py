@@ -1,4 +1,4 @@
-"""Which files of a checkpoint folder define it, by role, and the symlink rule.
+"""Which files of a checkpoint folder define it, by role, the symlink rule, and ``config.json``.
 
 Roles let a stage key its cache entry on only the files it reads: the exporters read the
 weights and the image processor, not the tokenizer (``checkpoint_files(ckpt, roles=("model",
@@ -8,12 +8,18 @@ Symlinks: a link that resolves outside the checkpoint folder is refused, since i
 not the checkpoint's (a shared folder could hash, load or publish any file on the machine).
 Links inside the folder are fine, and so is a Hugging Face hub cache snapshot
 (``<repo>/snapshots/<rev>/``), whose files are links into the same repo's ``blobs/``.
+
+``read_config`` reads ``config.json`` under that rule: every reader of a checkpoint starts
+there (family detection, validation, the remote-code policy of ``hf_load``), so it lives with
+the file rules rather than with any one of them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
+from typing import Any
 
 from pipeline.stage import StageError
 
@@ -65,3 +71,20 @@ def checkpoint_files(path: str | Path, roles: tuple[str, ...] | None = None) -> 
     check_links(root)
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in KEPT_SUFFIXES)
     return files if roles is None else [p for p in files if file_role(p.name) in roles]
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder (after the symlink rule: see check_links)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise StageError(f"checkpoint {path} has no config.json (expected a local Hugging Face checkpoint folder)")
+    check_links(path)
+    try:
+        data = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise StageError(f"{cfg_file}: not UTF-8 text (expected a JSON object)") from None
+    if not isinstance(data, dict):
+        raise StageError(f"{cfg_file}: expected a JSON object")
+    return data

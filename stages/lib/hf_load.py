@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageError
+from stages.lib.ckpt_files import read_config
 
 # files whose "auto_map" makes transformers import code from the checkpoint folder, by what reads them
 _PROCESSOR_MAPS = ("preprocessor_config.json", "processor_config.json")
@@ -30,8 +31,6 @@ def check_remote_code(path: str | Path, trust_remote_code: bool = False,
                       files: tuple[str, ...] = CODE_MAPS) -> None:
     """Refuse a checkpoint with ``auto_map`` (its own Python code) in any of ``files`` (default:
     all that transformers reads it from) unless trust_remote_code is on."""
-    from stages.lib.checkpoints import read_config
-
     root = Path(path)
     read_config(root)  # one-line errors for a missing or broken config.json
     if trust_remote_code:
