@@ -121,6 +121,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
     import onnx_ir as ir
 
     from stages.lib.qdq import graphio
+    from stages.lib.qdq.model_tensors import has_external
 
     onnx.checker.check_model(src["path"])  # by path: works past 2 GB and with external data
     model = onnx.load(src["path"], load_external_data=False)
@@ -129,7 +130,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
         raise StageError(f"model.vision_onnx.input_name {src['input_name']!r} is not an input of {src['path']} "
                          f"(inputs: {', '.join(inputs)})")
     dst = ctx.out / "vision.onnx"
-    if graphio.has_external(model):  # whole in our folder, whatever the user's data file is called
+    if has_external(model):  # whole in our folder, whatever the user's data file is called
         graphio.save(ir.load(src["path"]), dst)
     else:
         shutil.copyfile(src["path"], dst)  # self-contained: the user's bytes, unchanged

@@ -65,6 +65,7 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     from stages.lib.fusion.check import compare, ort_run, random_feeds
     from stages.lib.graph_files import load_in_file, save_sharing
     from stages.lib.qdq import graphio
+    from stages.lib.qdq.model_tensors import has_external
 
     t0 = time.time()
     # not ir.load: an export's data file may already be shared with an earlier fuse (two links)
@@ -79,7 +80,7 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     ops_after = op_histogram(model)
     # the rewrites leave the weights as they were: point at the input's bytes (a hard link), not
     # a second copy of them (16 GB at 8 B); a graph that cannot share is saved whole
-    weights = save_sharing(model, dst, src) if graphio.has_external(model) else None
+    weights = save_sharing(model, dst, src) if has_external(model) else None
     if weights is None:
         graphio.save(model, dst, graphio.EXTERNAL_DATA_BYTES if external_above is None else external_above)
     del model  # ORT reads both graphs from disk, one session at a time: one copy of the weights

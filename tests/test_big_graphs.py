@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from stages.fuse import fuse_graph
 from stages.lib.qdq import calibrators as C
-from stages.lib.qdq import graphio
+from stages.lib.qdq import graphio, model_tensors
 
 FUSE_PARAMS = {"fold_batchnorm": True, "attention": "auto", "cleanup": True, "opset": 19}
 TILE_E, TILE_W = 1024, 64  # rows of the repeated random tiles the weights are written from
@@ -139,10 +139,10 @@ def test_tensor_bytes_from_tensors_not_bytesize(tmp_path: Path) -> None:
     big = BigGraph(tmp_path / "src", vocab=256, hidden=64)
     want = 2 * 256 * 64 * 2 + 256 * 2 + 2 * 2  # embed, lm_head, bias, two scalar Constants
     bare = onnx.load(str(big.path), load_external_data=False)
-    assert graphio.tensor_bytes(bare) == want  # external tensors counted from their dims
-    assert graphio.tensor_bytes(ir.load(big.path)) == want
-    assert graphio.tensor_bytes(graphio.load_proto(big.path)) == want
-    assert graphio.fits_in_proto(bare)
+    assert model_tensors.tensor_bytes(bare) == want  # external tensors counted from their dims
+    assert model_tensors.tensor_bytes(ir.load(big.path)) == want
+    assert model_tensors.tensor_bytes(graphio.load_proto(big.path)) == want
+    assert model_tensors.fits_in_proto(bare)
 
 
 @pytest.mark.parametrize("external_above", [0, None], ids=["external", "inline"])
@@ -243,7 +243,7 @@ def test_graphio_save_check_session(tmp_path: Path, external_above: int | None) 
     check, save; and the same on an onnx-ir model whose weights are still external."""
     big = BigGraph(tmp_path / "fuse", vocab=2048, hidden=64)
     model = graphio.load(big.path)
-    assert not graphio.has_external(model)
+    assert not model_tensors.has_external(model)
     col, sess = C.make_collector(model)
     out = graphio.run(sess, {"input_ids": IDS}, col.names)
     col.update(out)
@@ -255,13 +255,13 @@ def test_graphio_save_check_session(tmp_path: Path, external_above: int | None) 
     graphio.save(model, dst, **kw)
 
     lazy = ir.load(big.path)  # ExternalTensors into the source folder
-    assert graphio.has_external(lazy)
+    assert model_tensors.has_external(lazy)
     graphio.check(lazy)
     np.testing.assert_allclose(graphio.run(graphio.session(lazy), {"input_ids": IDS})["logits"].astype(np.float32),
                                big.reference(IDS), atol=2e-2)
     dst2 = tmp_path / "quantize" / "lazy.onnx"
     graphio.save(lazy, dst2, **kw)
-    assert graphio.has_external(lazy)  # the caller's model is left as it was
+    assert model_tensors.has_external(lazy)  # the caller's model is left as it was
     del lazy
     shutil.rmtree(tmp_path / "fuse")
     moved = _move_away(tmp_path / "quantize", tmp_path / "elsewhere")
@@ -276,9 +276,9 @@ def test_past_the_proto_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     from stages.lib.fusion.check import ort_run
 
     big = BigGraph(tmp_path / "fuse", vocab=2048, hidden=64)
-    monkeypatch.setattr(graphio, "PROTO_LIMIT", 1024)
+    monkeypatch.setattr(model_tensors, "PROTO_LIMIT", 1024)
     proto = graphio.load_proto(big.path)
-    assert not graphio.fits_in_proto(proto)
+    assert not model_tensors.fits_in_proto(proto)
     assert any(v.name == "h1" for v in proto.graph.value_info)  # types inferred
     assert all(t.data_location != TensorProto.EXTERNAL for t in proto.graph.initializer)  # weights read in
 
@@ -329,7 +329,7 @@ V_REAL, H_REAL = 151936, 4096
 def test_fuse_graph_past_2gb(tmp_path: Path) -> None:
     """fuse's path on a 2.49 GB graph: rules, save (the export's data shared beside), ORT check."""
     big = BigGraph(tmp_path / "export", vocab=V_REAL, hidden=H_REAL)
-    assert graphio.tensor_bytes(onnx.load(str(big.path), load_external_data=False)) > 2**31
+    assert model_tensors.tensor_bytes(onnx.load(str(big.path), load_external_data=False)) > 2**31
     dst = tmp_path / "fuse" / "decoder.onnx"
     dst.parent.mkdir()
     entry = fuse_graph(big.path, dst, FUSE_PARAMS, {}, seed=0)
@@ -346,7 +346,7 @@ def test_graphio_past_2gb(tmp_path: Path) -> None:
     save) on a 2.49 GB graph."""
     big = BigGraph(tmp_path / "fuse", vocab=V_REAL, hidden=H_REAL)
     model = graphio.load(big.path)
-    assert not graphio.fits_in_proto(model) and graphio.has_external(model)  # weights left mapped in the file
+    assert not model_tensors.fits_in_proto(model) and model_tensors.has_external(model)  # weights left mapped in the file
     col, sess = C.make_collector(model)
     out = graphio.run(sess, {"input_ids": IDS}, col.names)
     np.testing.assert_allclose(out["logits"].astype(np.float32), big.reference(IDS), atol=2e-2)

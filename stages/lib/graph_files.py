@@ -50,7 +50,7 @@ def load_in_file(path: Path) -> ir.Model:
     import onnx
     import onnx_ir as ir
 
-    from stages.lib.qdq.graphio import proto_tensors
+    from stages.lib.qdq.model_tensors import proto_tensors
 
     proto = onnx.load(str(path), load_external_data=False)
     base = Path(path).absolute().parent
@@ -75,7 +75,7 @@ def save_sharing(model: ir.Model, path: Path, source: Path) -> str | None:
     import onnx
     import onnx_ir as ir
 
-    from stages.lib.qdq.graphio import proto_tensor_bytes, proto_tensors
+    from stages.lib.qdq.model_tensors import proto_tensor_bytes, proto_tensors
 
     proto = ir.to_proto(model)
     external = [t for t in proto_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]

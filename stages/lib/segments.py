@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["INLINE_LIMIT", "InputSpec", "Plan", "Segment", "graph_inputs", "model_cuts", "plan",
            "run_segmented", "run_whole"]
 
-INLINE_LIMIT: int | None = None  # segment tensor bytes kept inline; None: graphio.PROTO_LIMIT (tests lower it)
+INLINE_LIMIT: int | None = None  # segment tensor bytes kept inline; None: model_tensors.PROTO_LIMIT (tests lower it)
 # (segment, sample index, {name: array}) for the wanted values the segment made
 OnOutputs = Callable[["Segment", int, dict[str, np.ndarray]], None]
 
@@ -202,7 +202,7 @@ class _Session:
         from onnx.external_data_helper import load_external_data_for_model
 
         from stages.lib.ortsession import ort_session
-        from stages.lib.qdq import graphio
+        from stages.lib.qdq import model_tensors
 
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
         src: str | bytes
@@ -217,8 +217,8 @@ class _Session:
                 raise ValueError(f"{p.path.name}: graph input {missing[0]!r} has no feed")
             return
         m = _segment_proto(p, seg, sample)
-        limit = graphio.PROTO_LIMIT if INLINE_LIMIT is None else INLINE_LIMIT
-        if graphio.tensor_bytes(m) < limit:
+        limit = model_tensors.PROTO_LIMIT if INLINE_LIMIT is None else INLINE_LIMIT
+        if model_tensors.tensor_bytes(m) < limit:
             load_external_data_for_model(m, str(p.path.parent))  # this segment's tensors only
             src = m.SerializeToString()
         else:
@@ -243,7 +243,7 @@ def _copy_external(m: onnx.ModelProto, base: Path, dst: Path) -> None:
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
-    from stages.lib.qdq.graphio import proto_tensors
+    from stages.lib.qdq.model_tensors import proto_tensors
 
     offset = 0
     with open(dst.with_name(dst.name + ".data"), "wb") as out:

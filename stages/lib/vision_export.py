@@ -158,7 +158,8 @@ def bf16_as_fp32(onnx_path: Path, dst: Path) -> Path:
     for v in [*g.input, *g.output, *g.value_info]:
         if v.type.tensor_type.elem_type == bf16:
             v.type.tensor_type.elem_type = f32
-    from stages.lib.qdq.graphio import EXTERNAL_DATA_BYTES, tensor_bytes
+    from stages.lib.qdq.graphio import EXTERNAL_DATA_BYTES
+    from stages.lib.qdq.model_tensors import tensor_bytes
 
     big = tensor_bytes(model) > EXTERNAL_DATA_BYTES  # widened FP32 is twice the BF16 bytes
     onnx.save(model, str(dst), save_as_external_data=big, location=dst.name + ".data")

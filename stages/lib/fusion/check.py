@@ -32,7 +32,8 @@ def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) 
         return list(segments.run_whole(Path(model), feeds).values())
 
     if isinstance(model, onnx.ModelProto):
-        from stages.lib.qdq.graphio import fits_in_proto, spilled
+        from stages.lib.qdq.graphio import spilled
+        from stages.lib.qdq.model_tensors import fits_in_proto
 
         if not fits_in_proto(model):  # past protobuf's 2 GB: from a temporary copy with external data
             with spilled(model) as path:

@@ -105,6 +105,7 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
     ``path``: the source's file, for block scoring past BLOCK_ABOVE (``evaluate`` then must be
     an ``Evaluator``)."""
     from stages.lib.qdq import graphio
+    from stages.lib.qdq.model_tensors import tensor_bytes
 
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -118,7 +119,7 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
     groups: dict[str, list[str]] = {}
     for node in sorted(best.placement.quantized_nodes()):
         groups.setdefault(group_of(best.placement.scopes.get(node) or node), []).append(node)
-    block = path is not None and isinstance(evaluate, Evaluator) and graphio.tensor_bytes(source) > BLOCK_ABOVE
+    block = path is not None and isinstance(evaluate, Evaluator) and tensor_bytes(source) > BLOCK_ABOVE
     if block:
         ranking = block_ranking(path, source, recipe, calib, groups, evaluate)  # type: ignore[arg-type]
     else:
