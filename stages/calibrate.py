@@ -89,6 +89,7 @@ def _run(ctx: StageContext) -> StageResult:
     from stages.lib.qdq import calibrators as C
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import Feeder, ImageFeeder, cast_feed
+    from stages.lib.qdq.nonfinite import locate_nonfinite
 
     p, t0 = ctx.params, time.time()
     fused = ctx.inputs["fuse"]
@@ -126,7 +127,7 @@ def _run(ctx: StageContext) -> StageResult:
             vis = {k: np.asarray(vout[k], np.float32) for k in vis_outputs if k in vout}
             dfeed = feeder.decoder(s, grid, vis, dec_inputs)
         except C.NonFiniteActivation as e:
-            first = C.locate_nonfinite(vision, cast_feed(vsess, feed))
+            first = locate_nonfinite(vision, cast_feed(vsess, feed))
             raise StageError(f"calibration sample {s.name}: {e} in vision.onnx" + (f"; {first}" if first else "")) from None
         except ValueError as e:  # processor / host-side shape errors name the sample
             raise StageError(f"calibration sample {s.name}: {str(e).splitlines()[0]}") from None
@@ -171,12 +172,13 @@ def _decoder(ctx: StageContext, path: Path, col: Any, feeds: list[dict[str, np.n
     """Every sample through the decoder segment-major; `col` takes each segment's tensors."""
     from stages.lib import segments
     from stages.lib.qdq import calibrators as C
+    from stages.lib.qdq.nonfinite import locate_nonfinite
 
     def collect(seg: segments.Segment, i: int, outs: dict[str, np.ndarray]) -> None:
         try:
             col.update(outs, count=seg.index == 0)
         except C.NonFiniteActivation as e:
-            first = C.locate_nonfinite(path, feeds[i])
+            first = locate_nonfinite(path, feeds[i])
             raise StageError(f"calibration sample {names[i]}: {e} in decoder.onnx"
                              + (f"; {first}" if first else "")) from None
 
