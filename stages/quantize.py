@@ -14,7 +14,7 @@ count}, "sensitivity", "parity": {"vs_unquantized", "vs_reference"}, "checker", 
 Streaming, for 7-8B decoders on a 24 GB machine: the fused graph is read as structure only
 (``graphio.load_proto(in_file=True)``: weights stay in ``<graph>.onnx.data``) and every candidate
 is a fresh ``ir.from_proto`` of it; each weight is read once, a chunk at a time, for its scales,
-and its codes are computed again, chunk by chunk, as the candidate is written (``insert.Rows``).
+and its codes are computed again, chunk by chunk, as the candidate is written (``streamed_weights.Rows``).
 Every run (references, candidates, the result) goes through the block runner
 (``heldout.run_all`` → ``stages.lib.segments``: segment by segment at the graph's recorded cuts,
 whole for a graph without them) from a file. Candidates are written under the output folder

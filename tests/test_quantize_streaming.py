@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.stage import StageContext
 from stages.lib import segments
-from stages.lib.qdq import graphio, heldout, insert
+from stages.lib.qdq import graphio, heldout, streamed_weights
 from stages.lib.qdq import sensitivity as S
 from stages.lib.qdq.recipe import Calib, Recipe, build
 from stages.lib.segment_cuts import CUTS_KEY
@@ -142,7 +142,7 @@ def test_chunked_reads_and_external_save_write_the_same_bytes(case: tuple[str, s
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """From a file whose weights are external, in chunks of a few rows, saved tensor by tensor
     into external data: the same model, byte for byte."""
-    monkeypatch.setattr(insert, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(streamed_weights, "CHUNK_BYTES", 1024)
     kw, want = EAGER[case]
     proto = GRAPHS[case[0]]()
     src = tmp_path / "src" / "g.onnx"

@@ -8,7 +8,7 @@ sum_k E[x_k^2] / s_k^2 * ||dW'_k||^2 summed over the consumers (AWQ, Lin et al. 
 
 The search reads each consumer once, in chunks of whole INT4 blocks along K (the error of row
 k depends on row k alone, so the chunks give the eager search's numbers exactly); the scaled
-weights are ``insert.lazy_const`` rows, computed from the source when read or saved.
+weights are ``streamed_weights.lazy_const`` rows, computed from the source when read or saved.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.qdq.graphio import const_array, const_shape, const_tensor
-from stages.lib.qdq.insert import Rows, lazy_const, rows_of
 from stages.lib.qdq.int4 import block_for, quantize_blocks
 from stages.lib.qdq.placement import Placement, is_const
+from stages.lib.qdq.streamed_weights import Rows, lazy_const, rows_of
 
 if TYPE_CHECKING:
     import onnx_ir as ir

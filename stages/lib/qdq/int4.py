@@ -7,8 +7,8 @@ searched to minimize the output error the block causes, weighted by the calibrat
 moment E[x_k^2] of the input channel it multiplies (AWQ-clip, as in Model-Optimizer's awq_clip):
 a large-activation channel's weight error costs more than a near-silent one's.
 
-Each weight is read once, in chunks of whole blocks (``insert.Rows``), for its block scales;
-the codes are computed again from the weight when the model is saved (``insert.lazy_const``).
+Each weight is read once, in chunks of whole blocks (``streamed_weights.Rows``), for its block scales;
+the codes are computed again from the weight when the model is saved (``streamed_weights.lazy_const``).
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ import numpy as np
 
 from stages.lib.qdq.graphio import const_tensor, set_opset
 from stages.lib.qdq.insert import (
-    Rows,
     _const,
     _value,
     _zero_point,
     drop_unused_initializers,
-    lazy_const,
     quantize_array,
     replace_weight_with_dq,
-    rows_of,
 )
 from stages.lib.qdq.placement import Placement, Site
 from stages.lib.qdq.rules import rules_for
+from stages.lib.qdq.streamed_weights import Rows, lazy_const, rows_of
 
 if TYPE_CHECKING:
     import onnx_ir as ir
