@@ -173,8 +173,9 @@ def _decoder(ctx: StageContext, path: Path, col: Any, feeds: list[dict[str, np.n
     from stages.lib import segments
     from stages.lib.qdq import calibrators as C
     from stages.lib.qdq.nonfinite import locate_nonfinite
+    from stages.lib.segment_plan import Segment
 
-    def collect(seg: segments.Segment, i: int, outs: dict[str, np.ndarray]) -> None:
+    def collect(seg: Segment, i: int, outs: dict[str, np.ndarray]) -> None:
         try:
             col.update(outs, count=seg.index == 0)
         except C.NonFiniteActivation as e:

@@ -192,7 +192,7 @@ def _run_all(graph: str, path: Any, feeds: list[dict[str, Any]], outputs: list[s
 def _cuts(path: Any) -> list[str]:
     import onnx
 
-    from stages.lib.segments import model_cuts
+    from stages.lib.segment_plan import model_cuts
 
     return model_cuts(onnx.load(str(path), load_external_data=False))
 

@@ -196,6 +196,7 @@ def test_drilldown_runs_segment_by_segment(exported: tuple[Path, Toy, np.ndarray
 
     from stages.lib import segments as S
     from stages.lib.segment_cuts import CUTS_KEY
+    from stages.lib.segment_plan import Plan, Segment
 
     path, model, x = exported
     whole = dd.drilldown(path, {"x": x}, "blocks", _torch_outs(model, x))
@@ -206,7 +207,7 @@ def test_drilldown_runs_segment_by_segment(exported: tuple[Path, Toy, np.ndarray
     sessions: list[int] = []
     real = S._Session
 
-    def counting(p: S.Plan, seg: S.Segment, *a: object) -> S._Session:
+    def counting(p: Plan, seg: Segment, *a: object) -> S._Session:
         sessions.append(seg.index)
         return real(p, seg, *a)  # type: ignore[arg-type]
 

@@ -29,6 +29,7 @@ from stages.lib.qdq import graphio, heldout, streamed_weights
 from stages.lib.qdq import sensitivity as S
 from stages.lib.qdq.recipe import Calib, Recipe, build
 from stages.lib.segment_cuts import CUTS_KEY
+from stages.lib.segment_plan import plan
 from tests import qdq_graphs as G
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,7 +266,7 @@ def test_run_all_same_runner_for_files_and_models(tmp_path: Path) -> None:
     in_memory = heldout.run_all(graphio.load(path), feeds, ["logits"])
     for a, b in zip(from_file, in_memory, strict=True):
         np.testing.assert_array_equal(a["logits"], b["logits"])
-    assert len(segments.plan(path).segments) == 4  # three layers, then the head
+    assert len(plan(path).segments) == 4  # three layers, then the head
     whole = graphio.run(graphio.session(path), feeds[0])["logits"].astype(np.float32)
     np.testing.assert_allclose(from_file[0]["logits"], whole, atol=2e-2, rtol=2e-2)  # FP16 at the cuts
 

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from stages.lib import segments as S
 from stages.lib.qdq import graphio
 from stages.lib.segment_cuts import CUTS_KEY, read_cuts
+from stages.lib.segment_plan import model_cuts, plan
 from tests import qdq_stage_fixtures as F
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def test_fused_decoder_keeps_its_cuts(tiny: dict[str, Any]) -> None:
     cuts = read_cuts(m)
     assert len(cuts) == 2  # one per decoder layer of the tiny model
     assert set(cuts) <= {o for n in m.graph.node for o in n.output}
-    assert S.model_cuts(m) == cuts
+    assert model_cuts(m) == cuts
     from stages.lib.segment_cuts import cuts_from_name_scopes
 
     assert cuts_from_name_scopes(ir.load(tiny["fp16"])) == cuts  # name scopes survive fusion too
@@ -94,7 +95,7 @@ def test_fused_decoder_keeps_its_cuts(tiny: dict[str, Any]) -> None:
 
 def test_segments_equal_the_whole_graph(tiny: dict[str, Any]) -> None:
     path = tiny["fp16"]
-    p = S.plan(path)
+    p = plan(path)
     assert len(p.segments) == 3  # two layers, then norm + lm_head
     proto = onnx.load(str(path), load_external_data=False)
     assert sorted(i for s in p.segments for i in s.nodes) == list(range(len(proto.graph.node)))
@@ -117,7 +118,7 @@ def test_segments_equal_the_whole_graph(tiny: dict[str, Any]) -> None:
 
 def test_segments_hold_only_their_initializers(tiny: dict[str, Any]) -> None:
     path = tiny["fp16"]
-    p = S.plan(path)
+    p = plan(path)
     inits = [set(s.initializers) for s in p.segments]
     dims = {t.name: list(t.dims) for t in p.proto.graph.initializer}
     # no two segments share a weight matrix; fuse's deduplication does merge equal small vectors
@@ -186,7 +187,7 @@ def test_external_data_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in
 def test_bad_cuts_and_subgraphs_are_clear(tmp_path: Path) -> None:
     path, _ = _chain(tmp_path / "g", layers=2, width=8, external=False)
     with pytest.raises(ValueError, match="'nope' is not a value the main graph computes \\(segment cut\\)"):
-        S.plan(path, cuts=["nope"])
+        plan(path, cuts=["nope"])
     # an If whose branches read outer values: those values are carried into its segment
     then = helper.make_graph([helper.make_node("Add", ["h0", "m0"], ["t"])], "then", [],
                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
@@ -201,7 +202,7 @@ def test_bad_cuts_and_subgraphs_are_clear(tmp_path: Path) -> None:
     m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
     del m.metadata_props[:]
     onnx.save(m, str(tmp_path / "if.onnx"))
-    p = S.plan(tmp_path / "if.onnx", cuts=["h0"])
+    p = plan(tmp_path / "if.onnx", cuts=["h0"])
     assert {"h0", "m0"} <= set(p.segments[0].outputs) and {"h0", "m0"} <= set(p.segments[1].inputs)
     x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     ref = graphio.run(graphio.session(tmp_path / "if.onnx"), {"x": x})
@@ -317,8 +318,8 @@ def test_sequential_calibration_of_the_tiny_decoder(tiny: dict[str, Any], tmp_pa
         _set_cuts(folders[name] / "decoder.onnx", cuts)
     assert len(_calibrate(tiny["ckpt"], folders["cut"], tmp_path / "a")) == 3
     assert len(_calibrate(tiny["ckpt"], folders["whole"], tmp_path / "b")) == 1
-    first = S.plan(tiny["fp16"]).segments[0]
-    in_first = {o for i in first.nodes for o in S.plan(tiny["fp16"]).proto.graph.node[i].output} | set(first.inputs)
+    first = plan(tiny["fp16"]).segments[0]
+    in_first = {o for i in first.nodes for o in plan(tiny["fp16"]).proto.graph.node[i].output} | set(first.inputs)
     (ja, za, fa), (jb, zb, fb) = _results(tmp_path / "a", "decoder"), _results(tmp_path / "b", "decoder")
     assert {k: v for k, v in ja.items() if k != "tensors"} == {k: v for k, v in jb.items() if k != "tensors"}
     assert list(ja["tensors"]) == list(jb["tensors"]) == ja["order"]

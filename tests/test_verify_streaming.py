@@ -25,6 +25,7 @@ from pipeline.targets import load_catalog
 from stages.lib import segments as S
 from stages.lib import verify_graphs as vg
 from stages.lib.reference_io import load_reference
+from stages.lib.segment_plan import plan
 from tests import qdq_stage_fixtures as F
 from tests.test_segments import _export
 
@@ -82,7 +83,7 @@ def test_segmented_figures_equal_whole_graph(tiny: dict[str, Any], tmp_path: Pat
     assert all(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(str(path), load_external_data=False).graph.initializer if len(t.dims) == 2)
     monkeypatch.setattr(S, "INLINE_LIMIT", 0)
-    assert len(S.plan(path).segments) == 3
+    assert len(plan(path).segments) == 3
     lines: list[str] = []
     args = (path, tiny["specs"], tiny["samples"], path.parent / "embed.onnx", N)
     seg, seg_tf = vg.measure_decoder(*args, report=lines.append)

@@ -7,11 +7,10 @@ a time on the previous block's activations, segment-major as llm-compressor's se
 pipeline does: every sample through segment k, then segment k+1. Peak memory is one segment's
 session plus the activations carried across the cut.
 
-Segment k holds the nodes that are ancestors of cut k and in no earlier segment; the last holds
-every remaining node. Only the graph structure is read up front (``load_external_data=False``);
-each segment's model gets its own initializers, read when it is built: inline under the proto
-limit, else copied beside a temporary copy of the segment (ORT refuses external data outside the
-model's folder). Outer-scope values an If/Loop body reads count as inputs of its node.
+Which nodes, inputs, outputs and initializers each segment holds is the plan
+(``stages.lib.segment_plan``, from the graph structure alone). Each segment's model gets its own
+initializers, read when it is built: inline under the proto limit, else copied beside a
+temporary copy of the segment (ORT refuses external data outside the model's folder).
 """
 
 from __future__ import annotations
@@ -24,17 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stages.lib.segment_plan import Plan, Segment, plan
+
 if TYPE_CHECKING:
     import onnx
 
     from stages.lib.ortsession import Optimization
 
-__all__ = ["INLINE_LIMIT", "InputSpec", "Plan", "Segment", "graph_inputs", "model_cuts", "plan",
-           "run_segmented", "run_whole"]
+__all__ = ["INLINE_LIMIT", "InputSpec", "graph_inputs", "run_segmented", "run_whole"]
 
 INLINE_LIMIT: int | None = None  # segment tensor bytes kept inline; None: model_tensors.PROTO_LIMIT (tests lower it)
 # (segment, sample index, {name: array}) for the wanted values the segment made
-OnOutputs = Callable[["Segment", int, dict[str, np.ndarray]], None]
+OnOutputs = Callable[[Segment, int, dict[str, np.ndarray]], None]
 
 
 @dataclass(frozen=True)
@@ -45,45 +45,6 @@ class InputSpec:
     name: str
     type: str
     shape: list[int | str | None]
-
-
-@dataclass(frozen=True)
-class Segment:
-    index: int
-    nodes: tuple[int, ...]  # positions in the graph's node list, graph order
-    inputs: tuple[str, ...]  # graph inputs and values of earlier segments it reads
-    outputs: tuple[str, ...]  # values later segments or the caller need, that it makes
-    initializers: tuple[str, ...]
-
-
-@dataclass
-class Plan:
-    path: Path
-    proto: onnx.ModelProto  # the graph, external weights not read
-    segments: list[Segment]
-    wanted: list[str]  # values handed to the caller (graph outputs unless asked otherwise)
-    later: list[set[str]]  # later[k]: values segments after k read (what stays carried)
-
-
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """The node's inputs plus every outer-scope value its subgraphs (If/Loop/Scan bodies) read."""
-    names = [n for n in node.input if n]
-    for g in (g for a in node.attribute for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)):
-        local = {i.name for i in g.input} | {t.name for t in g.initializer}
-        local |= {s.values.name for s in g.sparse_initializer}
-        for n in g.node:
-            names += [r for r in _reads(n) if r not in local]
-            local.update(n.output)
-    return names
-
-
-def model_cuts(proto: onnx.ModelProto) -> list[str]:
-    """The recorded cut list, else the one torch's name scopes give ([]: run whole)."""
-    import onnx_ir as ir
-
-    from stages.lib.segment_cuts import cuts_from_name_scopes, read_cuts
-
-    return read_cuts(proto) or cuts_from_name_scopes(ir.from_proto(proto))
 
 
 def graph_inputs(source: Path | str | onnx.ModelProto) -> list[InputSpec]:
@@ -101,63 +62,6 @@ def graph_inputs(source: Path | str | onnx.ModelProto) -> list[InputSpec]:
                                         for d in tt.shape.dim]
         out.append(InputSpec(v.name, f"tensor({onnx.TensorProto.DataType.Name(tt.elem_type).lower()})", dims))
     return out
-
-
-def plan(source: Path | str, cuts: Sequence[str] | None = None, expose: Sequence[str] | None = None) -> Plan:
-    """Partition the graph at ``cuts`` (None: the model's own, ``model_cuts``). ``expose``: the
-    values handed to the caller (None: the graph outputs); each segment exposes those it makes."""
-    import onnx
-
-    path = Path(source)
-    proto = onnx.load(str(path), load_external_data=False)
-    g = proto.graph
-    cuts = model_cuts(proto) if cuts is None else list(cuts)
-    inits = {t.name for t in g.initializer} | {s.values.name for s in g.sparse_initializer}
-    graph_in = {v.name for v in g.input} - inits
-    reads = [_reads(n) for n in g.node]
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    wanted = list(dict.fromkeys([o.name for o in g.output] if expose is None else expose))
-    for name in [*cuts, *wanted]:
-        if name not in producer and name not in graph_in:
-            raise ValueError(f"{path.name}: {name!r} is not a value the main graph computes "
-                             f"({'segment cut' if name in cuts else 'requested output'})")
-    unknown = next(((i, x) for i, r in enumerate(reads) for x in r if x not in producer and x not in graph_in
-                    and x not in inits), None)
-    if unknown:
-        raise ValueError(f"{path.name}: node {g.node[unknown[0]].name or unknown[0]} reads {unknown[1]!r}, "
-                         "which no node, graph input or initializer provides")
-    owner = [-1] * len(g.node)
-    groups: list[list[int]] = []
-    for cut in cuts:
-        todo = [producer[cut]] if cut in producer else []
-        members: list[int] = []
-        while todo:  # the cut's ancestors not yet in a segment
-            i = todo.pop()
-            if owner[i] != -1:
-                continue
-            owner[i] = len(groups)
-            members.append(i)
-            todo += [producer[x] for x in reads[i] if x in producer]
-        if members:  # a cut already covered (or a graph input) adds no segment
-            groups.append(sorted(members))
-    rest = [i for i in range(len(g.node)) if owner[i] == -1]
-    if rest or not groups:
-        groups.append(rest)
-    later: list[set[str]] = [set() for _ in groups]
-    for k in range(len(groups) - 2, -1, -1):
-        later[k] = later[k + 1] | {x for i in groups[k + 1] for x in reads[i] if x not in inits}
-    segments = []
-    wanted_set = set(wanted)
-    for k, members in enumerate(groups):
-        made = [o for i in members for o in g.node[i].output if o]
-        made_set = set(made)
-        seg_reads = list(dict.fromkeys(x for i in members for x in reads[i]))
-        segments.append(Segment(
-            index=k, nodes=tuple(members),
-            inputs=tuple(x for x in seg_reads if x not in inits and x not in made_set),
-            outputs=tuple(o for o in made if o in later[k] or o in wanted_set),
-            initializers=tuple(x for x in seg_reads if x in inits)))
-    return Plan(path, proto, segments, wanted, later)
 
 
 def _carried_info(name: str, x: np.ndarray) -> onnx.ValueInfoProto:

@@ -51,11 +51,12 @@ def _locate_segmented(path: Path, feed: Mapping[str, np.ndarray]) -> str | None:
     import onnx
 
     from stages.lib import segments
+    from stages.lib.segment_plan import Segment
 
     nodes = onnx.load(str(path), load_external_data=False).graph.node
     producer = {o: n for n in nodes for o in n.output if o}
 
-    def check(seg: segments.Segment, i: int, outs: dict[str, np.ndarray]) -> None:
+    def check(seg: Segment, i: int, outs: dict[str, np.ndarray]) -> None:
         msg = _first_nonfinite([o for k in seg.nodes for o in nodes[k].output if o in outs], outs, producer)
         if msg:
             raise _Found(msg)

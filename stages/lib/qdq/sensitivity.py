@@ -189,9 +189,10 @@ def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Ca
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import cast_feed
     from stages.lib.qdq.placement import ensure_names
+    from stages.lib.segment_plan import model_cuts, plan
 
-    p = segments.plan(path, expose=ev.outputs)
-    cuts = set(segments.model_cuts(p.proto)) | set(ev.outputs)
+    p = plan(path, expose=ev.outputs)
+    cuts = set(model_cuts(p.proto)) | set(ev.outputs)
     fresh = ir.from_proto(source)
     ensure_names(fresh.graph)  # as build() names them; node i of the file is node i of every load
     nodes_at = list(fresh.graph)
