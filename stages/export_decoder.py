@@ -158,7 +158,7 @@ def _run(ctx: StageContext) -> StageResult:
     with tempfile.TemporaryDirectory() as tmp:  # widened BF16 copies: never beside the outputs
         run_dec, run_emb = dec_path, emb_path
         if dtype == "bf16":
-            from stages.lib.vision_export import bf16_as_fp32
+            from stages.lib.bf16_widen import bf16_as_fp32
 
             run_dec = bf16_as_fp32(dec_path, Path(tmp) / "decoder_fp32.onnx")
             run_emb = bf16_as_fp32(emb_path, Path(tmp) / "embed_fp32.onnx")
