@@ -149,7 +149,7 @@ def _drilldown(ctx: StageContext, graph: str, path: Path, specs: Any, sample: di
     import torch
 
     from stages.lib import drilldown as dd
-    from stages.lib.verify_graphs import decoder_feeds, vision_feeds
+    from stages.lib.verify_feeds import decoder_feeds, vision_feeds
 
     if graph == "vision" and specs.vision is None:  # CNN: one point per stage of the backbone
         backbone = getattr(model, "resnet", None) or getattr(model, "convnext", None) or model
@@ -193,6 +193,7 @@ def _miss_table(checks: list[GateCheck]) -> str:
 
 
 def _run(ctx: StageContext) -> StageResult:
+    from stages.lib import verify_feeds as vf
     from stages.lib import verify_graphs as vg
     from stages.lib.reference_io import load_reference
 
@@ -200,7 +201,7 @@ def _run(ctx: StageContext) -> StageResult:
     qdir = ctx.inputs["quantize"]
     quant = json.loads((qdir / "quantize.json").read_text())
     meta, samples = load_reference(ctx.inputs["reference"])
-    specs = vg.load_specs(ctx.inputs["checkpoint"], trust_remote_code=bool(p["trust_remote_code"]))
+    specs = vf.load_specs(ctx.inputs["checkpoint"], trust_remote_code=bool(p["trust_remote_code"]))
     graphs = [g for g in GRAPHS if (qdir / f"{g}.onnx").is_file()]
     if not graphs:
         raise StageError(f"{qdir}: no vision.onnx or decoder.onnx to verify")
@@ -240,7 +241,7 @@ def _run(ctx: StageContext) -> StageResult:
         checks += cs
     for g in graphs:
         s0 = samples[0]
-        feeds = vg.vision_feeds(specs, s0) if g == "vision" else vg.decoder_feeds(qdir / f"{g}.onnx", specs, s0)
+        feeds = vf.vision_feeds(specs, s0) if g == "vision" else vf.decoder_feeds(qdir / f"{g}.onnx", specs, s0)
         # the reference names the graph's output when it is not the exporter's (a BYO ONNX)
         vname = (meta.get("outputs") or ["image_features"])[0]
         ref = {vname: s0["vision_features"]} if g == "vision" else {"logits": s0["logits"]}

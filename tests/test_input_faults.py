@@ -287,7 +287,7 @@ def test_every_loader_applies_the_policy(copy: Path) -> None:
 
 
 def test_image_processor_loads_without_tokenizer_files(copy: Path, tmp_path: Path) -> None:
-    from stages.lib.verify_graphs import load_specs
+    from stages.lib.verify_feeds import load_specs
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (copy / name).write_text("{broken")

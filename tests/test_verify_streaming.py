@@ -26,6 +26,7 @@ from stages.lib import segments as S
 from stages.lib import verify_graphs as vg
 from stages.lib.reference_io import load_reference
 from stages.lib.segment_plan import plan
+from stages.lib.verify_feeds import load_specs
 from tests import qdq_stage_fixtures as F
 from tests.test_segments import _export
 
@@ -46,7 +47,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     st.run(StageContext(node_id="reference", params=st.params(BuildConfig.model_validate(DEFAULT), None),
                         inputs={"checkpoint": ckpt}, out=ref, target=None, external=[]))
     _, samples = load_reference(ref)
-    return {"root": root, "ckpt": ckpt, "reference": ref, "samples": samples, "specs": vg.load_specs(ckpt),
+    return {"root": root, "ckpt": ckpt, "reference": ref, "samples": samples, "specs": load_specs(ckpt),
             **{dt: _export(ckpt, root / dt, dt) for dt in ("fp32", "fp16")}}
 
 

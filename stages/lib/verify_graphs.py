@@ -6,11 +6,11 @@ block through the segment runner (stages/lib/segments.py): a whole-graph CPU ses
 decoder holds ~2x its weights and grows per run, past a 24 GB machine; a graph without cuts
 (vision, small graphs) runs as one segment. The numbers are ours (stages/lib/metrics).
 
-The decoder is fed the *reference* merged embeddings, so its figures isolate the decoder. The
-same pass carries the reference's greedy tokens after the prompt (teacher forcing, positions
-as the decode loop gives them): causal attention leaves the prompt's logits unchanged, and the
-argmax at each position that predicts a generated token is the teacher-forced token agreement,
-for one prefill's cost at any size. The free-running greedy generation chains the graphs under
+The decoder is fed the *reference* merged embeddings (the feeds: ``stages.lib.verify_feeds``),
+so its figures isolate the decoder. The same pass carries the reference's greedy tokens after
+the prompt (teacher forcing, positions as the decode loop gives them): causal attention leaves
+the prompt's logits unchanged, and the argmax at each position that predicts a generated token
+is the teacher-forced token agreement, for one prefill's cost at any size. The free-running greedy generation chains the graphs under
 test end to end (stages/lib/generate.py) in whole-graph sessions, so it runs only for graphs
 under ``FREE_RUN_LIMIT``; above it the engine check on a GPU host generates.
 """
@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.stage import StageError
 from stages.lib.drilldown import fit_feeds
 from stages.lib.metrics import Parity, compare, topk_agreement, worst
+from stages.lib.verify_feeds import Specs, decoder_feeds, vision_feeds
 
 # FP16-equivalent weight bytes (2 x parameters) of vision + embed + decoder under which the
 # free-running generation runs in whole-graph CPU sessions. Those peak at ~2.2x the bytes
@@ -35,38 +36,6 @@ from stages.lib.metrics import Parity, compare, topk_agreement, worst
 # dequantizes to FP32 on top; under 512 MiB that stays inside 1.25 x the decoder + 2 GB.
 FREE_RUN_LIMIT = 512 * 2**20
 Report = Callable[[str], None]
-
-
-@dataclass
-class Specs:
-    family: str
-    text: Any  # hostside.text.TextSpec
-    vision: Any  # hostside.vision.VisionSpec
-    config: Any  # the checkpoint's transformers config (None for a bring-your-own ONNX)
-    path: Path | None  # None: a bring-your-own ONNX has no checkpoint (and no PyTorch model)
-
-
-def load_specs(checkpoint: Path, trust_remote_code: bool = False) -> Specs:
-    from stages.lib.checkpoints import (
-        BYO_FAMILY,
-        VISION_ONLY_FAMILIES,
-        checkpoint_family,
-        load_config_hf,
-        load_image_processor,
-        resolve_checkpoint,
-    )
-    from stages.lib.hostside.text import TextSpec
-    from stages.lib.hostside.vision import VisionSpec
-
-    if checkpoint_family(checkpoint) == BYO_FAMILY:  # the graph takes one preprocessed image
-        return Specs(BYO_FAMILY, None, None, None, None)
-    path, family = resolve_checkpoint(checkpoint)
-    cfg = load_config_hf(path, trust_remote_code)
-    if family in VISION_ONLY_FAMILIES:  # a CNN: the graph takes normalised pixels, nothing else
-        return Specs(family, None, None, cfg, path)
-    proc = load_image_processor(path, trust_remote_code)  # the tokenizer is not needed here
-    return Specs(family, TextSpec.from_config(family, cfg), VisionSpec.from_config(family, cfg.vision_config, proc),
-                 cfg, path)
 
 
 def run_graph(path: Path, feeds: Sequence[dict[str, np.ndarray]], on_sample: Callable[[int, dict[str, np.ndarray]], None],
@@ -103,50 +72,6 @@ def fp16_weight_bytes(path: Path) -> int:
 
     m = onnx.load(str(path), load_external_data=False)
     return 2 * sum(math.prod(t.dims) for t in m.graph.initializer)
-
-
-def vision_feeds(specs: Specs, sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from stages.lib.hostside.vision import vision_inputs
-
-    if specs.vision is None:  # vision-only CNN: the normalised image is the only input
-        return {"pixel_values": sample["pixel_values"]}
-    return vision_inputs(specs.vision, sample["pixel_values"], sample["image_grid_thw"])
-
-
-def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray],
-                  after: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Prefill feeds: reference merged embeddings, mask, M-RoPE ids, empty KV, deepstack maps.
-    ``after`` [1, n, H]: embeddings of tokens fed after the prompt in the same pass (teacher
-    forcing); they get the decode loop's positions and no deepstack (zeros, as decode steps)."""
-    import onnx
-
-    from stages.lib.hostside import text as host
-
-    m = onnx.load(str(path), load_external_data=False)
-    types = {i.name: i.type.tensor_type for i in m.graph.input}
-    if "inputs_embeds" not in types:
-        raise StageError(f"{path.name} has no input 'inputs_embeds'")
-    dt = onnx.helper.tensor_dtype_to_np_dtype(types["inputs_embeds"].elem_type)
-    embeds, mask, pos = sample["inputs_embeds"].astype(dt), sample["attention_mask"], sample["position_ids"]
-    n = 0 if after is None else int(after.shape[1])
-    if n:
-        deltas = sample.get("rope_deltas")
-        if deltas is None:  # a held-out set written before rope_deltas were stored
-            deltas = host.rope_index(specs.text, sample["input_ids"], sample["image_grid_thw"], None, mask)[1]
-        assert after is not None
-        embeds = np.concatenate([embeds, after.astype(dt)], axis=1)
-        pos, mask = host.continue_position_ids(pos, mask, deltas, n)
-    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
-    deep = [sample[f"deepstack.{k}"] for k in range(specs.text.deepstack_layers)]
-    dense = host.scatter_deepstack(sample["input_ids"], deep, specs.text, dt) if deep else []
-    for name, tt in types.items():
-        if name.startswith("past_key_values."):
-            kv = [x.dim_value for x in tt.shape.dim]
-            feeds[name] = np.zeros((1, kv[1], 0, kv[3]), dtype=dt)
-        elif name.startswith("deepstack_embeds."):
-            ds = dense[int(name.split(".")[1])]
-            feeds[name] = np.concatenate([ds, np.zeros((*ds.shape[:-2], n, ds.shape[-1]), dt)], axis=-2)
-    return feeds
 
 
 @dataclass
