@@ -13,7 +13,8 @@ Per graph x precision x target, on the held-out set of the ``reference`` stage:
   the row says "engine comparison not run: <why>" with status "not-run", never "pass".
 Gates come from ``gates[<precision>]`` (the precision each graph was quantized to is read from
 ``quantize.json``). A miss raises GateFailed with a table of what missed, after the drill-down
-(``stages/lib/drilldown.py``) has named the first block where the error jumps.
+(``stages/lib/drilldown.py``; the PyTorch side: ``stages/lib/verify_drilldown.py``) has named the
+first block where the error jumps.
 
 ``verify.json``: {"target", "sm", "reference": {...}, "rows": [{"graph", "precision", "target",
 "runtime", "status": "pass|fail|not-run|ungated", "reason", "figures", "per_sample", "gates": [...]}
@@ -144,48 +145,6 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
     return row, checks
 
 
-def _drilldown(ctx: StageContext, graph: str, path: Path, specs: Any, sample: dict[str, np.ndarray],
-               model: Any) -> dict[str, Any]:
-    import torch
-
-    from stages.lib import drilldown as dd
-    from stages.lib.verify_feeds import decoder_feeds, vision_feeds
-
-    if graph == "vision" and specs.vision is None:  # CNN: one point per stage of the backbone
-        backbone = getattr(model, "resnet", None) or getattr(model, "convnext", None) or model
-        x = torch.from_numpy(sample["pixel_values"])
-        got = dd.capture_torch([(st, "out") for st in backbone.encoder.stages], lambda: backbone(pixel_values=x))
-        res = dd.drilldown(path, vision_feeds(specs, sample), "stages", got)
-    elif graph == "vision":
-        visual = model.model.visual
-        blocks = list(visual.blocks)
-        pv, grid = torch.from_numpy(sample["pixel_values"]), torch.from_numpy(sample["image_grid_thw"])
-        points = [(visual.patch_embed, "out"), (blocks[0], "in"), *[(b, "out") for b in blocks]]
-        got = dd.capture_torch(points, lambda: model.model.get_image_features(pv, grid))
-        # Qwen2.5-VL reorders patches into attention windows before the blocks; the exported
-        # graph may keep processor order. Both orders are candidates; block 0 decides.
-        perm = dd.row_order(got[0], got[1])
-        orders = [None] if perm is None or (perm == np.arange(len(perm))).all() else [None, np.argsort(perm)]
-        res = dd.drilldown(path, vision_feeds(specs, sample), "blocks", got[2:], orders)
-    else:
-        lm = model.model.language_model
-        kw = {"inputs_embeds": torch.from_numpy(sample["inputs_embeds"]),
-              "attention_mask": torch.from_numpy(sample["attention_mask"]),
-              "position_ids": torch.from_numpy(sample["position_ids"]), "use_cache": False}
-        deep = [torch.from_numpy(sample[f"deepstack.{k}"]) for k in range(specs.text.deepstack_layers)]
-        if deep:
-            ids = torch.from_numpy(sample["input_ids"])
-            kw |= {"visual_pos_masks": ids == specs.text.image_token_id, "deepstack_visual_embeds": deep}
-        got = dd.capture_torch([(b, "out") for b in lm.layers], lambda: lm(**kw))
-        res = dd.drilldown(path, decoder_feeds(path, specs, sample), "layers", got)
-    if res["blocks"]:
-        png = ctx.out / f"drilldown_{graph}.png"
-        dd.plot(res["blocks"], f"{graph} ({ctx.params['target']}): error per block vs PyTorch", png,
-                res["jump"].get("block"))
-        res["plot"] = png.name
-    return res
-
-
 def _miss_table(checks: list[GateCheck]) -> str:
     lines = ["| gate | value | needs |", "|---|---:|---|"]
     lines += [f"| {c.name} | {c.value:.6g} | {c.op} {c.threshold:g} |" for c in checks if not c.passed]
@@ -259,13 +218,14 @@ def _run(ctx: StageContext) -> StageResult:
     elif want and specs.path is not None:
         from stages.lib.checkpoints import load_model
         from stages.lib.streamed_model import load_streamed
+        from stages.lib.verify_drilldown import drilldown_graph
 
         # a VLM streams its blocks (an 8 B model in FP32 is 35 GB); a CNN classifier loads whole
         load = load_model if specs.vision is None else load_streamed
         model = load(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
         for g in want:
             ctx.report(f"drill-down: {g} per block", 0.9)
-            drill[g] = _drilldown(ctx, g, qdir / f"{g}.onnx", specs, samples[0], model)
+            drill[g] = drilldown_graph(ctx, g, qdir / f"{g}.onnx", specs, samples[0], model)
     not_run = [r["reason"] for r in rows if r["status"] == "not-run"]
     passed = all(c.passed for c in checks)
     doc = {"target": p["target"], "sm": p["sm"], "builder": p["builder"],
