@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,15 @@ def _print(rows: list[dict[str, Any]]) -> None:
               f"{f(r['out_gb'], '7.2f')}  {r['error']}")
 
 
+def _disk_needed(weights: int, targets: int, until: str | None) -> int:
+    """Bytes a whole build writes, from the checkpoint's FP16 weight bytes: export (1x), fuse (1x:
+    a rewritten copy; hard links are refused by onnx's loaders), and per target a quantized graph
+    and its engine (~0.55x each at 8 bits, lm_head and embeddings kept FP16), plus the package
+    tar (~1.1x: graphs and engines) unless the build stops before it."""
+    per_target = 1.1 + (0.0 if until in ("quantize", "engine", "verify") else 1.1)
+    return int(weights * (2.0 + targets * per_target))
+
+
 def main() -> int:
     from stages.lib.released_checkpoints import RELEASED
 
@@ -161,6 +171,11 @@ def main() -> int:
     config = _config(args, ckpt)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     ckpt_fp16 = int(index["metadata"]["total_size"])  # BF16 bytes == FP16 bytes
+    need = _disk_needed(ckpt_fp16, len(args.targets.split(",")), args.until)
+    free = shutil.disk_usage(WORK).free
+    if free < need:  # cached nodes need nothing: a warning, not a refusal (a resumed run may fit)
+        print(f"warning: a whole build writes ~{need / GB:.0f} GB and {WORK} has {free / GB:.0f} GB free; "
+              "cached nodes need none of it (fewer --targets, or --until verify, need less)", flush=True)
     extra = ["--until", args.until] if args.until else []
     runs = [extra]
     if args.int4:

@@ -171,7 +171,9 @@ def _run(ctx: StageContext) -> StageResult:
 
         dec_bytes = sum(f.stat().st_size for f in run_dec.parent.glob(run_dec.name + "*"))
         pipe = OrtPipeline.from_sessions(
-            decoder_session(run_dec, dec_bytes), LazySession(run_emb, log_level=3), spec,
+            decoder_session(run_dec, dec_bytes, progress=lambda k, n: ctx.report(
+                f"parity: decoder block {k + 1}/{n}, every case at once", 0.8 + 0.2 * k / n)),
+            LazySession(run_emb, log_level=3), spec,
             LazySession(vision_dir / "vision.onnx", log_level=3) if vision_dir else None,
             _vision_spec(vision_dir, family) if vision_dir else None)
         if dec_bytes > SEGMENT_ABOVE:
@@ -181,7 +183,8 @@ def _run(ctx: StageContext) -> StageResult:
             report = run_parity(pipe, model, image_processor, image_sizes=[tuple(s) for s in v["image_sizes"][:2]],
                                 prompt_len=int(v["prompt_len"]), sample_seq=sample["seq"],
                                 new_tokens=int(v["generate_tokens"]), seed=int(v["seed"]),
-                                vision_source="onnx" if vision_dir else "torch")
+                                vision_source="onnx" if vision_dir else "torch",
+                                report=lambda msg: ctx.report(f"parity: {msg}", 0.7))
         del pipe
     summary = report.summary()
     checks = _gates(summary, p["gate"])

@@ -60,16 +60,14 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     ``graphio.EXTERNAL_DATA_BYTES``, as the exporters) they go to ``<dst>.data``, written here;
     otherwise inline, also when ``src`` had them external."""
     import onnx
+    import onnx_ir as ir
 
     from stages.lib.fusion import apply_rules, op_histogram, resolve_attention_mode
     from stages.lib.fusion.check import compare, ort_run, random_feeds
-    from stages.lib.graph_files import load_in_file, save_sharing
     from stages.lib.qdq import graphio
-    from stages.lib.qdq.model_tensors import has_external
 
     t0 = time.time()
-    # not ir.load: an export's data file may already be shared with an earlier fuse (two links)
-    model = load_in_file(src)
+    model = ir.load(src)
     opset = int(model.opset_imports.get("", params["opset"]))
     try:
         mode = resolve_attention_mode(params["attention"], opset)
@@ -78,11 +76,7 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     ops_before = op_histogram(model)
     report = apply_rules(model, attention=mode, fold_batchnorm=params["fold_batchnorm"], cleanup=params["cleanup"])
     ops_after = op_histogram(model)
-    # the rewrites leave the weights as they were: point at the input's bytes (a hard link), not
-    # a second copy of them (16 GB at 8 B); a graph that cannot share is saved whole
-    weights = save_sharing(model, dst, src) if has_external(model) else None
-    if weights is None:
-        graphio.save(model, dst, graphio.EXTERNAL_DATA_BYTES if external_above is None else external_above)
+    graphio.save(model, dst, graphio.EXTERNAL_DATA_BYTES if external_above is None else external_above)
     del model  # ORT reads both graphs from disk, one session at a time: one copy of the weights
     feeds = random_feeds(onnx.load(str(src), load_external_data=False), _axis_sizes(io_spec), seed=seed)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
@@ -105,8 +99,6 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
         "check": {"dtype": dtype, "max_abs": cmp["max_abs"], "ref_max": cmp["ref_max"], "tolerance": tol,
                   "inputs": shapes},
         "seconds": round(time.time() - t0, 2),
-        "weights": {"link": "shared with the input graph (hard link)", "copy": "the input's data file, copied",
-                    None: "written"}[weights],
     }
     if not cmp["max_abs"] <= tol:
         raise StageError(f"{src.name}: fusion changed the outputs by {cmp['max_abs']:.3g} "
@@ -115,8 +107,6 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from stages.lib.graph_files import link_or_copy
-
     p = ctx.params
     vis_dir = ctx.inputs["export_vision"]
     dec_dir = ctx.inputs.get("export_decoder")
@@ -141,9 +131,12 @@ def _run(ctx: StageContext) -> StageResult:
                       "conv_act_groups": entry["conv_act_groups"], "max_abs": entry["check"]["max_abs"],
                       "matches": {k: v["matches"] for k, v in entry["rules"].items()}}
     if len(jobs) == 2:  # the embedding table and its spec go through untouched
+        # copies, not hard links (which would save 1.2 GB here and a decoder's 16 GB at 8 B):
+        # onnx's external-data loader, onnx.checker and onnx-ir all refuse a data file with more
+        # than one link ("potential hardlink attack"), so every later reader would fail
         for name in ("embed.onnx", "embed.onnx.data", "embed.json"):
             if (dec_dir / name).is_file():  # type: ignore[operator]
-                link_or_copy(dec_dir / name, ctx.out / name)  # type: ignore[operator]
+                shutil.copyfile(dec_dir / name, ctx.out / name)  # type: ignore[operator]
         if not (ctx.out / "embed.onnx").is_file():
             raise StageError(f"{dec_dir}/embed.onnx is missing: export_decoder did not produce it")
     summary["decoder"] = "fused" if len(jobs) == 2 else "absent (vision-only model)"
@@ -158,9 +151,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
-    # 5: the before/after check runs block by block (4: graphs saved whole in their own folder);
-    # 6: unchanged weights shared with the export's data file (a hard link in the output folder)
-    version="6",
+    version="5",  # 5: the before/after check runs block by block (4: graphs saved whole in their own folder)
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),

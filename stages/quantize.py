@@ -199,7 +199,6 @@ def _cuts(path: Any) -> list[str]:
 
 def _run(ctx: StageContext) -> StageResult:
     from stages.lib.checkpoints import resolve_checkpoint
-    from stages.lib.graph_files import link_or_copy
     from stages.lib.qdq import heldout
     from stages.lib.qdq.calibset import Feeder, ImageFeeder, Sample
     from stages.lib.reference_io import load_reference
@@ -218,18 +217,16 @@ def _run(ctx: StageContext) -> StageResult:
         feeder = ImageFeeder(json.loads(spec.read_text()) if spec.is_file() else {})
     report: dict[str, Any] = {}
     gates: list[GateCheck] = []
-    # passed through as fuse wrote them: hard links where the file system allows (1.2 GB of
-    # embeddings and a kept-FP16 vision graph per target at 8 B), else copies
     for name in ("embed.onnx", "embed.onnx.data", *IO_SPECS):  # embeddings are a Gather: nothing to quantize
         if (fused / name).is_file():
-            link_or_copy(fused / name, ctx.out / name)
+            shutil.copy2(fused / name, ctx.out / name)
     for graph in graphs:
         mode = p["precision"][graph]
         ctx.report(f"{graph}: {mode}", GRAPHS.index(graph) / len(GRAPHS))
         if mode in HIGH:
             for name in (f"{graph}.onnx", f"{graph}.onnx.data"):  # the data file too, when it has one
                 if (fused / name).is_file():
-                    link_or_copy(fused / name, ctx.out / name)
+                    shutil.copy2(fused / name, ctx.out / name)
             report[graph] = {"precision": mode, "qdq_pairs": 0, "weight_dq": 0, "copied": True, "checker": None}
             continue
         if graph == "vision" and isinstance(feeder, ImageFeeder):

@@ -146,13 +146,8 @@ def test_tensor_bytes_from_tensors_not_bytesize(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("external_above", [0, None], ids=["external", "inline"])
-def test_fuse_graph_writes_a_whole_graph(tmp_path: Path, external_above: int | None,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bug: a fused graph under 2 GB loaded with external data pointed at data it never wrote.
-    (Weight sharing off here: the graph is written by graphio.save; sharing is tested below.)"""
-    from stages.lib import graph_files
-
-    monkeypatch.setattr(graph_files, "INLINE_MOST", -1)
+def test_fuse_graph_writes_a_whole_graph(tmp_path: Path, external_above: int | None) -> None:
+    """The bug: a fused graph under 2 GB loaded with external data pointed at data it never wrote."""
     big = BigGraph(tmp_path / "export", vocab=2048, hidden=64)
     dst = tmp_path / "fuse" / "decoder.onnx"
     dst.parent.mkdir()
@@ -165,62 +160,14 @@ def test_fuse_graph_writes_a_whole_graph(tmp_path: Path, external_above: int | N
     assert (moved / "decoder.onnx.data").exists() == (external_above == 0)
 
 
-def test_fuse_graph_shares_unchanged_weights(tmp_path: Path) -> None:
-    """The rewrites leave the weights as exported: the fused graph's data file is a hard link of
-    the export's (one copy on disk, 16 GB saved per 8 B decoder), in the fused graph's own folder,
-    so the fused graph stays whole when the export is gone; the folded constant goes inline."""
-    import os
-
-    big = BigGraph(tmp_path / "export", vocab=2048, hidden=64)
-    dst = tmp_path / "fuse" / "decoder.onnx"
-    dst.parent.mkdir()
-    entry = fuse_graph(big.path, dst, FUSE_PARAMS, {}, seed=0)
-    (tmp_path / "fuse2").mkdir()
-    assert entry["weights"] == "shared with the input graph (hard link)"
-    src_data, dst_data = big.path.with_name("decoder.onnx.data"), dst.with_name("decoder.onnx.data")
-    assert os.stat(src_data).st_ino == os.stat(dst_data).st_ino
-    assert sorted(p.name for p in dst.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
-    again = fuse_graph(big.path, tmp_path / "fuse2" / "decoder.onnx", FUSE_PARAMS, {}, seed=0)  # a rebuild:
-    assert again["weights"] == entry["weights"]  # the export's data now has two links, and reads
-    assert os.stat(src_data).st_nlink == 3
-    shutil.rmtree(tmp_path / "export")
-    shutil.rmtree(tmp_path / "fuse2")  # one link left: onnx.checker and ir.load (in assert_whole) refuse more
-    moved = _move_away(tmp_path / "fuse", tmp_path / "elsewhere")
-    assert_whole(moved / "decoder.onnx", external=True, big=big)
-
-
-def test_save_sharing_refuses_what_it_cannot_share(tmp_path: Path) -> None:
-    """Tensors spread over two data files, or none external: nothing written, the caller saves."""
-    from stages.lib.graph_files import save_sharing
-
-    big = BigGraph(tmp_path / "export", vocab=256, hidden=64)
-    inline = graphio.load(big.path)
-    with graphio._in_memory(inline):
-        assert save_sharing(inline, tmp_path / "a.onnx", big.path) is None
-    proto = onnx.load(str(big.path), load_external_data=False)
-    other = tmp_path / "export" / "other.data"
-    shutil.copyfile(big.path.with_name("decoder.onnx.data"), other)
-    for e in proto.graph.initializer[0].external_data:
-        if e.key == "location":
-            e.value = other.name
-    onnx.save(proto, str(big.path))
-    assert save_sharing(ir.load(big.path), tmp_path / "b.onnx", big.path) is None
-    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
-
-
-@pytest.mark.parametrize("share", [True, False], ids=["shared", "written"])
 @pytest.mark.parametrize("threshold", [0, None], ids=["external", "inline"])
-def test_fuse_stage_outputs_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threshold: int | None,
-                                      share: bool) -> None:
+def test_fuse_stage_outputs_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threshold: int | None) -> None:
     """The whole stage on exports whose graphs all have external data (as a real model's have):
-    vision/decoder re-saved whole or sharing the export's weights, embed.onnx passed through with its data."""
+    vision/decoder re-saved whole, embed.onnx copied through with its data."""
     from pipeline.config import BuildConfig
     from pipeline.stage import StageContext
     from stages.fuse import STAGE
-    from stages.lib import graph_files
 
-    if not share:
-        monkeypatch.setattr(graph_files, "INLINE_MOST", -1)
     if threshold is not None:
         monkeypatch.setattr(graphio, "EXTERNAL_DATA_BYTES", threshold)
     vis, dec = tmp_path / "export_vision", tmp_path / "export_decoder"
@@ -234,7 +181,7 @@ def test_fuse_stage_outputs_are_whole(tmp_path: Path, monkeypatch: pytest.Monkey
     shutil.rmtree(dec)
     moved = _move_away(out, tmp_path / "elsewhere")
     for name, big in graphs.items():
-        assert_whole(moved / f"{name}.onnx", external=share or name == "embed" or threshold == 0, big=big)
+        assert_whole(moved / f"{name}.onnx", external=name == "embed" or threshold == 0, big=big)
 
 
 @pytest.mark.parametrize("external_above", [0, None], ids=["external", "inline"])
@@ -327,14 +274,13 @@ V_REAL, H_REAL = 151936, 4096
 
 @pytest.mark.slow
 def test_fuse_graph_past_2gb(tmp_path: Path) -> None:
-    """fuse's path on a 2.49 GB graph: rules, save (the export's data shared beside), ORT check."""
+    """fuse's path on a 2.49 GB graph: rules, save (external data written beside), ORT check."""
     big = BigGraph(tmp_path / "export", vocab=V_REAL, hidden=H_REAL)
     assert model_tensors.tensor_bytes(onnx.load(str(big.path), load_external_data=False)) > 2**31
     dst = tmp_path / "fuse" / "decoder.onnx"
     dst.parent.mkdir()
     entry = fuse_graph(big.path, dst, FUSE_PARAMS, {}, seed=0)
     assert entry["check"]["max_abs"] <= entry["check"]["tolerance"]
-    assert entry["weights"] == "shared with the input graph (hard link)"
     shutil.rmtree(tmp_path / "export")
     moved = _move_away(tmp_path / "fuse", tmp_path / "elsewhere")
     assert_whole(moved / "decoder.onnx", external=True, big=big)

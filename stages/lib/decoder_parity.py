@@ -10,6 +10,7 @@ decoder; see :func:`run_parity`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,7 +198,8 @@ def _teacher_forced(pipe: OrtPipeline, embeds: np.ndarray, deep: list[np.ndarray
 
 
 def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_sizes: list[tuple[int, int]],
-               prompt_len: int, sample_seq: int, new_tokens: int, seed: int, vision_source: str) -> ParityReport:
+               prompt_len: int, sample_seq: int, new_tokens: int, seed: int, vision_source: str,
+               report: Callable[[str], None] | None = None) -> ParityReport:
     """``model`` is the FP32 reference; ``pipe`` runs the exported graphs.
 
     Every PyTorch reference is computed first, then the exported graphs run (so a streamed
@@ -219,7 +221,10 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
         prompt.image_features, prompt.deepstack_features = torch_visual_features(model, prompt)
     forced = hasattr(pipe.decoder, "run_many")
     ref_prompt = Prompt(prompt.input_ids, prompt.attention_mask, prompt.pixel_values, prompt.image_grid_thw)
+    say = report or (lambda msg: None)
+    say(f"PyTorch reference: greedy generation of {new_tokens} tokens")
     ref_tokens = torch_generate(model, ref_prompt, new_tokens)
+    say("PyTorch reference: multimodal prefill and three held-out shapes")
     with torch.no_grad():
         mm_ref = model(
             input_ids=torch.as_tensor(prompt.input_ids), attention_mask=torch.as_tensor(prompt.mask()),
@@ -245,6 +250,7 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
         cases = {mm: _Case(feeds, mm_ref, prompt.mask().astype(bool), mm_ref.shape[1]), **cases}
     except Exception as e:  # the vision or embed graph could not run
         errors[mm] = _message(e)
+    say(f"the exported decoder on {len(cases)} cases")
     outs = _run_decoder(pipe, cases)
     results: dict[str, Parity] = {mm: FAILED} if mm in errors else {}
     tops: list[tuple[float, int]] = [(0.0, 1)] if mm in errors else []

@@ -21,6 +21,15 @@ from pipeline.stage import StageError
 
 __all__ = ["RELEASED", "SHARD_BYTES", "released_config", "weight_bytes", "write_random_checkpoint"]
 
+# The ChatML template released Qwen-VL checkpoints ship (chat_template.jinja; images as
+# <|vision_start|><|image_pad|><|vision_end|>): tools that read a checkpoint expect one.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SHARD_BYTES = 2 * 1024**3  # released Qwen-VL checkpoints ship ~4-5 GB shards; 2 GB keeps peak RSS low
 
 # The released config.json values that set graph shapes (hub: Qwen/<name>-Instruct).
@@ -62,8 +71,11 @@ RELEASED: dict[str, dict[str, Any]] = {
 }
 
 
-def released_config(name: str, text_layers: int | None = None, vision_blocks: int | None = None) -> Any:
-    """The transformers config of a released model, optionally with fewer text layers / vision blocks."""
+def released_config(name: str, text_layers: int | None = None, vision_blocks: int | None = None,
+                    widths: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The transformers config of a released model, optionally with fewer text layers / vision
+    blocks, and with ``widths`` ({"text": {...}, "vision": {...}} config values) replacing its
+    widths: the released layout at another size (a deep, narrow model for export-time benches)."""
     import transformers
 
     from stages.lib.tiny_checkpoints import SPECIAL_TOKENS
@@ -71,7 +83,8 @@ def released_config(name: str, text_layers: int | None = None, vision_blocks: in
     if name not in RELEASED:
         raise StageError(f"unknown released model {name!r}; known: {', '.join(RELEASED)}")
     spec = RELEASED[name]
-    t, v = dict(spec["text"]), dict(spec["vision"])
+    t = {**spec["text"], **(widths or {}).get("text", {})}
+    v = {**spec["vision"], **(widths or {}).get("vision", {})}
     depth = int(vision_blocks or v["depth"])
     if depth > v["depth"] or (text_layers or 1) > t["num_hidden_layers"]:
         raise StageError(f"{name}: at most {t['num_hidden_layers']} text layers and {v['depth']} vision blocks")
@@ -137,7 +150,8 @@ def _fill(name: str, shape: tuple[int, ...], gen: Any) -> Any:
 
 
 def write_random_checkpoint(name: str, out_dir: Path, text_layers: int | None = None,
-                            vision_blocks: int | None = None, seed: int = 0, report: Any = None) -> Path:
+                            vision_blocks: int | None = None, seed: int = 0, report: Any = None,
+                            widths: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write ``config.json``, sharded BF16 safetensors + index, tokenizer and processor to ``out_dir``.
 
     Written into ``<out_dir>.partial`` and renamed when complete, so an interrupted run never
@@ -155,7 +169,7 @@ def write_random_checkpoint(name: str, out_dir: Path, text_layers: int | None = 
     if (out_dir / "model.safetensors.index.json").is_file():
         return out_dir
     family = RELEASED[name]["family"]
-    config = released_config(name, text_layers, vision_blocks)
+    config = released_config(name, text_layers, vision_blocks, widths)
     shapes = _shapes(config, family)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
@@ -191,6 +205,7 @@ def write_random_checkpoint(name: str, out_dir: Path, text_layers: int | None = 
                      eos_token_id=config.text_config.eos_token_id,
                      pad_token_id=config.text_config.pad_token_id).save_pretrained(tmp)
     _tiny_tokenizer(config.text_config.vocab_size).save_pretrained(tmp)
+    (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     vc = config.vision_config
     _image_processor(family, vc.spatial_merge_size, vc.patch_size).save_pretrained(tmp)
     os.replace(tmp, out_dir)

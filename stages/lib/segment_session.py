@@ -10,7 +10,7 @@ trades time for memory: the caller decides when (``SEGMENT_ABOVE``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,13 +25,15 @@ SEGMENT_ABOVE = 2 * 1024**3
 
 
 class SegmentedSession:
-    def __init__(self, path: str | Path, optimization: Optimization = "all"):
+    def __init__(self, path: str | Path, optimization: Optimization = "all",
+                 progress: Callable[[int, int], None] | None = None):
         import onnx
 
         from stages.lib.segments import InputSpec, graph_inputs
 
         self.path = Path(path)
         self.optimization = optimization
+        self.progress = progress  # (segment k, of n) in run_many: a pass over an 8 B decoder takes minutes
         self._inputs = graph_inputs(self.path)
         proto = onnx.load(str(self.path), load_external_data=False)
         self._outputs = [InputSpec(o.name, f"tensor({onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type).lower()})",
@@ -59,14 +61,15 @@ class SegmentedSession:
         want = list(names) if names else [o.name for o in self._outputs]
         got: list[dict[str, Any]] = [{} for _ in feeds]
         run_segmented(self.path, feeds, lambda _seg, i, values: got[i].update(values), expose=want,
-                      optimization=self.optimization)
+                      optimization=self.optimization, progress=self.progress)
         return [[g[n] for n in want] for g in got]
 
 
-def decoder_session(path: str | Path, weight_bytes: int, optimization: Optimization = "all") -> Any:
+def decoder_session(path: str | Path, weight_bytes: int, optimization: Optimization = "all",
+                    progress: Callable[[int, int], None] | None = None) -> Any:
     """A whole-graph session for a decoder under ``SEGMENT_ABOVE``, a ``SegmentedSession`` above."""
     from stages.lib.ortsession import ort_session
 
     if weight_bytes > SEGMENT_ABOVE:
-        return SegmentedSession(path, optimization)
+        return SegmentedSession(path, optimization, progress)
     return ort_session(Path(path), optimization=optimization, log_level=3)

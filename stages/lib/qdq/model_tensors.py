@@ -5,7 +5,7 @@ graph may be handled as one in-memory proto is decided here, before anyone tries
 found in initializers, Constant/attribute tensors, sparse tensors, subgraphs and functions, in
 memory or in an external data file, and sized from dims x element width, never from
 ``ByteSize()``. Both representations the passes use are covered: ``onnx.ModelProto`` and
-``onnx_ir.Model``. The loaders and runners (``graphio``, ``segments``, ``graph_files``) act on
+``onnx_ir.Model``. The loaders and runners (``graphio``, ``segments``) act on
 these answers.
 """
 
