@@ -135,7 +135,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
             for f in first[1].parent.iterdir():
                 shutil.move(f, ctx.out / f.name)
             outs = first[3] if search is feeds else None
-        else:
+        else:  # the unchosen full candidate goes first: at 8 B each is ~8 GB of disk
+            shutil.rmtree(first[1].parent, ignore_errors=True)
             graphio.save(built.model, out)  # tensor by tensor: the codes are computed as they are written
     except ValueError as e:
         raise StageError(f"{graph}.onnx: cannot quantize to {mode}: {str(e).splitlines()[0]}") from None
