@@ -1,7 +1,7 @@
 """The whole chain at the sizes users ship: per stage seconds, peak RSS and RSS / graph weight bytes.
 
     .venv/bin/python bench/scale.py --model qwen3-vl-8b [--text-layers N] [--vision-blocks N]
-        [--targets rtx4090,rtx3090] [--int4] [--mem-limit-gb 23] [--until STAGE]
+        [--targets rtx4090,rtx3090] [--int4] [--mem-floor-gb 0.5] [--until STAGE] [--accuracy-budget off]
 
 Writes a random-weight checkpoint with the released configuration (BF16, 2 GB shards;
 ``stages/lib/released_checkpoints.py``) into ``artifacts/bench/scale/``, a build config beside
@@ -80,8 +80,11 @@ def _config(args: argparse.Namespace, ckpt: Path) -> Path:
     name = "scale-" + ckpt.parent.name.replace(".", "_")
     path = ckpt.parent / f"{name}.yaml"
     targets = ", ".join(args.targets.split(","))
-    path.write_text(f"name: {name}\nmodel:\n  checkpoint: {ckpt}\ntargets: [{targets}]\n"
-                    "export:\n  dtype: fp16\n")
+    text = f"name: {name}\nmodel:\n  checkpoint: {ckpt}\ntargets: [{targets}]\nexport:\n  dtype: fp16\n"
+    if args.accuracy_budget is not None:  # else the pipeline's default (gate)
+        b = args.accuracy_budget
+        text += f"quantize:\n  vision: {{accuracy_budget: {b}}}\n  decoder: {{accuracy_budget: {b}}}\n"
+    path.write_text(text)
     return path
 
 
@@ -165,6 +168,8 @@ def main() -> int:
     ap.add_argument("--int4", action="store_true", help="also an INT4-weight build of the first INT8 target")
     ap.add_argument("--until", help="stop after this stage")
     ap.add_argument("--mem-floor-gb", type=float, default=0.5, help="kill the build below this MemAvailable")
+    ap.add_argument("--accuracy-budget", help="quantize.<graph>.accuracy_budget for both graphs (gate, off or a "
+                    "cosine; default: the pipeline's): off measures the plain quantized chain without the fallback search")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ckpt = _checkpoint(args)
