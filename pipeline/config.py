@@ -167,6 +167,12 @@ class GraphQuant(Frozen):
     # MHA, NOTES §1); "fp8-mha" also quantizes the FP8 MHA pattern (fp8 graphs only; measure it).
     attention: Literal["projections", "fp8-mha"] = "projections"
 
+    @field_validator("accuracy_budget", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: Any) -> Any:
+        """YAML reads a bare ``off`` / ``on`` as a boolean: the user meant the words."""
+        return {False: "off", True: "gate"}[v] if isinstance(v, bool) else v
+
     @field_validator("accuracy_budget")
     @classmethod
     def _budget(cls, v: float | str | None) -> float | str | None:

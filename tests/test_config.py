@@ -271,3 +271,14 @@ def test_vision_only_models_skip_the_decoder_length_checks(tmp_path: Path):
     (tmp_path / "c.yaml").write_text("model: {generate: cnn-tiny}\ntargets: [rtx4090]\n"
                                      "profiles: {decoder: {seq: {min: 1, opt: 2, max: 4}}}\n")
     assert load_config(tmp_path / "c.yaml").profiles.decoder.seq.max == 4
+
+
+def test_accuracy_budget_yaml_off_is_the_word(tmp_path):
+    """YAML 1.1 reads a bare off/on as booleans: `accuracy_budget: off` means "off", not cosine 0."""
+    from pipeline.config_io import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("name: t\nmodel: {generate: tiny, family: qwen2_vl}\ntargets: [rtx4090]\n"
+                 "quantize: {vision: {accuracy_budget: off}, decoder: {accuracy_budget: on}}\n")
+    cfg = load_config(p)
+    assert cfg.quantize.vision.accuracy_budget == "off" and cfg.quantize.decoder.accuracy_budget == "gate"
