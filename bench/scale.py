@@ -84,6 +84,8 @@ def _config(args: argparse.Namespace, ckpt: Path) -> Path:
     if args.accuracy_budget is not None:  # else the pipeline's default (gate)
         b = args.accuracy_budget
         text += f"quantize:\n  vision: {{accuracy_budget: {b}}}\n  decoder: {{accuracy_budget: {b}}}\n"
+    if args.config_extra:  # top-level YAML the run is measured with (say which in the report)
+        text += args.config_extra.rstrip() + "\n"
     path.write_text(text)
     return path
 
@@ -170,6 +172,8 @@ def main() -> int:
     ap.add_argument("--mem-floor-gb", type=float, default=0.5, help="kill the build below this MemAvailable")
     ap.add_argument("--accuracy-budget", help="quantize.<graph>.accuracy_budget for both graphs (gate, off or a "
                     "cosine; default: the pipeline's): off measures the plain quantized chain without the fallback search")
+    ap.add_argument("--config-extra", help="top-level YAML appended to the build config, e.g. "
+                    "'gates: {int8: {cosine: 0.98}}' to measure engines and verify past a gate the model misses")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ckpt = _checkpoint(args)
@@ -198,7 +202,8 @@ def main() -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
-            print(f"model {args.model} ({ckpt_fp16 / GB:.2f} GB BF16 weights); report {run_dir / 'report.md'}")
+            print(f"model {args.model} ({ckpt_fp16 / GB:.2f} GB BF16 weights); report {run_dir / 'report.md'}"
+                  + (f"; config extra: {args.config_extra}" if args.config_extra else ""))
             _print(rows)
     return rc_all
 
