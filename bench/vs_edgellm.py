@@ -78,7 +78,7 @@ def main() -> None:
     env = {**os.environ, "VLMFORGE_ARTIFACTS": str(work / "artifacts")}
     ours = [str(REPO / ".venv" / "bin" / "vlmforge"), "build", str(cfg), "--json", "--until", "export_decoder",
             "--force", "export_vision", "--force", "export_decoder"]
-    subprocess.run([*ours[:5], "--until", "checkpoint"], cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run([*ours[:4], "--until", "checkpoint"], cwd=REPO, env=env, check=True, capture_output=True)
     runs: dict[str, list[tuple[float, float]]] = {"vlmforge": [], "edgellm": []}
     stages: list[dict[str, dict[str, float]]] = []
     for i in range(args.repeats):
