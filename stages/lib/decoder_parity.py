@@ -166,18 +166,18 @@ def _run_decoder(pipe: OrtPipeline, cases: dict[str, _Case]) -> dict[str, np.nda
     """Each case's logits (or the runtime's error). A block-by-block session runs every case in
     one segment-major pass, each block's session built once; if that pass fails, each case runs
     alone so the error lands on the case that caused it."""
-    logits = pipe.decoder.get_outputs()[0].name
+    logits = [pipe.decoder.get_outputs()[0].name]
     run_many = getattr(pipe.decoder, "run_many", None)
     if run_many is not None:
         try:
-            outs = run_many([logits], [c.feeds for c in cases.values()])
+            outs = run_many(logits, [c.feeds for c in cases.values()])
             return {name: o[0] for name, o in zip(cases, outs, strict=True)}
         except Exception:  # noqa: BLE001 - attributed per case below
             pass
     got: dict[str, np.ndarray | Exception] = {}
-    for name, c in cases.items():
+    for name, c in cases.items():  # a block-by-block session answers run() too, one call each
         try:
-            got[name] = (run_many([logits], [c.feeds])[0] if run_many else pipe.decoder.run([logits], c.feeds))[0]
+            got[name] = pipe.decoder.run(logits, c.feeds)[0]
         except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
             got[name] = e
     return got

@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.qdq.recipe import Built, Calib, Recipe, build
+from stages.lib.segment_session import SEGMENT_ABOVE
 
 if TYPE_CHECKING:
     import onnx
     import onnx_ir as ir
 
 _LAYER = re.compile(r"(?:^|[/.])((?:layers|blocks|layer|h|block|resblocks)[./_]?\d+)(?:[/.]([^/.]+))?")
-BLOCK_ABOVE = 2**31  # source tensor bytes past which groups are scored at their own block
+# source tensor bytes past which groups are scored at their own block: the size past which the
+# decoder runs block by block everywhere else
+BLOCK_ABOVE = SEGMENT_ABOVE
 
 
 def group_of(node_name: str) -> str:
