@@ -258,11 +258,10 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
     if stored_bytes(path, "model.visual.") > CHILD_ABOVE:
         ctx.report("exporting vision.onnx (in a child process: the exporter's leftovers go with it)", 0.05)
         f, child_mb = _export_in_child(ctx.out, path, family, p)
-        export_rss = round(max(child_mb, peak_rss_mb()) * 2**20)
         notes.append(f"vision exported in a child process (peak {child_mb / 1024:.2f} GB there)")
     else:
         f = export_graph(ctx.out, path, family, p, ctx.report)
-        export_rss = round(peak_rss_mb() * 2**20)
+    export_rss = round(peak_rss_mb() * 2**20)  # the finished child's peak included
     import torch
 
     from stages.lib import checkpoints as ck
