@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale.py --model qwen3-vl-8b [--text-layers N] [--vision-blocks N]
         [--targets rtx4090,rtx3090] [--int4] [--mem-floor-gb 0.5] [--until STAGE] [--accuracy-budget off]
+        [--evict-exports]
 
 Writes a random-weight checkpoint with the released configuration (BF16, 2 GB shards;
 ``stages/lib/released_checkpoints.py``) into ``artifacts/bench/scale/``, a build config beside
@@ -9,13 +10,19 @@ it, then runs ``vlmforge build`` on it — through the pipeline's own cache, so 
 run resumes where it stopped and a finished one prints its table again in seconds. ``--int4``
 adds an INT4-weight build for the first INT8 target. A watchdog kills the build's process group
 when the machine's available memory falls under 0.5 GB (no swap here: the kernel's OOM killer
-would otherwise pick any process), and the table says which node it was in.
+would otherwise pick any process), or free disk where the cache lives under 1 GB, and the
+table says which node it was in.
 
 Per node it prints: seconds, peak RSS of the node's worker process (VmHWM), the FP16 weight
 bytes of the largest graph the node reads or writes (ONNX + external data; for the
 checkpoint-reading stages, the checkpoint's weights in FP16), the ratio, the goal
 (1.25 x graph + 2 GB) and the output bytes. Cached nodes show the figures of the run that
 built them.
+
+``--evict-exports``: builds up to ``fuse`` first, then evicts the export entries (``vlmforge
+evict``: outputs removed, manifests kept, so fuse and everything after stay cached). At 8 B the
+decoder export is 15 GB that the fused graph holds again; a later build that needs the export
+(an edited fuse setting) rebuilds it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ WORK = REPO / "artifacts" / "bench" / "scale"
 GB = 1024**3
 # the stage that runs the whole checkpoint in torch (the export stages are graded on their own graphs)
 CHECKPOINT_READERS = ("reference",)
+DISK_FLOOR = 1 * GB
 
 
 def _avail_bytes() -> int:
@@ -47,10 +55,13 @@ def _avail_bytes() -> int:
     return 1 << 62
 
 
-def _watch(proc: subprocess.Popen[bytes], floor: int, hit: list[float]) -> None:
+def _watch(proc: subprocess.Popen[bytes], floor: int, hit: list[str]) -> None:
+    """Kill the build's process group under ``floor`` bytes of available memory, or under
+    DISK_FLOOR free bytes where the cache lives (a full disk fails a write somewhere deep)."""
     while proc.poll() is None:
-        if _avail_bytes() < floor:
-            hit.append(time.time())
+        low = "memory" if _avail_bytes() < floor else "disk" if shutil.disk_usage(WORK).free < DISK_FLOOR else ""
+        if low:
+            hit.append(low)
             os.killpg(proc.pid, signal.SIGKILL)
             return
         time.sleep(0.5)
@@ -90,11 +101,11 @@ def _config(args: argparse.Namespace, ckpt: Path) -> Path:
     return path
 
 
-def _build(config: Path, extra: list[str], floor: int) -> tuple[int, Path | None, float | None]:
+def _build(config: Path, extra: list[str], floor: int) -> tuple[int, Path | None, str | None]:
     cmd = [str(REPO / ".venv" / "bin" / "vlmforge"), "build", str(config), "--json", *extra]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, start_new_session=True)
-    hit: list[float] = []
+    hit: list[str] = []
     threading.Thread(target=_watch, args=(proc, floor, hit), daemon=True).start()
     out, _ = proc.communicate()
     run_dir = None
@@ -103,6 +114,22 @@ def _build(config: Path, extra: list[str], floor: int) -> tuple[int, Path | None
     except (ValueError, KeyError, TypeError):
         pass
     return proc.returncode, run_dir, hit[0] if hit else None
+
+
+def _evict_exports(config: Path, floor: int) -> int:
+    """Build up to fuse, then evict the export nodes' entries (module docstring)."""
+    rc, run_dir, killed = _build(config, ["--until", "fuse"], floor)
+    if rc or run_dir is None:
+        print(f"build --until fuse exit {rc}" + (f" (killed by the {killed} watchdog)" if killed else ""))
+        return rc or 1
+    nodes = json.loads((run_dir / "report.json").read_text())["nodes"]
+    keys = [n["key"] for n in nodes if n["stage"] in ("export_vision", "export_decoder") and n["status"] in ("ran", "cached")]
+    if not keys:
+        return 0
+    cmd = [str(REPO / ".venv" / "bin" / "vlmforge"), "evict", *keys]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=False)  # refused ones (in use) stay: only disk is at stake
+    return 0
 
 
 def _graph_bytes(files: dict[str, Any]) -> int:
@@ -128,7 +155,7 @@ def _table(report: dict[str, Any], ckpt_fp16: int) -> list[dict[str, Any]]:
         deps = max((_graph_bytes(nodes[d].get("outputs") or {}) for d in dep_ids if d in nodes), default=0)
         graph = max(own, deps, ckpt_fp16 if n["stage"] in CHECKPOINT_READERS else 0)
         rss = n.get("peak_rss_mb") or n.get("built_peak_rss_mb")
-        secs = n.get("seconds") if n["status"] != "cached" else n.get("built_seconds")
+        secs = n.get("seconds") if n["status"] not in ("cached", "evicted") else n.get("built_seconds")
         rows.append({"node": n["id"], "status": n["status"], "seconds": secs, "peak_rss_gb": rss and rss / 1024,
                      "graph_gb": graph / GB, "ratio": (rss * 2**20 / graph) if rss and graph else None,
                      "goal_gb": (1.25 * graph + 2 * GB) / GB,
@@ -174,13 +201,15 @@ def main() -> int:
                     "cosine; default: the pipeline's): off measures the plain quantized chain without the fallback search")
     ap.add_argument("--config-extra", help="top-level YAML appended to the build config, e.g. "
                     "'gates: {int8: {cosine: 0.98}}' to measure engines and verify past a gate the model misses")
+    ap.add_argument("--evict-exports", action="store_true", help="once fuse is built, evict the export entries "
+                    "(their outputs; manifests stay, so nothing after them reruns): ~1x the weights of disk back")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ckpt = _checkpoint(args)
     config = _config(args, ckpt)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     ckpt_fp16 = int(index["metadata"]["total_size"])  # BF16 bytes == FP16 bytes
-    need = _disk_needed(ckpt_fp16, len(args.targets.split(",")), args.until)
+    need = _disk_needed(ckpt_fp16, len(args.targets.split(",")), args.until) - (ckpt_fp16 if args.evict_exports else 0)
     free = shutil.disk_usage(WORK).free
     if free < need:  # cached nodes need nothing: a warning, not a refusal (a resumed run may fit)
         print(f"warning: a whole build writes ~{need / GB:.0f} GB and {WORK} has {free / GB:.0f} GB free; "
@@ -190,11 +219,15 @@ def main() -> int:
     if args.int4:
         runs.append([*extra, "--precision", "int4-weight", "--target", "rtx3090"])
     rc_all = 0
+    if args.evict_exports and args.until not in ("checkpoint", "export_vision", "export_decoder"):
+        rc_all = _evict_exports(config, int(args.mem_floor_gb * GB))
+        if rc_all:
+            return rc_all
     for run in runs:
         t0 = time.time()
         rc, run_dir, killed = _build(config, run, int(args.mem_floor_gb * GB))
         rc_all = rc_all or rc
-        print(f"build exit {rc} in {time.time() - t0:.0f} s" + (" (killed by the memory watchdog)" if killed else ""))
+        print(f"build exit {rc} in {time.time() - t0:.0f} s" + (f" (killed by the {killed} watchdog)" if killed else ""))
         if run_dir is None or not (run_dir / "report.json").is_file():
             print("no report (the build was killed before writing it); cached nodes survive: rerun to resume")
             continue

@@ -11,6 +11,12 @@ Locks (all die with their process): builders of one key serialise on `.locks/<ke
 a worker reading an entry holds `.locks/<key>.rw` shared, and a `--force` rebuild swaps the entry
 only under it exclusively, so an entry never vanishes under a reader; `.locks/gc.lock` is held
 shared while a build pins a key and looks it up, exclusively while gc decides what to delete.
+
+Evicted entries (``vlmforge cache evict``: disk, at 8 B an export is 15 GB that fuse holds again)
+keep their manifest and lose ``out/``; ``evicted.json`` is written before anything is deleted, so
+a half-evicted entry is never used. Its recorded digests still key what was built from it, so a
+dependant that is cached stays cached; a build rebuilds an evicted entry only when something it
+runs reads it (``pipeline.runner``), and the rebuild replaces it.
 """
 
 from __future__ import annotations
@@ -33,17 +39,19 @@ from pipeline.liveness import pin_file_name
 from pipeline.locks import flocked, shared_many
 
 MANIFEST = "manifest.json"
+EVICTED = "evicted.json"  # beside the manifest: out/ was removed on purpose
 KEY_RE = re.compile(r"^[0-9a-f]{32}$")  # what cache_key() makes: only such folders are entries
 
 
 @dataclass(frozen=True)
 class Lookup:
     manifest: dict[str, Any] | None
-    reason: str  # why not usable, when manifest is None
+    reason: str  # why not usable, when manifest is None or the entry is evicted
+    evicted: bool = False  # manifest known (it keys dependants), outputs removed
 
     @property
     def hit(self) -> bool:
-        return self.manifest is not None
+        return self.manifest is not None and not self.evicted
 
 
 class CacheError(Exception):
@@ -96,6 +104,10 @@ class CacheStore:
     def _rw_path(self, key: str) -> Path:
         return self.root / ".locks" / f"{key}.rw"
 
+    def rw_lock(self, key: str, exclusive: bool) -> AbstractContextManager[bool]:
+        """Readers of an entry hold it shared; whoever swaps or empties the entry, exclusively."""
+        return flocked(self._rw_path(key), exclusive)
+
     def gc_lock(self, exclusive: bool) -> AbstractContextManager[bool]:
         return flocked(self.root / ".locks" / "gc.lock", exclusive)
 
@@ -109,6 +121,9 @@ class CacheStore:
         except (OSError, ValueError) as e:
             return self._quarantine(key, f"unreadable manifest ({e.__class__.__name__})")
         bad = manifest_problem(key, manifest)
+        if bad is None and (entry / EVICTED).exists():
+            return Lookup(manifest, "evicted (vlmforge cache evict): its outputs were removed; rebuilt when a "
+                                    "node that runs reads them", evicted=True)
         if bad is None and verify:
             bad = self._verify(key, manifest, rehash)
         if bad:
@@ -181,6 +196,7 @@ class CacheStore:
         ``replace`` (a --force rebuild): an existing entry is swapped out under the key's
         exclusive read lock, so no reader ever sees it half there. Returns the manifest."""
         out = tmp / "out"
+        replace = replace or (self.entry(key) / EVICTED).exists()  # a rebuild of an evicted entry
         links = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_symlink()]
         if links:  # a link could point anywhere (outside the cache, at a user's file)
             raise CacheError(f"stage output {links[0]} is a symlink; stages must write real files")

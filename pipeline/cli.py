@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gc", help="remove cache entries no lock file references, and stale temp folders")
     g.add_argument("--dry-run", action="store_true")
     g.add_argument("--json", action="store_true")
+    e = sub.add_parser("evict", help="remove cache entries' outputs but keep their manifests: what was "
+                                     "built from them stays cached; a build that needs them rebuilds them")
+    e.add_argument("key", nargs="+", help="cache key (a unique prefix is enough; `vlmforge plan` shows them)")
+    e.add_argument("--json", action="store_true")
     f = sub.add_parser("fsck", help="re-hash every cache entry; quarantine damaged ones (exit 1 if any)")
     f.add_argument("--json", action="store_true")
     r = sub.add_parser("report", help="print a build report again")
@@ -181,8 +185,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         c = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
         ran = sum(s.status == "ran" for s in states)
+        evicted = sum(s.status == "evicted" for s in states)
         c.print(f"{doc['result']}: {ran} ran, {sum(s.status == 'cached' for s in states)} cached, "
-                f"{len(failed)} failed/skipped in {header['wall_seconds']:.1f}s; report: {run_dir / 'report.md'} (and report.html)")
+                + (f"{evicted} evicted (not needed), " if evicted else "")
+                + f"{len(failed)} failed/skipped in {header['wall_seconds']:.1f}s; report: {run_dir / 'report.md'} (and report.html)")
         for s in states:
             if s.status == "failed":
                 c.print(f"[bold red]FAILED[/] {s.node.id}: {s.error}", highlight=False)
@@ -212,11 +218,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pipeline.cli_cache import cmd_fsck, cmd_gc, cmd_show
+    from pipeline.cli_cache import cmd_evict, cmd_fsck, cmd_gc, cmd_show
     from pipeline.errors import VlmforgeError
 
     try:
-        cmds = {"plan": cmd_plan, "build": cmd_build, "show": cmd_show, "gc": cmd_gc, "fsck": cmd_fsck,
+        cmds = {"plan": cmd_plan, "build": cmd_build, "show": cmd_show, "gc": cmd_gc, "evict": cmd_evict, "fsck": cmd_fsck,
                 "report": cmd_report}
         if args.cmd in cmds:
             return cmds[args.cmd](args)

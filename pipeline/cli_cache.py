@@ -1,4 +1,4 @@
-"""The cache-maintenance commands of the `vlmforge` command line: ``show``, ``gc`` and ``fsck``.
+"""The cache-maintenance commands of the `vlmforge` command line: ``show``, ``gc``, ``evict``, ``fsck``.
 
 They work on the content-addressed store alone (``pipeline.cache``, ``pipeline.housekeeping``)
 and never load a build config or the stages, unlike the build commands in ``pipeline.cli``,
@@ -15,17 +15,28 @@ from pathlib import Path
 from pipeline.artifacts import artifacts_root
 
 
+def _one_key(store: object, prefix: str, cmd: str) -> str:
+    from pipeline.cache import CacheStore
+    from pipeline.errors import ConfigError
+
+    assert isinstance(store, CacheStore)
+    keys = [k for k in store.keys() if k.startswith(prefix)]
+    if len(keys) != 1:
+        raise ConfigError(f"{cmd}: {'no' if not keys else 'more than one'} cache entry matches {prefix!r}")
+    return keys[0]
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from pipeline.cache import CacheStore
     from pipeline.errors import ConfigError
 
     store = CacheStore(artifacts_root() / "cache")
-    keys = [k for k in store.keys() if k.startswith(args.key)]
-    if len(keys) != 1:
-        raise ConfigError(f"show: {'no' if not keys else 'more than one'} cache entry matches {args.key!r}")
+    keys = [_one_key(store, args.key, "show")]
     found = store.lookup(keys[0])
-    if not found.hit:
+    if not found.hit and not found.evicted:
         raise ConfigError(f"show: entry {keys[0]} is not usable: {found.reason}")
+    if found.evicted:
+        print(f"show: {keys[0]} is {found.reason}", file=sys.stderr)
     print(json.dumps(found.manifest, indent=2))
     return 0
 
@@ -68,6 +79,23 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"gc: {verb} {len(res.removed)} entries and {len(res.stale)} stale temp folders, "
               f"{res.freed_bytes / 1e6:.1f} MB; kept {len(keep)} entries referenced by lock files{busy}")
     return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    from pipeline.cache import CacheStore
+    from pipeline.housekeeping import evict
+
+    store = CacheStore(artifacts_root() / "cache")
+    keys = list(dict.fromkeys(_one_key(store, k, "evict") for k in args.key))  # all resolve, or nothing is done
+    res = evict(store, keys)
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+    else:
+        for key, why in res.refused.items():
+            print(f"evict: {key}: left as it was ({why})")
+        print(f"evict: {len(res.evicted)} entries emptied, {res.freed_bytes / 1e9:.2f} GB freed; their manifests "
+              "stay, so what was built from them stays cached")
+    return 1 if res.refused else 0
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:

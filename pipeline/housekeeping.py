@@ -5,6 +5,9 @@ pin file names it; a pin file of a dead process counts for nothing). It decides 
 exclusive gc lock, which builds hold shared while they pin a key and look it up, so an entry a
 build has just found or committed is never collected under it. It deletes only entry folders
 (named like a key), temp folders of dead builders and quarantined entries: what vlmforge made.
+
+evict removes an entry's outputs and keeps its manifest (``pipeline.cache``), under the same
+locks: never an entry a running build has pinned, never while a worker reads it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.cache import CacheStore
+from pipeline.cache import EVICTED, CacheStore
 from pipeline.liveness import pin_alive, tmp_alive
 
 
@@ -83,6 +86,50 @@ def gc(store: CacheStore, keep: set[str], dry_run: bool = False) -> GcResult:
 
 
 @dataclass(frozen=True)
+class EvictResult:
+    evicted: list[str]
+    freed_bytes: int
+    refused: dict[str, str] = field(default_factory=dict)  # key -> why it was left as it was
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evict(store: CacheStore, keys: list[str]) -> EvictResult:
+    """Remove these entries' outputs, keeping their manifests: dependants stay keyed and cached,
+    and a build that needs the outputs again rebuilds them."""
+    import time
+
+    done, freed, refused = [], 0, {}
+    with store.gc_lock(exclusive=True):
+        pinned = live_pins(store, drop_dead=False)
+        for key in keys:
+            found = store.lookup(key, verify=False)
+            if found.manifest is None:
+                refused[key] = found.reason
+                continue
+            if found.evicted:
+                refused[key] = "already evicted"
+                continue
+            if key in pinned:
+                refused[key] = "in use by a running build"
+                continue
+            with store.rw_lock(key, exclusive=True):  # no worker reads it now
+                out = store.out_dir(key)
+                size = _size(out)
+                part = store.entry(key) / (EVICTED + ".part")  # the marker first: a crash mid-delete
+                part.write_text(json.dumps({"at": time.time(), "bytes": size}))  # leaves it evicted
+                os.replace(part, store.entry(key) / EVICTED)
+                trash = store.root / ".tmp" / f"evict-{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(out, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            done.append(key)
+            freed += size
+    return EvictResult(done, freed, refused)
+
+
+@dataclass(frozen=True)
 class FsckResult:
     checked: int
     bytes_read: int
@@ -102,7 +149,7 @@ def fsck(store: CacheStore, progress: object = None) -> FsckResult:
         if callable(progress):
             progress(i, len(keys), key)
         found = store.lookup(key, rehash=True)
-        if not found.hit:
+        if not found.hit and not found.evicted:
             damaged[key] = found.reason.removeprefix("cache entry was damaged (").removesuffix("); rebuilding")
     store.memo.save()
     return FsckResult(len(keys), store.memo.hashed_bytes - before, damaged)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.runner import NodeState
 
-_STYLE = {"cached": "dim green", "ran": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan"}
+_STYLE = {"cached": "dim green", "ran": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan", "evicted": "dim"}
 
 
 class Progress:

@@ -39,6 +39,10 @@ def publish(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path
         if s.manifest is None or s.node.id not in cache_out:
             continue
         dest = dest_root / s.node.id
+        if s.status == "evicted":  # no outputs to show: a view of ours would point at nothing
+            if dest.is_symlink():
+                dest.unlink()
+            continue
         if (dest.exists() or dest.is_symlink()) and not _ours(dest):
             notes.append(f"{dest} is not a view vlmforge made; left alone (the outputs are in {cache_out[s.node.id]})")
             continue
@@ -59,7 +63,8 @@ def deliver(states: list[NodeState], cache_out: dict[str, Path], dest_root: Path
     config, target and key, so a name always means the same bytes. Returns the paths."""
     done = []
     for s in states:
-        if s.manifest is None or s.key is None or not s.node.stage.deliver or s.node.id not in cache_out:
+        if s.manifest is None or s.key is None or not s.node.stage.deliver or s.node.id not in cache_out \
+                or s.status == "evicted":
             continue
         where = s.node.target.name if s.node.target else s.node.stage.name
         for rel in s.node.stage.deliver:

@@ -21,13 +21,14 @@ class NodeState:
     material: dict[str, Any] | None = None
     cached: bool = False
     reason: str = ""
-    status: str = "pending"  # pending | cached | ran | failed | skipped
+    status: str = "pending"  # pending | cached | ran | failed | skipped | evicted (not needed)
     manifest: dict[str, Any] | None = None
     error: str = ""
     seconds: float = 0.0
     peak_rss_mb: float | None = None
     failed_result: dict[str, Any] = field(default_factory=dict)
     needs_host: str | None = None
+    evicted: bool = False  # its entry's outputs were removed; the manifest still keys dependants
 
     def as_dict(self) -> dict[str, Any]:
         n = self.node
@@ -48,6 +49,7 @@ class NodeState:
             "notes": m.get("notes", self.failed_result.get("notes", [])),
             "error": self.error,
             "needs_host": self.needs_host,
+            "evicted": self.evicted and self.status == "evicted",
             # for a cached node: what building it cost when it ran
             "built_seconds": (m.get("timings") or {}).get("seconds"),
             "built_peak_rss_mb": (m.get("timings") or {}).get("peak_rss_mb"),
@@ -89,8 +91,8 @@ class Planner:
                 s.cached, s.reason = False, "forced (--force)"
                 return s
             found = self.store.lookup(s.key)
-        s.cached = found.hit
-        s.manifest = found.manifest
+        s.cached, s.evicted = found.hit, found.evicted
+        s.manifest = found.manifest  # an evicted entry's too: its digests key the dependants
         s.reason = "" if found.hit else self._why_not(node, found.reason)
         return s
 
@@ -105,6 +107,22 @@ class Planner:
 
 
 ProgressFn = Callable[[str, str, float | None], None]
+
+
+def unneeded_evicted(planner: Planner) -> set[str]:
+    """Evicted nodes no node that runs reads: they stay evicted. A node runs when it is not
+    cached and is not evicted, or is evicted and is asked for itself (no dependant in the
+    build) or read by a node that runs."""
+    dependants: dict[str, list[str]] = {n.id: [] for n in planner.nodes}
+    for n in planner.nodes:
+        for d in n.deps:
+            dependants.setdefault(d, []).append(n.id)
+    runs: set[str] = set()
+    for n in reversed(planner.nodes):  # topological order, so dependants are decided first
+        s = planner.states[n.id]
+        if not s.cached and (not s.evicted or not dependants[n.id] or any(d in runs for d in dependants[n.id])):
+            runs.add(n.id)
+    return {n.id for n in planner.nodes if planner.states[n.id].evicted and n.id not in runs}
 
 
 def build(
@@ -122,6 +140,8 @@ def build(
 
     states = planner.states
     todo = list(planner.nodes)
+    planner.plan()  # every key now: whether an evicted entry is read depends on its dependants
+    stay_evicted = unneeded_evicted(planner)
     pool = WorkerPool(mp.get_context("spawn"))
     try:
         while todo or pool.running:
@@ -134,7 +154,13 @@ def build(
                     on_event(s)
                     progressed = True
                     continue
-                if not all(states[d].status in ("cached", "ran") for d in n.deps):
+                if n.id in stay_evicted:
+                    s.status = "evicted"
+                    todo.remove(n)
+                    on_event(s)
+                    progressed = True
+                    continue
+                if not all(states[d].status in ("cached", "ran", "evicted") for d in n.deps):
                     continue
                 if len(pool.running) >= jobs:
                     break
@@ -183,7 +209,7 @@ def _finish(s: NodeState, res: NodeOutcome) -> None:
     s.seconds = res.seconds
     s.peak_rss_mb = res.peak_rss_mb
     if res.status in ("ran", "cached") and res.manifest is not None:
-        s.manifest = res.manifest
+        s.manifest, s.evicted = res.manifest, False
         s.status = res.status
         s.cached = res.status == "cached"
         if res.by_other:

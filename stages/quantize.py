@@ -124,18 +124,21 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
             tried = {a: candidate(replace(recipe, awq=a), "awq" if a else "plain") for a in (True, False)}
             recipe = replace(recipe, awq=tried[True][2] >= tried[False][2])
             first = tried[recipe.awq]
+            shutil.rmtree(tried[not recipe.awq][1].parent)  # disk: each is the graph's size
             awq_choice = {"awq": tried[True][2], "plain": tried[False][2], "chosen": "awq" if recipe.awq else "plain",
                           "inputs": "calibration" if search is not feeds else "held-out"}
         else:
             first = candidate(recipe, "full")
         budget = search_budget(gq.get("accuracy_budget"), {"cosine": 0.99, **ctx.params["gates"].get(mode, {})})
+        if budget is not None and first[2] < budget:  # it falls back, so this one is not the result:
+            shutil.rmtree(first[1].parent)  # its disk goes before the walk writes its own candidates
         built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src)
         outs = None
         if built is first[0]:  # no fallback: the written candidate is the result
             for f in first[1].parent.iterdir():
                 shutil.move(f, ctx.out / f.name)
             outs = first[3] if search is feeds else None
-        else:  # the unchosen full candidate goes first: at 8 B each is ~8 GB of disk
+        else:
             shutil.rmtree(first[1].parent, ignore_errors=True)
             graphio.save(built.model, out)  # tensor by tensor: the codes are computed as they are written
     except ValueError as e:

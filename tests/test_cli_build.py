@@ -162,3 +162,43 @@ def test_deliverables_are_named_by_key_and_read_only(cli: Cli):
     assert str(pkg) in doc["delivered"] and pkg.read_text().endswith("target=rtx4090\n")
     assert not pkg.stat().st_mode & 0o222
     assert len(doc["delivered"]) == 2  # one per target; nodes without deliverables hand out nothing
+
+
+def test_evicted_entry_keeps_dependants_cached_and_is_rebuilt_only_when_read(cli: Cli):
+    """`vlmforge evict`: the outputs go, the manifest stays. What was built from it stays cached
+    (its digests still key them); a node that runs and reads it rebuilds it, once."""
+    cfg = cli.config()
+    first = _by_id(cli.json("build", str(cfg)))
+    entry = cli.tmp / "artifacts" / "cache" / first["middle"]["key"]
+    res = cli.json("evict", first["middle"]["key"][:10])
+    assert res["evicted"] == [first["middle"]["key"]] and res["freed_bytes"] > 0
+    assert not (entry / "out").exists() and (entry / "manifest.json").is_file()
+    assert cli("evict", first["middle"]["key"], check=1).stdout.count("already evicted") == 1
+    plan = _by_id(cli.json("plan", str(cfg)))
+    assert not plan["middle"]["cached"] and "evicted" in plan["middle"]["reason"]
+    assert plan["final@rtx4090"]["cached"] and plan["final@rtx4090"]["key"] == first["final@rtx4090"]["key"]
+
+    again = _by_id(cli.json("build", str(cfg)))
+    assert again["middle"]["status"] == "evicted" and again["middle"]["evicted"]
+    assert {n["status"] for k, n in again.items() if k != "middle"} == {"cached"}
+    assert not (cli.tmp / "artifacts" / "out" / "fake" / "middle").exists()  # no view of nothing
+    assert (cli.tmp / "artifacts" / "out" / "fake" / "final@rtx4090" / "final.bin").is_file()
+    assert cli.json("fsck")["damaged"] == {}  # evicted is not damaged
+    assert json.loads(cli("show", first["middle"]["key"]).stdout)["key"] == first["middle"]["key"]
+
+    cli.config(BASE_CONFIG + "engine: {workspace_mb: 512}\n")  # read by `final` only: it runs, reads middle
+    rebuilt = _by_id(cli.json("build", str(cfg), "--target", "rtx3090"))
+    assert rebuilt["middle"]["status"] == "ran" and rebuilt["middle"]["key"] == first["middle"]["key"]
+    assert rebuilt["final@rtx3090"]["status"] == "ran" and (entry / "out" / "part1.txt").is_file()
+    assert not (entry / "evicted.json").exists()
+    assert cli.json("fsck")["damaged"] == {}
+
+
+def test_an_evicted_node_asked_for_itself_is_rebuilt(cli: Cli):
+    cfg = cli.config()
+    key = _by_id(cli.json("build", str(cfg)))["middle"]["key"]
+    cli("evict", key)
+    doc = _by_id(cli.json("build", str(cfg), "--until", "middle"))
+    assert doc["middle"]["status"] == "ran" and doc["source"]["status"] == "cached"
+    assert (cli.tmp / "artifacts" / "out" / "fake" / "middle" / "part1.txt").is_file()
+    assert "no cache entry matches" in cli("evict", "ffff", check=2).stderr

@@ -28,7 +28,7 @@ from stages.lib import segments
 from stages.lib.qdq import graphio, heldout, streamed_weights
 from stages.lib.qdq import sensitivity as S
 from stages.lib.qdq.recipe import Calib, Recipe, build
-from stages.lib.segment_cuts import CUTS_KEY
+from stages.lib.segment_cuts import CUTS_KEY, SCOPES_KEY
 from stages.lib.segment_plan import plan
 from tests import qdq_graphs as G
 
@@ -163,10 +163,13 @@ def test_chunked_reads_and_external_save_write_the_same_bytes(case: tuple[str, s
 # ---- a decoder-like chain with external data and a cut list ---------------------------------------
 
 
-def decoder_chain(folder: Path, layers: int, hidden: int, vocab: int = 256, seed: int = 0) -> Path:
+def decoder_chain(folder: Path, layers: int, hidden: int, vocab: int = 256, seed: int = 0,
+                  scope: str = "layers") -> Path:
     """``inputs_embeds`` -> layers x [Mul(gamma) -> up MatMul -> Relu -> down MatMul -> + residual]
     -> lm_head MatMul -> ``logits``, FP16, cut after every layer (``vlmforge.segment_cuts``). The
-    weights are written one at a time into ``decoder.onnx.data``, never all in memory."""
+    weights are written one at a time into ``decoder.onnx.data``, never all in memory.
+    ``scope="blocks"``: a vision tower's layout instead, ``blocks.N`` name scopes on every node
+    (as torch.onnx writes them) and no recorded cuts."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     inits, nodes, cuts, x, offset = [], [], [], "inputs_embeds", 0
@@ -187,12 +190,16 @@ def decoder_chain(folder: Path, layers: int, hidden: int, vocab: int = 256, seed
             put(f"gamma{i}", (1 + 0.2 * rng.standard_normal(hidden)).astype(np.float16))
             for w in ("up", "down"):
                 put(f"{w}{i}", (rng.standard_normal((hidden, hidden), np.float32) / np.sqrt(hidden)).astype(np.float16))
-            s = f"/model/layers.{i}"
-            nodes += [helper.make_node("Mul", [x, f"gamma{i}"], [f"h{i}"], name=f"{s}/norm/Mul"),
-                      helper.make_node("MatMul", [f"h{i}", f"up{i}"], [f"u{i}"], name=f"{s}/mlp/up_proj/MatMul"),
-                      helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"{s}/mlp/act"),
-                      helper.make_node("MatMul", [f"r{i}", f"down{i}"], [f"d{i}"], name=f"{s}/mlp/down_proj/MatMul"),
-                      helper.make_node("Add", [f"d{i}", x], [f"x{i + 1}"], name=f"{s}/residual")]
+            s = f"/model/{scope}.{i}"
+            block = [helper.make_node("Mul", [x, f"gamma{i}"], [f"h{i}"], name=f"{s}/norm/Mul"),
+                     helper.make_node("MatMul", [f"h{i}", f"up{i}"], [f"u{i}"], name=f"{s}/mlp/up_proj/MatMul"),
+                     helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"{s}/mlp/act"),
+                     helper.make_node("MatMul", [f"r{i}", f"down{i}"], [f"d{i}"], name=f"{s}/mlp/down_proj/MatMul"),
+                     helper.make_node("Add", [f"d{i}", x], [f"x{i + 1}"], name=f"{s}/residual")]
+            for n in block if scope != "layers" else []:
+                n.metadata_props.add(key=SCOPES_KEY, value=repr(["", f"model.{scope}.{i}", f"model.{scope}.{i}.mlp",
+                                                                   n.op_type.lower()]))
+            nodes += block
             x = f"x{i + 1}"
             cuts.append(x)
         put("lm_head", (rng.standard_normal((hidden, vocab), np.float32) / np.sqrt(hidden)).astype(np.float16))
@@ -202,7 +209,8 @@ def decoder_chain(folder: Path, layers: int, hidden: int, vocab: int = 256, seed
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", "seq", vocab])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     m.ir_version = 10
-    m.metadata_props.add(key=CUTS_KEY, value=json.dumps(cuts))
+    if scope == "layers":
+        m.metadata_props.add(key=CUTS_KEY, value=json.dumps(cuts))
     onnx.save_model(m, str(folder / "decoder.onnx"))
     return folder / "decoder.onnx"
 
@@ -286,7 +294,7 @@ def test_extract_cuts_out_one_block(tmp_path: Path) -> None:
 def test_sensitivity_ranks_the_sabotaged_layer_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     block: bool) -> None:
     if block:  # the tiny chain past the size where groups are scored at their own block
-        monkeypatch.setattr(S, "BLOCK_ABOVE", 0)
+        monkeypatch.setattr(S, "RANK_WHOLE_BYTES", 0)
     path = decoder_chain(tmp_path / "fuse", layers=3, hidden=64)
     feeds = chain_feeds(64, n=3)
     calib = calibrate(path, feeds, tmp_path / "cal")
@@ -300,6 +308,23 @@ def test_sensitivity_ranks_the_sabotaged_layer_first(tmp_path: Path, monkeypatch
     assert rep.kept[0]["group"] == "layers.1/mlp" and rep.met
     assert "/model/layers.1/mlp/down_proj/MatMul" not in built.placement.quantized_nodes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("vlmforge-qdq-")]  # candidates removed
+
+
+def test_a_tower_without_recorded_cuts_is_ranked_at_its_name_scope_blocks(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vision tower records no cuts (it runs whole everywhere else); past RANK_WHOLE_BYTES its
+    groups are still scored block by block, split at its ``blocks.N`` name scopes."""
+    monkeypatch.setattr(S, "RANK_WHOLE_BYTES", 0)
+    path = decoder_chain(tmp_path / "fuse", layers=3, hidden=64, scope="blocks")
+    assert len(plan(path).segments) == 1  # the runner runs it whole
+    feeds = chain_feeds(64, n=3)
+    calib = calibrate(path, feeds, tmp_path / "cal")
+    calib.amax["r2"] *= 40  # block 2's down projection input
+    ev = S.Evaluator(feeds, heldout.run_all(path, feeds, ["logits"]), ["logits"], workdir=tmp_path)
+    built, rep = S.run(path, Recipe("int8"), calib, 0.9999, ev)
+    assert rep.scored == "block" and rep.ranking[0]["group"] == "blocks.2/mlp"
+    assert {r["scored_at"] for r in rep.ranking} == {"x1", "x2", "x3", "logits"}
+    assert rep.kept[0]["group"] == "blocks.2/mlp" and rep.met
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8", "int4-weight"])

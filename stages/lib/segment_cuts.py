@@ -26,11 +26,13 @@ __all__ = ["CUTS_KEY", "SCOPES_KEY", "cuts_from_name_scopes", "layer_of", "read_
 
 CUTS_KEY = "vlmforge.segment_cuts"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
+# the module list a block's scope ends in: decoder layers, or a vision tower's blocks
+_SCOPE = {word: re.compile(rf"(?:^|\.){word}\.(\d+)$") for word in ("layers", "blocks")}
 
 
-def layer_of(node: ir.Node) -> int | None:
-    """The decoder layer index a node was exported from (its innermost ``layers.N`` scope)."""
+def layer_of(node: ir.Node, scope: str = "layers") -> int | None:
+    """The block index a node was exported from (its innermost ``<scope>.N`` module: decoder
+    ``layers``, or a vision tower's ``blocks``)."""
     raw = node.metadata_props.get(SCOPES_KEY)
     if not raw:
         return None
@@ -38,15 +40,17 @@ def layer_of(node: ir.Node) -> int | None:
         scopes = ast.literal_eval(raw) if raw.startswith("[") else raw.split(",")
     except (ValueError, SyntaxError):
         return None
-    for scope in reversed(scopes):
-        m = _LAYER.search(str(scope).strip())
+    pattern = _SCOPE[scope]
+    for name in reversed(scopes):
+        m = pattern.search(str(name).strip())
         if m:
             return int(m.group(1))
     return None
 
 
-def cuts_from_name_scopes(model: ir.Model) -> list[str]:
-    """Residual-stream value after each layer, in layer order; [] when the graph has no layer scopes.
+def cuts_from_name_scopes(model: ir.Model, scope: str = "layers") -> list[str]:
+    """Residual-stream value after each layer (``scope``: "blocks" for a vision tower), in layer
+    order; [] when the graph has no such scopes.
 
     The exporter's optimiser shares small values across layers (shape tensors, the rotary
     cos/sin unsqueezes live in layer 0's scope and feed every layer), so several values leave a
@@ -56,11 +60,11 @@ def cuts_from_name_scopes(model: ir.Model) -> list[str]:
     outputs = {v.name for v in graph.outputs}
     last: dict[int, str] = {}
     for node in graph:  # graph order is topological: the later producer overwrites
-        layer = layer_of(node)
+        layer = layer_of(node, scope)
         if layer is None:
             continue
         for v in node.outputs:
-            if v.name not in outputs and any(layer_of(user) != layer for user, _ in v.uses()):
+            if v.name not in outputs and any(layer_of(user, scope) != layer for user, _ in v.uses()):
                 last[layer] = str(v.name)
     layers = sorted(last)
     return [last[i] for i in layers] if layers == list(range(len(layers))) else []

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SEGMENT_ABOVE", "SegmentedSession", "decoder_session"]
 
-# Above this many weight bytes a decoder runs block by block (the quantize stage's sensitivity
-# search uses the same size: sensitivity.BLOCK_ABOVE).
+# Above this many weight bytes a decoder runs block by block (memory; the sensitivity search
+# decides by its own cost, sensitivity.RANK_WHOLE_BYTES).
 SEGMENT_ABOVE = 2 * 1024**3
 
 

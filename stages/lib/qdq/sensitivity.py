@@ -6,13 +6,18 @@ change rounding); then, starting from the fully quantized graph, the most harmfu
 back to high precision one at a time until the graph meets the accuracy budget (cosine).
 
 Every candidate runs through the block runner (``heldout.run_all``), written to disk first.
-Past ``BLOCK_ABOVE`` bytes of weights a whole candidate per group would cost a full save and a
-full run each, so groups are scored at their own block instead (as llm-compressor / ModelOpt
-rank layers): the unquantized graph runs once, segment by segment, keeping every segment's
-inputs and outputs; each group is quantized alone, only the segment(s) holding it are cut out
-of the candidate and run on the unquantized inputs, and the cosine of that block's output (the
-residual stream at its cut, the logits for the last) ranks it. The fallback walk still scores
-whole candidates against the budget.
+Where scoring a whole candidate per group would write and run more than ``RANK_WHOLE_BYTES``
+(groups x the graph's weight bytes: 73 groups x 14 GB for an 8 B decoder, 63 x 1 GB for its
+vision tower), groups are scored at their own block instead (as llm-compressor / ModelOpt rank
+layers): the unquantized graph runs once, segment by segment at its block cuts (the recorded
+ones, else the ``layers.N`` / ``blocks.N`` name scopes), keeping every segment's inputs and
+outputs; each group is quantized alone, only the segment(s) holding it are cut out of the
+candidate and run on the unquantized inputs, and the cosine of that block's output (the
+residual stream at its cut, the logits for the last) ranks it.
+
+The fallback walk scores whole candidates against the budget, few of them: it predicts how many
+groups to keep from the ranking (``fallback_walk``: the losses add up, scaled to what the
+measured candidates show) and corrects on each measurement.
 """
 
 from __future__ import annotations
@@ -26,16 +31,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.qdq.recipe import Built, Calib, Recipe, build
-from stages.lib.segment_session import SEGMENT_ABOVE
 
 if TYPE_CHECKING:
     import onnx
     import onnx_ir as ir
 
 _LAYER = re.compile(r"(?:^|[/.])((?:layers|blocks|layer|h|block|resblocks)[./_]?\d+)(?:[/.]([^/.]+))?")
-# source tensor bytes past which groups are scored at their own block: the size past which the
-# decoder runs block by block everywhere else
-BLOCK_ABOVE = SEGMENT_ABOVE
+# groups x source weight bytes past which groups are scored at their own block: whole candidates
+# would write and run that much (4 GiB: minutes on 2 cores; a tiny test graph stays whole)
+RANK_WHOLE_BYTES = 4 * 1024**3
+# whole candidates the fallback walk may score (each a full write and run: ~6 min at 8 B)
+WALK_MOST = 4
 
 
 def group_of(node_name: str) -> str:
@@ -105,8 +111,8 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
         path: Path | None = None) -> tuple[Built, SensitivityReport]:
     """Quantize ``source``; with a budget, fall back the most harmful groups until cosine >=
     budget. ``full``: the fully quantized candidate and its score, when the caller has them.
-    ``path``: the source's file, for block scoring past BLOCK_ABOVE (``evaluate`` then must be
-    an ``Evaluator``)."""
+    ``path``: the source's file, for block scoring past RANK_WHOLE_BYTES (``evaluate`` then must
+    be an ``Evaluator``)."""
     from stages.lib.qdq import graphio
     from stages.lib.qdq.model_tensors import tensor_bytes
 
@@ -122,9 +128,10 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
     groups: dict[str, list[str]] = {}
     for node in sorted(best.placement.quantized_nodes()):
         groups.setdefault(group_of(best.placement.scopes.get(node) or node), []).append(node)
-    block = path is not None and isinstance(evaluate, Evaluator) and tensor_bytes(source) > BLOCK_ABOVE
+    cuts = rank_cuts(source) if path is not None and isinstance(evaluate, Evaluator) else []
+    block = bool(cuts) and len(groups) * tensor_bytes(source) > RANK_WHOLE_BYTES
     if block:
-        ranking = block_ranking(path, source, recipe, calib, groups, evaluate)  # type: ignore[arg-type]
+        ranking = block_ranking(path, source, recipe, calib, groups, evaluate, cuts)  # type: ignore[arg-type]
     else:
         ranking = []
         all_nodes = {n for ns in groups.values() for n in ns}
@@ -145,7 +152,7 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
         built[k] = build(source, recipe, calib, keep_nodes=keep)
         return evaluate(built[k])
 
-    k, tried = fallback_walk(len(ranking), budget, cos_full, score)
+    k, tried = fallback_walk([r["loss"] for r in ranking], budget, cos_full, score)
     for i in range(k):
         r = ranking[i]
         rep.kept.append({"group": r["group"], "nodes": groups[r["group"]], "why": whys[i], "cosine_after": tried.get(i + 1)})
@@ -155,47 +162,79 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
     return built[k], rep
 
 
-def fallback_walk(n: int, budget: float, cos_none: float, score: Callable[[int], float]) -> tuple[int, dict[int, float]]:
-    """The fewest of the n ranked groups to keep, k, such that ``score(k)`` (the candidate with the
-    k most harmful kept) meets ``budget``; all n when none does. ``score`` is called for k = 1, 2,
-    4, ... until one meets it, then bisected between the last two: O(log n) whole-graph
-    candidates where a walk one group at a time needs k (each a full write and run of the graph:
-    minutes at 8 B). The same answer as that walk where the cosine grows with k, which keeping
-    more of the graph in high precision does up to noise. Returns k and every score taken
-    ({0: cos_none} included); the candidate built for k is the last one ``score`` made for it."""
+def fallback_walk(losses: Sequence[float], budget: float, cos_none: float, score: Callable[[int], float],
+                  most: int | None = None) -> tuple[int, dict[int, float]]:
+    """How many of the ranked groups to keep, k, so that ``score(k)`` (the candidate with the k
+    most harmful kept) meets ``budget``: few whole candidates, each a full write and run of the
+    graph (minutes at 8 B), at most ``most`` (None: WALK_MOST) before keeping everything.
+
+    ``losses``: each group's loss alone, most harmful first. Model: a candidate's loss adds up
+    over the groups still quantized, 1 - score(k) ~ c * R(k) with R(k) = sum(losses[k:]) (as
+    ModelOpt's AutoQuantize sums per-layer scores); c is fitted on a measured candidate, first
+    the fully quantized one (1 - cos_none). The walk scores the smallest k the model says meets
+    the budget, refits c there and repeats: while none has met, above the largest failed k; once
+    one has, between the two (c from the met one), stopping when the model sees no smaller k or
+    the two are adjacent. Exact where losses add up; otherwise the corrections keep it close.
+    Returns k and every score taken ({0: cos_none} included); the candidate built for k is the
+    last one ``score`` made for it."""
+    most = WALK_MOST if most is None else most
+    n = len(losses)
+    tail = [0.0] * (n + 1)  # tail[k] = R(k)
+    for i in range(n - 1, -1, -1):
+        tail[i] = tail[i + 1] + max(float(losses[i]), 0.0)
     tried = {0: cos_none}
-
-    def at(k: int) -> float:
-        if k not in tried:
-            tried[k] = score(k)
-        return tried[k]
-
     if cos_none >= budget or n == 0:
         return 0, tried
-    lo, hi = 0, 1
-    while at(hi) < budget:
-        if hi == n:
-            return n, tried
-        lo, hi = hi, min(2 * hi, n)
-    while hi - lo > 1:  # at(lo) < budget <= at(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if at(mid) >= budget else (mid, hi)
+    allowed = 1.0 - budget
+
+    def predict(at: int) -> int:  # the smallest k meeting the budget, c fitted at a scored k
+        c = (1.0 - tried[at]) / tail[at] if tail[at] > 0 else float("inf")
+        return next(k for k in range(n + 1) if c * tail[k] <= allowed or k == n)
+
+    lo, hi = 0, None  # the largest k that failed, the smallest that met
+    while len(tried) - 1 < most:
+        k = max(predict(lo if hi is None else hi), lo + 1)
+        if hi is not None and k >= hi:
+            break  # the model sees no smaller k that meets
+        if k == n:
+            break  # everything kept: no need to measure it yet
+        tried[k] = score(k)
+        lo, hi = (lo, k) if tried[k] >= budget else (k, hi)
+        if hi is not None and hi - lo <= 1:
+            break
+    if hi is None:  # nothing met within `most`: everything stays high precision
+        tried[n] = score(n)
+        return n, tried
     return hi, tried
 
 
+def rank_cuts(source: onnx.ModelProto) -> list[str]:
+    """Where ``source`` splits into blocks for ranking: its recorded cuts, else its decoder
+    ``layers.N`` or vision ``blocks.N`` name scopes ([]: it cannot be scored block by block)."""
+    import onnx_ir as ir
+
+    from stages.lib.segment_cuts import cuts_from_name_scopes, read_cuts
+
+    if recorded := read_cuts(source):
+        return recorded
+    model = ir.from_proto(source)
+    return cuts_from_name_scopes(model, "layers") or cuts_from_name_scopes(model, "blocks")
+
+
 def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Calib,
-                  groups: Mapping[str, list[str]], ev: Evaluator) -> list[dict[str, Any]]:
-    """Each group scored at the output of the segment(s) holding it (module docstring)."""
+                  groups: Mapping[str, list[str]], ev: Evaluator, cuts: Sequence[str]) -> list[dict[str, Any]]:
+    """Each group scored at the output of the segment(s) holding it, the graph split at ``cuts``
+    (module docstring)."""
     import onnx_ir as ir
 
     from stages.lib import segments
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import cast_feed
     from stages.lib.qdq.placement import ensure_names
-    from stages.lib.segment_plan import model_cuts, plan
+    from stages.lib.segment_plan import plan
 
-    p = plan(path, expose=ev.outputs)
-    cuts = set(model_cuts(p.proto)) | set(ev.outputs)
+    p = plan(path, cuts, expose=ev.outputs)
+    at_cut = set(cuts) | set(ev.outputs)
     fresh = ir.from_proto(source)
     ensure_names(fresh.graph)  # as build() names them; node i of the file is node i of every load
     nodes_at = list(fresh.graph)
@@ -208,11 +247,11 @@ def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Ca
         inside = set().union(*(made[k] for k in span))
         ins = list(dict.fromkeys(x for k in span for x in p.segments[k].inputs if x not in inside))
         last = p.segments[ks[-1]]
-        regions[g] = (ins, [o for o in last.outputs if o in cuts] or list(last.outputs))
+        regions[g] = (ins, [o for o in last.outputs if o in at_cut] or list(last.outputs))
     specs = segments.graph_inputs(path)
     refs: list[dict[str, np.ndarray]] = [{} for _ in ev.feeds]
     needed = sorted({x for ins, outs in regions.values() for x in (*ins, *outs)})
-    segments.run_segmented(path, [cast_feed(specs, f) for f in ev.feeds], _into(refs), expose=needed)
+    segments.run_segmented(path, [cast_feed(specs, f) for f in ev.feeds], _into(refs), cuts=cuts, expose=needed)
     ranking = []
     all_nodes = {n for ns in groups.values() for n in ns}
     for g, nodes in groups.items():
