@@ -94,11 +94,15 @@ def _export(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str
         head = ({0: patches},) * 4
         shapes = head + ((tuple({0: patches} for _ in names[4:]),) if len(names) > 4 else ())
         ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
-        # optimize=True: the onnxscript optimizer's folding and CSE give fuse a clean graph; it
-        # folds weight transposes into new copies, which is part of the export peak measured in
-        # bench/scale.py (Qwen3-VL-8B ViT: 1.71 GB for 1.15 GB of FP16 weights).
+        # The optimizer is ours (``fusion.cleanup``: onnxscript's passes less the one rule that
+        # cost most and rewrote nothing; the fuse stage runs the same), not torch's optimize=True:
+        # that took ~20 of the ~45 s of a 32-block ViT's export. An unoptimized export does not
+        # run (torchlib's Conv carries an empty bias that a rewrite rule removes).
+        from stages.lib.fusion.cleanup import cleanup
+
         prog = torch.onnx.export(ep, args, input_names=names, output_names=outs, opset_version=opset,
-                                 dynamo=True, optimize=True)
+                                 dynamo=True, optimize=False)
+        cleanup(prog.model)  # type: ignore[union-attr]
         prog.save(str(onnx_path), external_data=external)  # type: ignore[union-attr]
         _name_dims(onnx_path, names, outs)
         return "dynamo"
