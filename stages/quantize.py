@@ -132,7 +132,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         budget = search_budget(gq.get("accuracy_budget"), {"cosine": 0.99, **ctx.params["gates"].get(mode, {})})
         if budget is not None and first[2] < budget:  # it falls back, so this one is not the result:
             shutil.rmtree(first[1].parent)  # its disk goes before the walk writes its own candidates
-        built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src)
+        built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src,
+                                      report=lambda msg: ctx.report(f"{graph} {mode}: {msg}"))
         outs = None
         if built is first[0]:  # no fallback: the written candidate is the result
             for f in first[1].parent.iterdir():

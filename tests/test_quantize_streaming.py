@@ -27,6 +27,7 @@ from pipeline.stage import StageContext
 from stages.lib import segments
 from stages.lib.qdq import graphio, heldout, streamed_weights
 from stages.lib.qdq import sensitivity as S
+from stages.lib.qdq.block_scores import extract
 from stages.lib.qdq.recipe import Calib, Recipe, build
 from stages.lib.segment_cuts import CUTS_KEY, SCOPES_KEY
 from stages.lib.segment_plan import plan
@@ -283,7 +284,7 @@ def test_extract_cuts_out_one_block(tmp_path: Path) -> None:
     path = decoder_chain(tmp_path / "fuse", layers=3, hidden=64)
     feeds = chain_feeds(64)
     ref = segments.run_whole(path, feeds[0], ["x1", "x2"])
-    sub = S.extract(ir.from_proto(graphio.load_proto(path, in_file=True)), {"x1": ref["x1"].dtype}, ["x2"])
+    sub = extract(ir.from_proto(graphio.load_proto(path, in_file=True)), {"x1": ref["x1"].dtype}, ["x2"])
     assert [v.name for v in sub.graph.inputs] == ["x1"] and set(sub.graph.initializers) == {"gamma1", "up1", "down1"}
     with graphio.spilled(sub, tmp_path) as sub_path:
         got = segments.run_whole(sub_path, {"x1": ref["x1"]}, cuts=[])

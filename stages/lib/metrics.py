@@ -65,6 +65,11 @@ def worst(parities: list[Parity]) -> Parity:
     )
 
 
+def min_cosine(outs: Mapping[str, np.ndarray], refs: Mapping[str, np.ndarray]) -> float:
+    """The lowest cosine over the outputs ``refs`` names (a candidate is as good as its worst)."""
+    return min(compare(np.asarray(outs[k]), np.asarray(refs[k])).cosine for k in refs)
+
+
 def topk_agreement(logits: np.ndarray, ref_logits: np.ndarray, k: int = 1) -> float:
     """Share of positions whose reference top-1 token is within the output's top-k."""
     ref_top1 = np.argmax(ref_logits.reshape(-1, ref_logits.shape[-1]), axis=-1)
