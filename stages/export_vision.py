@@ -96,7 +96,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="export_vision",
-    version="3",  # 3: BYO check image preprocessed by ImageFeeder; 2: dynamo exporter, external data
+    version="4",  # 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
     run=_run,
     params=_params,
     deps=("checkpoint",),
