@@ -267,7 +267,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="quantize",
-    version="4",  # 4: accuracy_budget "gate" by default; the fallback walk doubles then bisects
+    version="5",  # 5: ranked at blocks past a scoring cost (vision too), the walk predicts k; 4: budget "gate"
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

@@ -167,13 +167,15 @@ def fallback_walk(losses: Sequence[float], budget: float, cos_none: float, score
     most harmful kept) meets ``budget``: few whole candidates, each a full write and run of the
     graph (minutes at 8 B), at most ``most`` (None: WALK_MOST) before keeping everything.
 
-    ``losses``: each group's loss alone, most harmful first. Model: a candidate's loss adds up
-    over the groups still quantized, 1 - score(k) ~ c * R(k) with R(k) = sum(losses[k:]) (as
-    ModelOpt's AutoQuantize sums per-layer scores); c is fitted on a measured candidate, first
-    the fully quantized one (1 - cos_none). The walk scores the smallest k the model says meets
-    the budget, refits c there and repeats: while none has met, above the largest failed k; once
-    one has, between the two (c from the met one), stopping when the model sees no smaller k or
-    the two are adjacent. Exact where losses add up; otherwise the corrections keep it close.
+    ``losses``: each group's loss alone, most harmful first; R(k) = sum(losses[k:]) is what the
+    groups still quantized would cost if losses added up (as ModelOpt's AutoQuantize sums
+    per-layer scores). The first candidate assumes they do, scaled to the fully quantized
+    graph's loss: 1 - score(k) = c * R(k). After that, the candidate's loss is interpolated in R
+    between two measured candidates (regula falsi between the largest k that failed and the
+    smallest that met; a secant through the last two failures while none has met), which also
+    corrects for losses that do not add up (where it would keep everything, it tries halfway
+    first; after a failure inside the bracket, at least its middle). It stops when the two are adjacent, when the model sees no k between them, or after
+    ``most``. Exact in one candidate where losses add up.
     Returns k and every score taken ({0: cos_none} included); the candidate built for k is the
     last one ``score`` made for it."""
     most = WALK_MOST if most is None else most
@@ -186,19 +188,30 @@ def fallback_walk(losses: Sequence[float], budget: float, cos_none: float, score
         return 0, tried
     allowed = 1.0 - budget
 
-    def predict(at: int) -> int:  # the smallest k meeting the budget, c fitted at a scored k
-        c = (1.0 - tried[at]) / tail[at] if tail[at] > 0 else float("inf")
-        return next(k for k in range(n + 1) if c * tail[k] <= allowed or k == n)
+    def target_tail(lo: int, hi: int | None) -> float:  # the R(k) the model says just meets it
+        fails = sorted(k for k, c in tried.items() if c < budget)
+        a, b = (lo, hi) if hi is not None else (fails[-2], fails[-1]) if len(fails) > 1 else (lo, lo)
+        la, lb = 1.0 - tried[a], 1.0 - tried[b]
+        if a != b and tail[a] != tail[b] and (la - lb) / (tail[a] - tail[b]) > 0:
+            return tail[b] - (lb - allowed) * (tail[a] - tail[b]) / (la - lb)
+        return tail[b] * allowed / lb if lb > 0 else tail[b]  # proportional (first, or noise)
 
     lo, hi = 0, None  # the largest k that failed, the smallest that met
+    last_failed = False
     while len(tried) - 1 < most:
-        k = max(predict(lo if hi is None else hi), lo + 1)
+        r = target_tail(lo, hi)
+        k = max(next(k for k in range(n + 1) if tail[k] <= r or k == n), lo + 1)
+        if hi is not None and last_failed:  # regula falsi creeps up one side: halve the bracket
+            k = max(k, (lo + hi) // 2)
         if hi is not None and k >= hi:
             break  # the model sees no smaller k that meets
-        if k == n:
-            break  # everything kept: no need to measure it yet
+        if k == n:  # nothing short of keeping everything: believed at the start; after a failure
+            k = (lo + n + 1) // 2 if lo > 0 else n  # (a secant, which overshoots), halfway first
+            if k >= n:
+                break
         tried[k] = score(k)
-        lo, hi = (lo, k) if tried[k] >= budget else (k, hi)
+        last_failed = tried[k] < budget
+        lo, hi = (k, hi) if last_failed else (lo, k)
         if hi is not None and hi - lo <= 1:
             break
     if hi is None:  # nothing met within `most`: everything stays high precision
