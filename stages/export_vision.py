@@ -4,7 +4,8 @@ Graph: patchified pixels + host-precomputed tensors (``stages.lib.hostside.visio
 ``image_features`` (+ Qwen3-VL ``deepstack_features``), dynamic in the number of patches,
 so one graph serves several images of several sizes.
 
-Exporter: ``torch.export`` -> ``torch.onnx.export(dynamo=True)``, TorchScript as a fallback.
+Exporter: ``torch.export`` -> ``torch.onnx.export(dynamo=True, optimize=False)`` -> our
+``fusion.cleanup`` (the optimizer fuse runs too), TorchScript as a fallback.
 Once the attention patch removes the per-image ``tolist()`` split, both trace the encoder and
 give the same numerics (cosine 1 - 4e-13 on all three families). Dynamo wins on memory, which
 the issue makes a requirement: on a ~1B-parameter config (0.56 GB FP16 encoder) its peak RSS
