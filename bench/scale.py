@@ -13,7 +13,9 @@ when the machine's available memory falls under 0.5 GB (no swap here: the kernel
 would otherwise pick any process), or free disk where the cache lives under 1 GB, and the
 table says which node it was in.
 
-Per node it prints: seconds, peak RSS of the node's worker process (VmHWM), the FP16 weight
+Per node it prints: seconds, peak RSS of the node's worker process (VmHWM; and its anonymous
+part, RssAnon sampled at 5 Hz: VmHWM also counts a mapped or page-cached weight file, which the
+kernel can drop under pressure), the FP16 weight
 bytes of the largest graph the node reads or writes (ONNX + external data; for the
 checkpoint-reading stages, the checkpoint's weights in FP16), the ratio, the goal
 (1.25 x graph + 2 GB) and the output bytes. Cached nodes show the figures of the run that
@@ -143,6 +145,14 @@ def _graph_bytes(files: dict[str, Any]) -> int:
     return max(per.values(), default=0)
 
 
+def _manifest_timing(key: str | None, name: str) -> Any:
+    """A figure from a node's cache manifest (a report written before the figure existed)."""
+    try:
+        return json.loads((REPO / "artifacts" / "cache" / str(key) / "manifest.json").read_text())["timings"].get(name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _table(report: dict[str, Any], ckpt_fp16: int) -> list[dict[str, Any]]:
     from pipeline.graph import load_stages  # the registry knows each stage's deps
 
@@ -155,8 +165,10 @@ def _table(report: dict[str, Any], ckpt_fp16: int) -> list[dict[str, Any]]:
         deps = max((_graph_bytes(nodes[d].get("outputs") or {}) for d in dep_ids if d in nodes), default=0)
         graph = max(own, deps, ckpt_fp16 if n["stage"] in CHECKPOINT_READERS else 0)
         rss = n.get("peak_rss_mb") or n.get("built_peak_rss_mb")
+        anon = n.get("peak_anon_mb") or _manifest_timing(n.get("key"), "peak_anon_mb")
         secs = n.get("seconds") if n["status"] not in ("cached", "evicted") else n.get("built_seconds")
         rows.append({"node": n["id"], "status": n["status"], "seconds": secs, "peak_rss_gb": rss and rss / 1024,
+                     "anon_gb": anon and anon / 1024,
                      "graph_gb": graph / GB, "ratio": (rss * 2**20 / graph) if rss and graph else None,
                      "goal_gb": (1.25 * graph + 2 * GB) / GB,
                      "out_gb": sum(int(m["bytes"]) for m in (n.get("outputs") or {}).values()) / GB,
@@ -168,12 +180,12 @@ def _print(rows: list[dict[str, Any]]) -> None:
     def f(v: Any, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
-    print(f"{'node':22} {'status':8} {'s':>7} {'peak GB':>8} {'graph GB':>9} {'ratio':>6} {'goal GB':>8} "
-          f"{'meets':>5} {'out GB':>7}")
+    print(f"{'node':22} {'status':8} {'s':>7} {'peak GB':>8} {'anon GB':>8} {'graph GB':>9} {'ratio':>6} "
+          f"{'goal GB':>8} {'meets':>5} {'out GB':>7}")
     for r in rows:
         meets = "-" if r["peak_rss_gb"] is None else ("yes" if r["peak_rss_gb"] <= r["goal_gb"] else "NO")
         print(f"{r['node']:22} {r['status']:8} {f(r['seconds'], '7.1f')} {f(r['peak_rss_gb'], '8.2f')} "
-              f"{f(r['graph_gb'], '9.2f')} {f(r['ratio'], '6.2f')} {f(r['goal_gb'], '8.2f')} {meets:>5} "
+              f"{f(r['anon_gb'], '8.2f')} {f(r['graph_gb'], '9.2f')} {f(r['ratio'], '6.2f')} {f(r['goal_gb'], '8.2f')} {meets:>5} "
               f"{f(r['out_gb'], '7.2f')}  {r['error']}")
 
 

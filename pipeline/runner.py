@@ -53,6 +53,8 @@ class NodeState:
             # for a cached node: what building it cost when it ran
             "built_seconds": (m.get("timings") or {}).get("seconds"),
             "built_peak_rss_mb": (m.get("timings") or {}).get("peak_rss_mb"),
+            # anonymous memory only (VmHWM also counts a mapped or page-cached weight file)
+            "peak_anon_mb": (m.get("timings") or {}).get("peak_anon_mb"),
         }
 
 

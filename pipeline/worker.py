@@ -69,6 +69,47 @@ def peak_rss_mb() -> float:
     return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, children)
 
 
+class AnonPeak:
+    """Peak anonymous resident memory (``RssAnon``) of this process, MB, sampled at 5 Hz by a
+    daemon thread while a node runs. VmHWM also counts file-backed pages (a memory-mapped or
+    page-cached weight file the kernel can drop under pressure): measured on a TensorRT-RTX CPU
+    build of 1.4 GB of weights, VmHWM 3.17 GB, RssAnon 1.66 GB. The sampler sees a build's peak
+    because the builder releases the GIL (75 of 94 samples landed inside it)."""
+
+    def __init__(self, period: float = 0.2):
+        import threading
+
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024.0)
+                        return
+        except OSError:  # not Linux: no figure
+            pass
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self._sample()
+
+    def start(self) -> AnonPeak:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def read(self) -> float:
+        self._sample()
+        return self.peak_mb
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def _redirect(log: Path) -> None:
     """The stage's own prints and library warnings go to the node log, not the live display."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -139,10 +180,14 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
             progress=progress,
         )
 
+        anon = AnonPeak().start()
+
         def timing() -> dict[str, float]:
-            return {"seconds": round(time.time() - started, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            return {"seconds": round(time.time() - started, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+                    "peak_anon_mb": round(anon.read(), 1)}
 
         def ended(status: str, **kw: Any) -> NodeOutcome:
+            anon.stop()
             return NodeOutcome(status, seconds=round(time.time() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1), **kw)
 
         try:

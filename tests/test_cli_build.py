@@ -22,6 +22,7 @@ def test_build_then_everything_cached(cli: Cli):
     assert {n["status"] for n in nodes.values()} == {"ran"}
     assert nodes["final@rtx4090"]["metrics"] == {"bytes": len("seed=0\ntarget=rtx4090\n")}
     assert nodes["middle"]["peak_rss_mb"] > 0 and nodes["middle"]["seconds"] >= 0
+    assert 0 < nodes["middle"]["peak_anon_mb"] <= nodes["middle"]["peak_rss_mb"]  # anonymous pages only
     run = Path(doc["run_dir"])
     assert (run / "report.md").read_text().count("| ran |") == 5
     assert json.loads((run / "report.json").read_text())["result"] == "ok"
