@@ -98,8 +98,16 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     # Rank layers on calibration samples; the held-out set grades the result only.
     search = heldout.load_feeds(ctx.inputs["calibrate"] / f"feeds_{graph}.npz") or feeds
     work = ctx.out / f".{graph}-candidates"  # as big as the graph each: beside the output, not in /tmp
-    ev = sensitivity.Evaluator(search, _run_all(graph, src, search, outputs) if search is not feeds else refs,
-                               outputs, workdir=work)
+    values = None
+    if search is feeds:
+        search_refs = refs
+    elif _cuts(src):  # block by block: keep what a segment hands on, for ranking groups at their block
+        from stages.lib.qdq.block_scores import reference_pass
+
+        search_refs, values = reference_pass(src, search, outputs)
+    else:
+        search_refs = _run_all(graph, src, search, outputs)
+    ev = sensitivity.Evaluator(search, search_refs, outputs, workdir=work, values=values)
     rules = rules_for(mode)
 
     def candidate(recipe: Recipe, name: str) -> tuple[Any, Any, float, list[dict[str, Any]]]:

@@ -311,6 +311,42 @@ def test_sensitivity_ranks_the_sabotaged_layer_first(tmp_path: Path, monkeypatch
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("vlmforge-qdq-")]  # candidates removed
 
 
+def test_block_ranking_reuses_the_references_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search references' own pass keeps every value a segment hands on (reference_pass):
+    the ranking then runs no pass of the unquantized graph and ranks exactly as with its own."""
+    from stages.lib.qdq import block_scores
+
+    monkeypatch.setattr(S, "RANK_WHOLE_BYTES", 0)
+    path = decoder_chain(tmp_path / "fuse", layers=3, hidden=64)
+    feeds = chain_feeds(64, n=3)
+    calib = calibrate(path, feeds, tmp_path / "cal")
+    calib.amax["r1"] *= 40
+    refs, values = block_scores.reference_pass(path, feeds, ["logits"])
+    for a, b in zip(refs, heldout.run_all(path, feeds, ["logits"]), strict=True):
+        np.testing.assert_array_equal(a["logits"], b["logits"])  # the same runner as the candidates'
+    runs: list[str] = []
+    real = segments.run_segmented
+    monkeypatch.setattr(segments, "run_segmented", lambda src, *a, **k: (runs.append(Path(src).name), real(src, *a, **k))[1])
+    ranked = {}
+    for given in (values, None):
+        runs.clear()
+        ev = S.Evaluator(feeds, refs, ["logits"], workdir=tmp_path, values=given)
+        ranked[given is None] = block_scores.block_ranking(path, graphio.load_proto(path, in_file=True), Recipe("int8"),
+                                                           calib, _groups(path, calib), ev, block_scores.rank_cuts(
+                                                               graphio.load_proto(path, in_file=True)))
+        assert runs.count("decoder.onnx") == (0 if given is not None else 1)
+    assert ranked[True] == ranked[False]
+    assert max(ranked[True], key=lambda r: r["loss"])["group"] == "layers.1/mlp"  # the sabotaged one
+
+
+def _groups(path: Path, calib: Calib) -> dict[str, list[str]]:
+    b = build(graphio.load_proto(path, in_file=True), Recipe("int8"), calib)
+    groups: dict[str, list[str]] = {}
+    for node in sorted(b.placement.quantized_nodes()):
+        groups.setdefault(S.group_of(b.placement.scopes.get(node) or node), []).append(node)
+    return groups
+
+
 def test_a_tower_without_recorded_cuts_is_ranked_at_its_name_scope_blocks(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A vision tower records no cuts (it runs whole everywhere else); past RANK_WHOLE_BYTES its

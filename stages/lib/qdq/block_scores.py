@@ -20,16 +20,40 @@ if TYPE_CHECKING:
     import onnx
     import onnx_ir as ir
 
-__all__ = ["block_ranking", "extract", "rank_cuts"]
+__all__ = ["block_ranking", "extract", "rank_cuts", "reference_pass"]
 
 
 class Scorer(Protocol):
-    """What block scoring needs of the caller's evaluator (``sensitivity.Evaluator``)."""
+    """What block scoring needs of the caller's evaluator (``sensitivity.Evaluator``); ``values``:
+    every value its references' pass handed over, per feed (``reference_pass``), or None."""
 
     feeds: Sequence[Mapping[str, np.ndarray]]
     outputs: list[str]
     workdir: Path | None
     calls: int
+    values: Sequence[Mapping[str, np.ndarray]] | None
+
+
+def reference_pass(path: Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                   outputs: Sequence[str]) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The graph's ``outputs`` (float32, as ``heldout.run_all`` gives them) on ``feeds`` through
+    the block runner at its recorded cuts, and every value a segment hands to a later one: the
+    inputs block scoring cuts a group's segment out on, so the ranking needs no pass of its own
+    (one full pass of the unquantized graph fewer: ~6 min for an 8 B decoder)."""
+    from stages.lib import segments
+    from stages.lib.qdq.calibset import cast_feed
+    from stages.lib.segment_plan import plan
+
+    p = plan(path)
+    made = {o for seg in p.segments for i in seg.nodes for o in p.proto.graph.node[i].output}
+    crossing = {x for seg in p.segments for x in (*seg.inputs, *seg.outputs) if x in made}
+    values: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+    specs = segments.graph_inputs(path)
+    segments.run_segmented(path, [cast_feed(specs, f) for f in feeds], _into(values),
+                           expose=sorted(crossing | set(outputs)))
+    for v, f in zip(values, feeds, strict=True):  # graph inputs a segment reads: the feed itself
+        v.update((k, x) for k, x in cast_feed(specs, f).items() if k not in v)
+    return [{k: np.asarray(v[k], np.float32) for k in outputs} for v in values], values
 
 
 def rank_cuts(source: onnx.ModelProto) -> list[str]:
@@ -53,10 +77,10 @@ def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Ca
     import onnx_ir as ir
 
     from stages.lib import segments
+    from stages.lib.metrics import min_cosine
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import cast_feed
     from stages.lib.qdq.placement import ensure_names
-    from stages.lib.qdq.sensitivity import min_cosine
     from stages.lib.segment_plan import plan
 
     p = plan(path, cuts, expose=ev.outputs)
@@ -75,10 +99,14 @@ def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Ca
         last = p.segments[ks[-1]]
         regions[g] = (ins, [o for o in last.outputs if o in at_cut] or list(last.outputs))
     specs = segments.graph_inputs(path)
-    refs: list[dict[str, np.ndarray]] = [{} for _ in ev.feeds]
     needed = sorted({x for ins, outs in regions.values() for x in (*ins, *outs)})
-    say(f"sensitivity: the unquantized graph, {len(p.segments)} blocks")
-    segments.run_segmented(path, [cast_feed(specs, f) for f in ev.feeds], _into(refs), cuts=cuts, expose=needed)
+    have = ev.values
+    if have is not None and all(x in v for v in have for x in needed):
+        refs = [{x: v[x] for x in needed} for v in have]  # the references' own pass (same runner, same cuts)
+    else:
+        refs = [{} for _ in ev.feeds]
+        say(f"sensitivity: the unquantized graph, {len(p.segments)} blocks")
+        segments.run_segmented(path, [cast_feed(specs, f) for f in ev.feeds], _into(refs), cuts=cuts, expose=needed)
     ranking = []
     all_nodes = {n for ns in groups.values() for n in ns}
     for i, (g, nodes) in enumerate(groups.items()):

@@ -62,8 +62,10 @@ class Evaluator:
     ``workdir`` (None: the system's temporary folder)."""
 
     def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
-                 outputs: Sequence[str], workdir: Path | None = None):
+                 outputs: Sequence[str], workdir: Path | None = None,
+                 values: Sequence[Mapping[str, np.ndarray]] | None = None):
         self.feeds, self.refs, self.outputs, self.workdir = feeds, refs, list(outputs), workdir
+        self.values = values  # every segment-crossing value of the refs' pass (block_scores.reference_pass)
         self.calls = 0
 
     def __call__(self, built: Built) -> float:
