@@ -38,7 +38,8 @@ def test_qwen3_vl_8b_widths_build_to_engines(tmp_path: Path) -> None:
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-@pytest.mark.slow  # in CI (`slow and not scale`): ~15 min and ~12 GB of disk on 2 cores
+@pytest.mark.slow
+@pytest.mark.scale  # ~15 min and ~12 GB of disk on 2 cores: `make test-scale` until it has passed here
 def test_real_vocab_decoder_past_2gb_builds_to_an_engine(tmp_path: Path) -> None:
     from stages.lib.released_checkpoints import write_random_checkpoint
 
