@@ -38,10 +38,13 @@ def test_qwen3_vl_8b_widths_build_to_engines(tmp_path: Path) -> None:
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-@pytest.mark.slow
-@pytest.mark.scale  # ~15 min and ~12 GB of disk on 2 cores: `make test-scale` until it has passed here
+@pytest.mark.slow  # in CI (`slow and not scale`): 10 min, 7.8 GB peak, ~12 GB of disk on 2 cores
 def test_real_vocab_decoder_past_2gb_builds_to_an_engine(tmp_path: Path) -> None:
     from stages.lib.released_checkpoints import write_random_checkpoint
+
+    free = shutil.disk_usage(tmp_path).free
+    if free < 16 * GB:  # a full disk mid-build would fail some unrelated write: say so instead
+        pytest.skip(f"needs ~12 GB of free disk under {tmp_path} (has {free / GB:.1f} GB)")
 
     narrow = {"vision": {"hidden_size": 128, "intermediate_size": 256, "num_heads": 2}}
     try:
