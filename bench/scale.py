@@ -189,6 +189,26 @@ def _print(rows: list[dict[str, Any]]) -> None:
               f"{f(r['out_gb'], '7.2f')}  {r['error']}")
 
 
+def _builder_share(report: dict[str, Any]) -> list[str]:
+    """Per engine node and graph: the TensorRT builder's own anonymous memory (RssAnon from the
+    parse to the plan written, ``trt_builder.BuildResult``) against the graph it built."""
+    nodes = {n["id"]: n for n in report["nodes"]}
+    lines = []
+    for n in report["nodes"]:
+        if n["stage"] != "engine" or not isinstance(n.get("metrics"), dict):
+            continue
+        src = nodes.get(f"quantize@{n['target']}", {}).get("outputs") or {}
+        for g, m in n["metrics"].items():
+            if not isinstance(m, dict) or "builder_anon_mb" not in m:
+                continue
+            graph = sum(int(f["bytes"]) for name, f in src.items() if name.split("/")[-1].startswith(f"{g}.onnx"))
+            ratio = f" = {m['builder_anon_mb'] * 2**20 / graph:.2f}x its graph ({graph / GB:.2f} GB)" if graph else ""
+            lines.append(f"{n['id']} {g}: builder's own share {m['builder_anon_mb'] / 1024:.2f} GB anonymous{ratio}; "
+                         f"held before the build {m.get('anon_before_build_mb', 0) / 1024:.2f} GB; "
+                         f"engine {int(m['bytes']) / GB:.2f} GB")
+    return lines
+
+
 def _disk_needed(weights: int, targets: int, until: str | None) -> int:
     """Bytes a whole build writes, from the checkpoint's FP16 weight bytes: export (1x), fuse (1x:
     a rewritten copy; hard links are refused by onnx's loaders), and per target a quantized graph
@@ -250,6 +270,8 @@ def main() -> int:
             print(f"model {args.model} ({ckpt_fp16 / GB:.2f} GB BF16 weights); report {run_dir / 'report.md'}"
                   + (f"; config extra: {args.config_extra}" if args.config_extra else ""))
             _print(rows)
+            for line in _builder_share(json.loads((run_dir / "report.json").read_text())):
+                print(line)
     return rc_all
 
 

@@ -127,7 +127,7 @@ def run(ctx: StageContext) -> StageResult:
             "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profile.items()},
             "inputs": built.inputs, "outputs": built.outputs,
             "sha256": built.sha256, "bytes": built.bytes, "build_seconds": round(built.seconds, 3),
-            "peak_rss_mb": round(built.peak_rss_mb, 1),
+            "peak_rss_mb": round(built.peak_rss_mb, 1), "builder_anon_mb": round(built.builder_anon_mb, 1),
             "options": {"workspace_mb": opts.workspace_mb, "optimization_level": opts.optimization_level,
                         "applied": built.options_applied, "unavailable": built.options_unavailable},
             "timing_cache": built.timing_cache, "parity": parity,
@@ -143,6 +143,7 @@ def run(ctx: StageContext) -> StageResult:
             "conv_fused_activation": summary.conv_fused_activation, "conv_layers": summary.conv_layers,
             "softmax_in_mha": f"{summary.softmax_in_mha}/{summary.softmax_nodes}",
             "peak_rss_mb": round(built.peak_rss_mb, 1),
+            "builder_anon_mb": round(built.builder_anon_mb, 1), "anon_before_build_mb": round(built.anon_before_mb, 1),
             "parity": parity["status"],
         }
     return result

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from pipeline.targets import TargetSpec
 
 _TWO_GB = 2 * 1024**3
+# "stamp": one block of each kind traced, the others cloned with their own weights
+# (stages.lib.vision_stamp; every block is traced where stamping refuses); "trace": every block
+VISION_EXPORT = "stamp"
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -41,6 +44,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     return {
         "dtype": e.dtype,
         "opset": e.opset,
+        "vision_export": VISION_EXPORT,
         "fp32_vision_blocks": list(e.fp32_vision_blocks),
         "sample_image": list(e.sample_image),
         "profile": {"min_image": list(vp.min_image), "opt_image": list(vp.opt_image),
@@ -97,7 +101,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="export_vision",
-    version="4",  # 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
+    version="5",  # 5: blocks stamped (vision_stamp); 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
     run=_run,
     params=_params,
     deps=("checkpoint",),

@@ -83,6 +83,9 @@ def test_int8_engines_for_rtx3090(tmp_path: Path) -> None:
         assert layers["layers"] == len(layers["per_layer"]) == res.metrics[g]["layers"]
         m = res.metrics[g]
         assert m["low_precision_gemm_share"] == 1.0 and m["bytes"] == side["bytes"]
+        # the builder's own share, apart from what the process held before it (bench/scale.py prints it)
+        assert 0 <= m["builder_anon_mb"] == side["builder_anon_mb"] <= side["peak_rss_mb"]
+        assert 0 < m["anon_before_build_mb"] <= side["peak_rss_mb"]
     # patch counts from cfg.profiles.vision: 56² → 16 patches, 224² → 256, 2 × 448² → 2048
     prof = json.loads((out / "vision.engine.json").read_text())["profile"]["x"]
     assert prof == {"min": [1, 16, DIM], "opt": [1, 256, DIM], "max": [2, 2048, DIM]}

@@ -102,11 +102,13 @@ def test_export_with_a_baked_shape_fails_parity(ckpts: dict[str, Path], tmp_path
     import torch
 
     from stages.lib import vision_export
+    from stages.lib.patches import vision as pv
 
-    def static_export(module: Any, args: Any, names: Any, outs: Any, path: Path, opset: int, *_: Any) -> str:
-        torch.onnx.export(module, args, str(path), input_names=names, output_names=outs,
+    def static_export(visual: Any, family: str, args: Any, names: Any, outs: Any, path: Path, opset: int,
+                      *_: Any) -> tuple[str, str]:
+        torch.onnx.export(pv.export_module(visual, family), args, str(path), input_names=names, output_names=outs,
                           opset_version=opset, dynamo=False)  # no dynamic_axes: shapes baked
-        return "torchscript"
+        return "torchscript", "trace (every block)"
 
     monkeypatch.setattr(vision_export, "_export", static_export)
     with pytest.raises(GateFailed) as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
-from pipeline.worker import peak_rss_mb
+from pipeline.worker import AnonPeak, peak_rss_mb
 from stages.lib import trt_timing_cache
 from stages.lib.trt_backend import Backend, local_gpu_sms, make_logger, make_progress_monitor, sm_int
 
@@ -57,6 +57,11 @@ class BuildResult:
     options_applied: list[str] = field(default_factory=list)
     options_unavailable: list[str] = field(default_factory=list)
     timing_cache: dict[str, Any] | None = None
+    # the builder's own share (parser + builder), anonymous memory: RssAnon before the parse and
+    # its peak from the parse to the plan written (the process's VmHWM above also counts pages of
+    # the mapped weight files and everything the stage held before)
+    anon_before_mb: float = 0.0
+    builder_anon_mb: float = 0.0
 
 
 def _dtype_name(dt: Any) -> str:
@@ -155,6 +160,7 @@ def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, pro
     say: Report = report or _quiet
     log: list[str] = []
     logger = make_logger(trt, log)
+    before = AnonPeak().read()  # no thread: one reading
     builder: tensorrt.Builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     _parse(trt, network, logger, onnx_path)
@@ -181,8 +187,13 @@ def build_engine(backend: Backend, onnx_path: Path, out_path: Path, sm: str, pro
             cache, use = trt_timing_cache.attach(config, path)
     say(f"{graph}: building ({backend.name} {backend.version}, SM {sm})", None)
     t0 = time.perf_counter()
-    written = _serialize(trt, builder, network, config, out_path)
+    sampler = AnonPeak().start()  # the builder releases the GIL: the sampler sees inside it
+    try:
+        written = _serialize(trt, builder, network, config, out_path)
+    finally:
+        sampler.stop()
     result.seconds = time.perf_counter() - t0
+    result.anon_before_mb, result.builder_anon_mb = before, max(0.0, sampler.read() - before)
     if written is None:
         errs = [ln for ln in log if ln.startswith(("[E]", "[F]"))]
         # a CPU-only host logs a CUDA-driver error after the real one when the stream build aborts

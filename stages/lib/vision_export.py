@@ -76,9 +76,10 @@ def io_spec(spec: Any, family: str, dtype: str, params: dict[str, Any], out_dim:
 EXTERNAL_DATA_BYTES = 256 * 1024**2
 
 
-def _export(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str], onnx_path: Path,
-            opset: int, merge_unit: int, weight_bytes: int) -> str:
-    """torch.export -> ONNX (dynamo); TorchScript as the fallback.
+def _export(visual: Any, family: str, args: tuple[Any, ...], names: list[str], outs: list[str], onnx_path: Path,
+            opset: int, merge_unit: int, weight_bytes: int, stamp: bool) -> tuple[str, str]:
+    """torch.export -> ONNX (dynamo), blocks stamped (``vision_stamp``) unless ``stamp`` is off or
+    refused; TorchScript as the fallback. Returns (exporter, how the blocks were exported).
 
     The patch axis is declared ``merge_unit * tokens``: the patch merger reshapes groups of
     ``merge_unit`` patches, and torch.export proves (rather than assumes) that only multiples
@@ -86,26 +87,27 @@ def _export(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str
     """
     import torch
 
+    from stages.lib import vision_stamp as vs
+    from stages.lib.patches import vision as pv
+
     external = weight_bytes > EXTERNAL_DATA_BYTES
+    kinds = pv.block_kinds(visual, family)
+    template = vs.template_blocks(kinds, pv.deepstack_taps(visual, family))
     try:
-        from torch.export import Dim
-
-        patches = merge_unit * Dim("tokens", min=1, max=1 << 20)
-        head = ({0: patches},) * 4
-        shapes = head + ((tuple({0: patches} for _ in names[4:]),) if len(names) > 4 else ())
-        ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
-        # The optimizer is ours (``fusion.cleanup``: onnxscript's passes less the one rule that
-        # cost most and rewrote nothing; the fuse stage runs the same), not torch's optimize=True:
-        # that took ~20 of the ~45 s of a 32-block ViT's export. An unoptimized export does not
-        # run (torchlib's Conv carries an empty bias that a rewrite rule removes).
-        from stages.lib.fusion.cleanup import cleanup
-
-        prog = torch.onnx.export(ep, args, input_names=names, output_names=outs, opset_version=opset,
-                                 dynamo=True, optimize=False)
-        cleanup(prog.model)  # type: ignore[union-attr]
-        prog.save(str(onnx_path), external_data=external)  # type: ignore[union-attr]
+        prog = None
+        how = "trace (every block)"
+        if stamp and len(template) < len(kinds):
+            try:
+                prog = _dynamo(pv.export_module(visual, family, template), args, names, outs, opset, merge_unit)
+                n = vs.stamp_blocks(prog.model, kinds, template, lambda name: visual.get_parameter(name.removeprefix("visual.")))
+                how = f"stamp (blocks {template} traced, {n} stamped)"
+            except StageError as e:  # the template does not stamp: trace every block, say why
+                prog, how = None, f"trace (stamping refused: {e})"
+        if prog is None:
+            prog = _dynamo(pv.export_module(visual, family), args, names, outs, opset, merge_unit)
+        prog.save(str(onnx_path), external_data=external)
         _name_dims(onnx_path, names, outs)
-        return "dynamo"
+        return "dynamo", how
     except Exception as dyn_err:  # noqa: BLE001 - keep the reason, try the legacy exporter
         for f in onnx_path.parent.glob("vision.onnx*"):
             f.unlink()
@@ -114,13 +116,34 @@ def _export(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
-                torch.onnx.export(module, args, str(onnx_path), input_names=names, output_names=outs,
-                                  dynamic_axes={k: v for k, v in axes.items() if k in names + outs},
+                torch.onnx.export(pv.export_module(visual, family), args, str(onnx_path), input_names=names,
+                                  output_names=outs, dynamic_axes={k: v for k, v in axes.items() if k in names + outs},
                                   opset_version=opset, dynamo=False, do_constant_folding=True)
         except Exception as ts_err:  # noqa: BLE001
             raise StageError(f"vision export failed: dynamo: {str(dyn_err).splitlines()[0]}; "
                              f"torchscript: {str(ts_err).splitlines()[0]}") from None
-        return "torchscript"
+        return "torchscript", "trace (every block)"
+
+
+def _dynamo(module: Any, args: tuple[Any, ...], names: list[str], outs: list[str], opset: int, merge_unit: int) -> Any:
+    """The ONNXProgram of ``module``, optimised by ``fusion.cleanup``."""
+    import torch
+    from torch.export import Dim
+
+    patches = merge_unit * Dim("tokens", min=1, max=1 << 20)
+    head = ({0: patches},) * 4
+    shapes = head + ((tuple({0: patches} for _ in names[4:]),) if len(names) > 4 else ())
+    ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    # The optimizer is ours (``fusion.cleanup``: onnxscript's passes less the one rule that
+    # cost most and rewrote nothing; the fuse stage runs the same), not torch's optimize=True:
+    # that took ~20 of the ~45 s of a 32-block ViT's export. An unoptimized export does not
+    # run (torchlib's Conv carries an empty bias that a rewrite rule removes).
+    from stages.lib.fusion.cleanup import cleanup
+
+    prog = torch.onnx.export(ep, args, input_names=names, output_names=outs, opset_version=opset,
+                             dynamo=True, optimize=False)
+    cleanup(prog.model)  # type: ignore[union-attr]
+    return prog
 
 
 def _name_dims(onnx_path: Path, names: list[str], outs: list[str]) -> None:
@@ -222,12 +245,12 @@ def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: 
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
     report("exporting vision.onnx", 0.2)
     with pv.patch_vision_attention(family), torch.no_grad():
-        exporter = _export(pv.export_module(visual, family), args, names, outs, onnx_path, p["opset"],
-                           spec.merge_size**2, weight_bytes)
+        exporter, how = _export(visual, family, args, names, outs, onnx_path, p["opset"], spec.merge_size**2,
+                                weight_bytes, p.get("vision_export", "stamp") == "stamp")
     out_dim = int(visual.merger.mlp[-1].out_features if family != "qwen3_vl" else visual.merger.linear_fc2.out_features)
     del visual, args
     onnx.checker.check_model(str(onnx_path))
-    return {"exporter": exporter, "spec": spec, "image_proc": image_proc, "islands": islands, "grid": grid,
+    return {"exporter": exporter, "blocks": how, "spec": spec, "image_proc": image_proc, "islands": islands, "grid": grid,
             "out_dim": out_dim, "weight_bytes": weight_bytes, "export_seconds": time.perf_counter() - t0, "load_seconds": load_s,
             "onnx_bytes": sum(f.stat().st_size for f in out.glob("vision.onnx*"))}
 
@@ -278,12 +301,13 @@ def export_and_verify(ctx: StageContext, path: Path, family: str) -> StageResult
     checks = gate_checks("vision", parity, gate)
     how = "onnxruntime CPU" + (" (bf16 widened to fp32: no bf16 kernels)" if p["dtype"] == "bf16" else "")
     spec_json = io_spec(f["spec"], family, p["dtype"], p, f["out_dim"])
-    spec_json.update({"exporter": f["exporter"], "fp32_islands": f["islands"], "sample_grid_thw": f["grid"].tolist(),
+    spec_json.update({"exporter": f["exporter"], "blocks": f["blocks"], "fp32_islands": f["islands"], "sample_grid_thw": f["grid"].tolist(),
                       "parity": {"reference": "pytorch fp32 (unpatched)", "runtime": how, "worst": parity.as_dict(),
                                  "gate": gate, "cases": rows}})
     (ctx.out / "vision.json").write_text(json.dumps(spec_json, indent=2))
     metrics = {"cosine": parity.cosine, "max_abs": parity.max_abs, "rel_l2": parity.rel_l2,
                "norm_ratio": parity.norm_ratio, "export_seconds": round(f["export_seconds"], 3),
                "onnx_bytes": f["onnx_bytes"], "weight_bytes": f["weight_bytes"], "export_peak_rss_bytes": export_rss,
-               "peak_rss_bytes": round(peak_rss_mb() * 2**20), "exporter": f["exporter"], "dtype": p["dtype"], "family": family}
-    return finish(metrics, checks, [f"vision exported with {f['exporter']}, FP32 islands: {len(f['islands'])}", *notes])
+               "peak_rss_bytes": round(peak_rss_mb() * 2**20), "exporter": f["exporter"], "vision_blocks": f["blocks"], "dtype": p["dtype"], "family": family}
+    return finish(metrics, checks, [f"vision exported with {f['exporter']}, blocks: {f['blocks']}, "
+                                    f"FP32 islands: {len(f['islands'])}", *notes])

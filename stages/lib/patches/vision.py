@@ -137,7 +137,20 @@ def keep_fp32(visual: Any, fp32_blocks: tuple[int, ...] = ()) -> list[str]:
     return changed
 
 
-def export_module(visual: Any, family: str) -> Any:
+def deepstack_taps(visual: Any, family: str) -> list[int]:
+    """The blocks whose output a Qwen3-VL deepstack merger reads, in merger order."""
+    return list(getattr(visual.config, "deepstack_visual_indexes", ()) or ()) if family == "qwen3_vl" else []
+
+
+def block_kinds(visual: Any, family: str) -> list[str]:
+    """Per block, what its exported graph depends on besides its weights: the mask it attends
+    under (Qwen2.5-VL: ``window`` or ``full``) and whether it is an FP32 island."""
+    full = set(getattr(visual.config, "fullatt_block_indexes", ()) or ())
+    return [("window" if family == "qwen2_5_vl" and i not in full else "full")
+            + ("+fp32" if type(blk).__name__ == "Fp32Island" else "") for i, blk in enumerate(visual.blocks)]
+
+
+def export_module(visual: Any, family: str, blocks: list[int] | None = None) -> Any:
     """An ``nn.Module`` computing the vision features from the host-precomputed inputs.
 
     It re-composes the upstream encoder's own submodules (patch embed, blocks, mergers) and
@@ -145,12 +158,15 @@ def export_module(visual: Any, family: str) -> Any:
     index, ``argsort``) with graph inputs (see ``stages.lib.hostside.vision``). Call it under
     :func:`patch_vision_attention`. Outputs: ``image_features`` [N/merge², out_hidden] and for
     Qwen3-VL ``deepstack_features`` [L, N/merge², out_hidden].
+
+    ``blocks``: run only these block indices, in order (a template for ``vision_stamp``, which
+    clones the rest); each keeps its own name scope ``visual.blocks.<i>`` and attention kind.
     """
     import torch
 
     vc = visual.config
     full_blocks = set(getattr(vc, "fullatt_block_indexes", ()) or ()) if family == "qwen2_5_vl" else None
-    deepstack = list(getattr(vc, "deepstack_visual_indexes", ()) or ()) if family == "qwen3_vl" else []
+    deepstack = deepstack_taps(visual, family)
 
     class VisionExport(torch.nn.Module):
         def __init__(self) -> None:
@@ -169,7 +185,8 @@ def export_module(visual: Any, family: str) -> Any:
             window = segment_mask(extra[0]) if family == "qwen2_5_vl" else full
             pe = (rotary_cos, rotary_sin)
             feats = []
-            for i, blk in enumerate(v.blocks):
+            for i in range(len(v.blocks)) if blocks is None else blocks:
+                blk = v.blocks[i]
                 mask = full if full_blocks is None or i in full_blocks else window
                 h = blk(h, cu_seqlens=None, position_embeddings=pe, attention_mask=mask)
                 if i in deepstack:
