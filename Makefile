@@ -46,7 +46,7 @@ test-scale: setup
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/mypy pipeline stages
+	$(BIN)/mypy pipeline stages bench
 
 clean:
 	rm -rf artifacts/cache artifacts/runs artifacts/out artifacts/locks artifacts/timing-caches

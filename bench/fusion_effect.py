@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-Profile = dict[str, tuple[tuple[int, ...], ...]]
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # name: (min, opt, max)
 
 
 def fuse(proto: Any, opset: int) -> Any:
@@ -98,7 +98,10 @@ def engine_summary(proto: Any, sm: str, profile: Profile, work: Path, name: str)
             "build_s": round(r.seconds, 2)}
 
 
-def graphs(with_cnn: bool, work: Path) -> list[tuple[str, Any, Any, int, Profile, list[dict[str, Any]]]]:
+Case = tuple[str, Any, Any, int, Profile, list[dict[str, Any]]]  # name, fused, unfused, nodes, profile, feeds
+
+
+def graphs(with_cnn: bool, work: Path) -> list[Case]:
     """(name, fp16 graph, fp32 twin, opset, profile, calibration feeds) per benchmark graph."""
     import dataclasses
 
@@ -107,7 +110,7 @@ def graphs(with_cnn: bool, work: Path) -> list[tuple[str, Any, Any, int, Profile
     from stages.lib.fusion.check import random_feeds
     from stages.lib.fusion.samples import AttnSpec, attention_model
 
-    out = []
+    out: list[Case] = []
     specs = {
         "vit_attn_x2": AttnSpec(scale="qk_sqrt_both", torchlib_kt=True, mask="window", layers=2, seq=64, heads=4,
                                 head_dim=64, dtype="float16"),
@@ -116,7 +119,7 @@ def graphs(with_cnn: bool, work: Path) -> list[tuple[str, Any, Any, int, Profile
     }
     for name, spec in specs.items():
         m16, m32 = attention_model(spec), attention_model(dataclasses.replace(spec, dtype="float32"))
-        feeds = [random_feeds(m16, seed=i) for i in range(4)]
+        feeds: list[dict[str, Any]] = [random_feeds(m16, seed=i) for i in range(4)]
         out.append((name, m16, m32, spec.opset, {}, feeds))
     if with_cnn:
         import numpy as np
@@ -128,13 +131,14 @@ def graphs(with_cnn: bool, work: Path) -> list[tuple[str, Any, Any, int, Profile
             export_cnn(ck, work / f"resnet_{dt}", {"dtype": dt, "opset": 19})
         m16, m32 = (onnx.load(str(work / f"resnet_{dt}" / "vision.onnx")) for dt in ("fp16", "fp32"))
         rng = np.random.default_rng(0)
-        feeds = [{"pixel_values": rng.standard_normal((1, 3, 224, 224)).astype(np.float16)} for _ in range(4)]
-        prof = {"pixel_values": ((1, 3, 56, 56), (1, 3, 224, 224), (2, 3, 448, 448))}
+        feeds = [{"pixel_values": rng.standard_normal((1, 3, 224, 224)).astype(np.float16)}
+                                       for _ in range(4)]
+        prof: Profile = {"pixel_values": ((1, 3, 56, 56), (1, 3, 224, 224), (2, 3, 448, 448))}
         out.append(("resnet18_narrow", m16, m32, 19, prof, feeds))
     return out
 
 
-def real_graphs(config: Path, work: Path) -> list[tuple[str, Any, Any, int, Profile, list[dict[str, Any]]]]:
+def real_graphs(config: Path, work: Path) -> list[Case]:
     """The config's own checkpoint exported by the real stages (run in-process, no cache), each
     graph with its engine profile and random feeds shaped as the fuse stage shapes them."""
     import onnx
@@ -153,7 +157,7 @@ def real_graphs(config: Path, work: Path) -> list[tuple[str, Any, Any, int, Prof
         folders[name].mkdir(parents=True, exist_ok=True)  # the runner creates ctx.out; we stand in for it
         stage.run(StageContext(name, stage.params(cfg, None), {d: folders[d] for d in stage.deps}, folders[name],
                                None, stage.external(cfg) if stage.external else []))
-    out = []
+    out: list[Case] = []
     for g, folder in (("vision", folders["export_vision"]), ("decoder", folders["export_decoder"])):
         if not (folder / f"{g}.onnx").is_file():
             continue
