@@ -21,13 +21,13 @@ No real weight is ever held in memory beyond the one tensor being written.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
 from stages.lib.lazy_weights import param_pattern
+from stages.lib.stamp_clone import clone_node
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -38,6 +38,7 @@ __all__ = ["TEMPLATE_VOCAB", "export_stamped", "name_initializers", "stamp_block
 # The template's vocab: it only sizes lm_head, which is bound to the real table afterwards. Small
 # keeps the traced lm_head (and its folded transpose) from costing 2x vocab x hidden in the trace.
 TEMPLATE_VOCAB = 64
+_SUBGRAPH = "stamped export: node {node} has a subgraph; use decoder_export: trace"
 
 
 def template_layers(n_layers: int, n_deepstack: int) -> int:
@@ -122,13 +123,6 @@ def _descendants(values: list[ir.Value], through_shape: bool = True) -> set[ir.N
     return seen
 
 
-def _relabel(meta: dict[str, str], src: int, dst: int) -> dict[str, str]:
-    """Node metadata with ``layers.<src>`` rewritten to ``layers.<dst>`` (name scopes, namespace):
-    the stamped nodes say which layer they are, for finalize_graph's names and block runners."""
-    pat = re.compile(rf"layers\.{src}(?!\d)")
-    return {k: pat.sub(f"layers.{dst}", v) for k, v in meta.items()}
-
-
 def _block(graph: ir.Graph, last: int) -> tuple[list[ir.Node], dict[str, ir.Value]]:
     """(nodes to clone per stamped layer, in graph order; the template last layer's past inputs).
 
@@ -205,7 +199,7 @@ def stamp_layers(model: ir.Model, n_layers: int, n_deepstack: int) -> list[str]:
             vmap[w] = ir.Value(name=str(w.name).replace(f"layers.{last}.", f"layers.{j}."), type=w.type,
                                shape=w.shape.copy() if w.shape is not None else None, const_value=w.const_value)
             graph.register_initializer(vmap[w])
-        clones = [_clone(n, vmap, last, j) for n in block]
+        clones = [clone_node(n, vmap, "layers", last, j, _SUBGRAPH) for n in block]
         graph.insert_after(anchor, clones)
         anchor = clones[-1]
         for kv in ("key", "value"):
@@ -226,23 +220,6 @@ def stamp_layers(model: ir.Model, n_layers: int, n_deepstack: int) -> list[str]:
         raise StageError(f"stamped export: graph I/O {got_in[:4]}... / {got_out[:4]}... differ from the decoder's "
                          f"{want_in[:4]}... / {want_out[:4]}...")
     return cuts
-
-
-def _clone(node: ir.Node, vmap: dict[ir.Value, ir.Value], src: int, dst: int) -> ir.Node:
-    import onnx_ir as ir
-
-    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
-        raise StageError(f"stamped export: node {node.name} has a subgraph; use decoder_export: trace")
-    clone = ir.Node(node.domain, node.op_type, [vmap.get(v, v) if v is not None else None for v in node.inputs],
-                    list(node.attributes.values()), overload=node.overload, num_outputs=len(node.outputs),
-                    version=node.version, name=f"{node.name}__l{dst}", doc_string=node.doc_string,
-                    metadata_props=_relabel(dict(node.metadata_props), src, dst))
-    for old, new in zip(node.outputs, clone.outputs, strict=True):
-        new.name = f"layers.{dst}.{old.name}"
-        new.type = old.type
-        new.shape = old.shape.copy() if old.shape is not None else None
-        vmap[old] = new
-    return clone
 
 
 def _expected(template: Any, n_layers: int) -> list[str]:

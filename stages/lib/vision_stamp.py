@@ -21,11 +21,11 @@ residual stream twice) raises ``StageError``; the caller then traces every block
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
+from stages.lib.stamp_clone import clone_node
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -88,30 +88,6 @@ def _residual_out(nodes: list[ir.Node]) -> ir.Value:
     if not leaving:
         raise StageError(f"stamped vision export: block node {nodes[-1].name} feeds nothing outside its block")
     return leaving[-1]
-
-
-def _relabel(meta: dict[str, str], src: int, dst: int) -> dict[str, str]:
-    """Name scopes of block ``src`` rewritten as block ``dst``'s: quantize's block cuts, the
-    layer report and segment runners find each stamped block by them."""
-    pat = re.compile(rf"blocks\.{src}(?!\d)")
-    return {k: pat.sub(f"blocks.{dst}", v) for k, v in meta.items()}
-
-
-def _clone(node: ir.Node, vmap: dict[ir.Value, ir.Value], src: int, dst: int) -> ir.Node:
-    import onnx_ir as ir
-
-    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
-        raise StageError(f"stamped vision export: node {node.name} has a subgraph")
-    clone = ir.Node(node.domain, node.op_type, [vmap.get(v, v) if v is not None else None for v in node.inputs],
-                    list(node.attributes.values()), overload=node.overload, num_outputs=len(node.outputs),
-                    version=node.version, name=f"{node.name}__b{dst}", doc_string=node.doc_string,
-                    metadata_props=_relabel(dict(node.metadata_props), src, dst))
-    for old, new in zip(node.outputs, clone.outputs, strict=True):
-        new.name = f"blocks.{dst}.{old.name}"
-        new.type = old.type
-        new.shape = old.shape.copy() if old.shape is not None else None
-        vmap[old] = new
-    return clone
 
 
 def _weights(nodes: list[ir.Node], block: int) -> list[ir.Value]:
@@ -187,7 +163,8 @@ def stamp_blocks(model: ir.Model, kinds: list[str], template: list[int], weight:
         for w in weights[e]:
             vmap[w] = _bound(w, e, i, weight)
             graph.register_initializer(vmap[w])
-        clones = [_clone(n, vmap, e, i) for n in repeated[e]]
+        clones = [clone_node(n, vmap, "blocks", e, i, "stamped vision export: node {node} has a subgraph")
+                  for n in repeated[e]]
         graph.insert_after(anchor, clones)
         anchor, prev, stamped = clones[-1], vmap[res_out[e]], stamped + 1
     graph.sort()
