@@ -154,6 +154,18 @@ def mha_block(seq: int = 16, d: int = 64, heads: int = 4, dt: type = np.float32,
     return _model(nodes, [_vi("x", [1, seq, d], t)], [_vi("y", [1, seq, d], t)], inits)
 
 
+def fused(proto: onnx.ModelProto, attention: str | None = "canonical") -> onnx.ModelProto:
+    """``proto`` as the quantize stage gets it: through the fuse stage's rules (no BN folding and
+    no cleanup, so the tiny graphs keep their names), partitions tagged, shapes inferred."""
+    import onnx_ir as ir
+
+    from stages.lib.fusion import apply_rules
+
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    apply_rules(model, attention=attention, fold_batchnorm=False, cleanup=False)
+    return onnx.shape_inference.infer_shapes(ir.to_proto(model))
+
+
 def rms_norm(gamma: np.ndarray, dt: type = np.float32) -> tuple[list, list]:
     """(initializers, nodes) of an RMSNorm ``x`` -> ``h`` (Mul by ``gamma``): the norm the AWQ
     scale folds into, shared by the int4 and streaming-quantize graphs."""

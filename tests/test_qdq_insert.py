@@ -88,13 +88,14 @@ def test_missing_range_is_named():
 
 
 def test_fp8_mha_insertion_runs_fp16():
-    proto = onnx.shape_inference.infer_shapes(G.mha_block(dt=np.float16, casts=True))
+    proto = G.fused(G.mha_block(dt=np.float16, casts=True))
     built = build(proto, Recipe("fp8", attention="fp8-mha"), _calib(proto))
     check(built.model)
     assert built.stats["qdq_pairs"] == 6  # x, o-proj input, q, k, probabilities, v
     q = to_proto(built.model)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
-    sm = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "pr")
+    softmax = next(n for n in proto.graph.node if n.op_type == "Softmax").output[0]
+    sm = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == softmax)
     assert float(inits[sm.input[1]]) == pytest.approx(1 / 448, rel=1e-3)  # fixed softmax scale
     feed = G.random_feed(proto, 7)
     ref, out = run(session(proto), feed), run(session(q), feed)

@@ -12,8 +12,21 @@ from stages.lib.qdq.rules import MODES, NEVER_CUT_OPS, rules_for
 from tests import qdq_graphs as G
 
 
-def _ir(proto: onnx.ModelProto) -> ir.Model:
-    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+def _ir(proto: onnx.ModelProto, attention: str | None = "canonical") -> ir.Model:
+    return ir.from_proto(G.fused(proto, attention))
+
+
+def _bmm_inputs(model: ir.Model) -> dict[str, str]:
+    """Tensor names at the FP8 MHA sites of the one mha partition, by what they hold, and the
+    names of its two BMMs (the fuse stage's rewrite names them)."""
+    from stages.lib.fusion.annotate import Partitions
+
+    parts = Partitions(model.graph)
+    (group,) = list(parts)
+    bmm1, bmm2 = parts.node(group, "bmm1"), parts.node(group, "bmm2")
+    assert bmm1 is not None and bmm2 is not None
+    return {"q": bmm1.inputs[0].name, "k": bmm1.inputs[1].name, "probs": bmm2.inputs[0].name,
+            "v": bmm2.inputs[1].name, "bmm1": bmm1.name, "bmm2": bmm2.name}
 
 
 def _sites(pl):
@@ -91,24 +104,40 @@ def test_concat_inputs_share_one_scale_group():
 
 
 def test_attention_bmms_left_high_precision_by_default():
-    pl = plan(_ir(G.mha_block()).graph, "int8")
+    m = _ir(G.mha_block())
+    pl = plan(m.graph, "int8")
     s = _sites(pl)
+    names = _bmm_inputs(m)
     assert {("wq", "weight"), ("wo", "weight"), ("x", "activation"), ("o2", "activation")} <= set(s)
-    assert not {"q", "k", "v", "pr"} & {t for t, _ in s}
-    assert {d["node"] for d in pl.skipped if d["rule"] == "attention"} == {"attn/bmm1", "attn/bmm2"}
+    assert not {names[k] for k in ("q", "k", "probs", "v")} & {t for t, _ in s}
+    skipped = {d["node"]: d["why"] for d in pl.skipped if d["rule"] == "attention"}
+    assert set(skipped) == {names["bmm1"], names["bmm2"]}
+    assert all("mha/0000" in why for why in skipped.values())
     with pytest.raises(ValueError, match="not available"):
         plan(_ir(G.mha_block()).graph, "int8", attention="fp8-mha")
 
 
 def test_fp8_mha_pattern():
-    pl = plan(_ir(G.mha_block()).graph, "fp8", attention="fp8-mha")
-    s = _sites(pl)
-    assert s[("q", "activation")].rule == "fp8-mha.bmm1" and ("k", "activation") in s
-    assert s[("pr", "activation")].fixed_amax == 1.0  # softmax output scale 1/448
-    assert s[("v", "activation")].rule == "fp8-mha.bmm2"
+    m = _ir(G.mha_block())
+    names = _bmm_inputs(m)
+    s = _sites(plan(m.graph, "fp8", attention="fp8-mha"))
+    assert s[(names["q"], "activation")].rule == "fp8-mha.bmm1" and (names["k"], "activation") in s
+    assert s[(names["probs"], "activation")].fixed_amax == 1.0  # softmax output scale 1/448
+    assert s[(names["v"], "activation")].rule == "fp8-mha.bmm2"
     # head_dim 4 is outside (8, 256]: the pattern does not apply
-    pl2 = plan(_ir(G.mha_block(d=16, heads=4)).graph, "fp8", attention="fp8-mha")
-    assert not {"q", "pr"} & {t for t, _ in _sites(pl2)}
+    m2 = _ir(G.mha_block(d=16, heads=4))
+    pl2 = plan(m2.graph, "fp8", attention="fp8-mha")
+    assert not {_bmm_inputs(m2)["q"], _bmm_inputs(m2)["probs"]} & {t for t, _ in _sites(pl2)}
+
+
+def test_attention_not_tagged_by_the_fuse_stage_is_not_quantized():
+    """The un-rewritten export (scale on the scores, as torch writes it) is no partition: TensorRT
+    would not run it as one fused MHA, so FP8 MHA Q/DQ is not placed on it."""
+    m = _ir(G.mha_block(), attention=None)
+    pl = plan(m.graph, "fp8", attention="fp8-mha")
+    assert not [s for s in pl.sites if s.rule.startswith("fp8-mha")]
+    assert {d["node"] for d in pl.skipped if d["rule"] == "attention"} == {"attn/bmm1", "attn/bmm2"}
+    assert all("no fused attention partition" in d["why"] for d in pl.skipped if d["rule"] == "attention")
 
 
 def test_keep_patterns_and_default_keeps():
@@ -159,12 +188,14 @@ def test_keep_patterns_match_the_exported_module_path():
 
 
 def test_fp8_mha_pattern_through_precision_casts():
-    """Exporters run softmax in fp32 inside fp16 graphs: the pattern looks through the Casts and
-    the fixed 1/448 Q/DQ lands on the tensor BMM2 reads."""
-    pl = plan(_ir(G.mha_block(dt=np.float16, casts=True)).graph, "fp8", attention="fp8-mha")
-    s = _sites(pl)
-    assert s[("pr", "activation")].fixed_amax == 1.0 and s[("pr", "activation")].uses == [("attn/bmm2", 0)]
-    assert ("q", "activation") in s and ("v", "activation") in s
+    """Exporters run softmax in fp32 inside fp16 graphs: the fuse stage drops the Cast pair into
+    the canonical pattern, and the fixed 1/448 Q/DQ lands on the tensor BMM2 reads."""
+    m = _ir(G.mha_block(dt=np.float16, casts=True))
+    names = _bmm_inputs(m)
+    s = _sites(plan(m.graph, "fp8", attention="fp8-mha"))
+    probs = s[(names["probs"], "activation")]
+    assert probs.fixed_amax == 1.0 and probs.uses == [(names["bmm2"], 0)]
+    assert (names["q"], "activation") in s and (names["v"], "activation") in s
 
 
 def test_fp8_keeps_the_layer_reading_pixels_even_when_renamed():
@@ -175,3 +206,51 @@ def test_fp8_keeps_the_layer_reading_pixels_even_when_renamed():
     assert [k["node"] for k in pl.kept] == ["conv1"] and "pixel_values" in pl.kept[0]["why"]
     assert ("w1", "weight") not in _sites(pl) and ("w2", "weight") in _sites(pl)
     assert not plan(_ir(proto).graph, "int8").kept  # INT8 has no such default
+
+
+def test_placement_follows_the_partitions():
+    """Placement's only knowledge of what fuses is the fuse stage's tags: change a partition and
+    the sites move with it."""
+    from stages.lib.fusion import annotate
+
+    def node(m: ir.Model, name: str) -> ir.Node:
+        return next(n for n in m.graph if n.name == name)
+
+    # a residual Add taken out of its partition: no skip site any more
+    m = _ir(G.residual_conv())
+    assert ("add1", 1) in _sites(plan(m.graph, "int8"))[("x", "activation")].uses
+    for key in (annotate.GROUP, annotate.KIND, annotate.ROLE):
+        node(m, "add1").metadata_props.pop(key)
+    assert all(s.rule != "residual-add.skip" for s in plan(m.graph, "int8").sites)
+
+    # the second conv put into the first partition (as if TensorRT fused MaxPool→Conv): its
+    # input edge is now inside a partition and is not cut
+    m = _ir(G.conv_bn_relu_pool())
+    assert ("p", "activation") in _sites(plan(m.graph, "int8"))
+    group = node(m, "pool1").metadata_props[annotate.GROUP]
+    annotate.tag(node(m, "conv2"), group, "conv_act", "conv")
+    pl = plan(m.graph, "int8")
+    assert ("p", "activation") not in _sites(pl)
+    assert {"node": "conv2", "rule": "never-cut", "why": f"input p is inside the fused partition {group}"} in pl.skipped
+
+    # an mha partition untagged: the FP8 MHA sites go, the BMMs stay high precision
+    m = _ir(G.mha_block())
+    names = _bmm_inputs(m)
+    assert names["probs"] in {s.tensor for s in plan(m.graph, "fp8", attention="fp8-mha").sites}
+    annotate.clear(m)
+    pl = plan(m.graph, "fp8", attention="fp8-mha")
+    assert not {names[k] for k in ("q", "k", "probs", "v")} & {s.tensor for s in pl.sites}
+    assert {d["node"] for d in pl.skipped if d["rule"] == "attention"} == {names["bmm1"], names["bmm2"]}
+
+
+def test_conv_add_without_activation_is_a_partition():
+    """Conv→Add (no activation after it) still fuses in TensorRT (an elementwise sum merges into
+    the conv): the fuse stage tags it, and placement quantizes only the skip input."""
+    proto = G.residual_conv()
+    del proto.graph.node[2]  # the Relu
+    proto.graph.node[2].input[0] = "a"
+    m = _ir(proto)
+    roles = {n.name: n.metadata_props.get("vlmforge.fusion.role") for n in m.graph}
+    assert roles["conv1"] == "conv" and roles["add1"] == "residual_add"
+    s = _sites(plan(m.graph, "int8"))
+    assert ("add1", 1) in s[("x", "activation")].uses and ("c1", "activation") not in s

@@ -1,5 +1,5 @@
 """Rule ``fold_batchnorm``: BatchNormalization folded into the Conv before it, and the
-Conv→[BN]→[residual Add]→activation→[MaxPool] chains tagged as one fusible partition.
+Conv→[BN]→[residual Add]→[activation→[MaxPool]] chains tagged as one fusible partition.
 
 Folding uses onnxscript's own rewrite rule (W' = W·γ/σ, b' = (b − μ)·γ/σ + β, checked that the
 weights are constant initializers not shared with other nodes): a BN left in place is a separate
@@ -65,7 +65,7 @@ def _owns_add(add: ir.Node, ours: ir.Value) -> bool:
 
 
 def annotate_conv_partitions(model: ir.Model, start: int = 0) -> int:
-    """Tag Conv→[BN]→[Add]→act→[MaxPool] (at least Conv→act) chains; returns how many."""
+    """Tag Conv→[BN]→[Add]→act→[MaxPool] chains (at least Conv→act or Conv→Add); returns how many."""
     graph = model.graph
     outputs = set(graph.outputs)
     count = start
@@ -82,12 +82,14 @@ def annotate_conv_partitions(model: ir.Model, start: int = 0) -> int:
                 continue  # the other branch's conv fuses this Add; ours ends without an activation
             chain.append((nxt, "residual_add"))
             nxt = _sole_consumer(nxt.outputs[0], outputs)
-        if nxt is None or nxt.op_type not in FUSIBLE_ACTIVATIONS:
-            continue  # no activation to fuse: nothing TensorRT would keep together for us
-        chain.append((nxt, "act"))
-        pool = _sole_consumer(nxt.outputs[0], outputs)
-        if pool is not None and pool.op_type == "MaxPool":
-            chain.append((pool, "pool"))
+        if nxt is not None and nxt.op_type in FUSIBLE_ACTIVATIONS:
+            chain.append((nxt, "act"))
+            pool = _sole_consumer(nxt.outputs[0], outputs)
+            if pool is not None and pool.op_type == "MaxPool":
+                chain.append((pool, "pool"))
+        elif chain[-1][1] != "residual_add":
+            continue  # no epilogue to fuse: nothing TensorRT would keep together for us
+        # (Conv→[BN]→Add alone is a partition: TensorRT merges an elementwise sum into the conv)
         group = f"conv_act/{count:04d}"
         for node, role in chain:
             annotate.tag(node, group, "conv_act", role)

@@ -1,11 +1,13 @@
-"""Graph pattern matchers the placement rules use (shapes, fusion chains, attention, pixels)."""
+"""Graph facts the placement rules read: static shapes, matmul sizes, the pixel-reading layer.
+
+What fuses is not here: placement reads the fuse stage's partitions (`fusion.annotate`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from stages.lib.qdq.rules import FUSED_EDGES, ModeRules
+from stages.lib.qdq.rules import ModeRules
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -50,14 +52,6 @@ def small_reason(node: ir.Node, rules: ModeRules, shapes: Shapes) -> str | None:
     return None
 
 
-def through(v: ir.Value, ops: Iterable[str]) -> ir.Node | None:
-    """The producer of v, looking through BatchNormalization (folded into Conv by TensorRT)."""
-    p = v.producer()
-    if p is not None and p.op_type == "BatchNormalization":
-        p = p.inputs[0].producer() if p.inputs[0] is not None else None
-    return p if p is not None and p.op_type in ops else None
-
-
 _MOVES = frozenset({"Reshape", "Transpose", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze"})
 
 
@@ -72,42 +66,3 @@ def reads_pixels(node: ir.Node) -> bool:
             return False
         v = p.inputs[0]
     return False
-
-
-def inside_fusion(v: ir.Value) -> bool:
-    """True if v flows along an edge TensorRT fuses (Conv→BN, BN→ReLU, ReLU→MaxPool, ...)."""
-    p = v.producer()
-    if p is None:
-        return False
-    return any((p.op_type, u.node.op_type) in FUSED_EDGES for u in v.uses())
-
-
-def mha_pattern(bmm1: ir.Node, rules: ModeRules, shapes: Shapes) -> tuple[ir.Value, ir.Node] | None:
-    """Match BMM1→(Mul|Div)→(Add mask)→Softmax→BMM2, looking through precision Casts (exporters
-    run softmax in fp32 inside fp16 graphs); return (the tensor BMM2 reads as probabilities, BMM2)."""
-    hd = shape_of(bmm1.inputs[0], shapes)
-    if hd is None or not (rules.head_dim[0] < hd[-1] <= rules.head_dim[1]):
-        return None
-
-    def next_node(v: ir.Value) -> ir.Node | None:
-        uses = list(v.uses())
-        return uses[0].node if len(uses) == 1 else None
-
-    node, seen = next_node(bmm1.outputs[0]), set()
-    while node is not None and node.op_type != "Softmax":
-        # at most one scale and one mask add, any number of casts
-        kind = {"Mul": "scale", "Div": "scale", "Add": "mask", "Cast": None}.get(node.op_type, "stop")
-        if kind == "stop" or (kind is not None and kind in seen):
-            return None
-        if kind:
-            seen.add(kind)
-        node = next_node(node.outputs[0])
-    if node is None:
-        return None
-    v = node.outputs[0]
-    nxt = next_node(v)
-    while nxt is not None and nxt.op_type == "Cast":
-        v, nxt = nxt.outputs[0], next_node(nxt.outputs[0])
-    if nxt is None or nxt.op_type != "MatMul" or nxt.inputs[0] is not v:
-        return None
-    return v, nxt

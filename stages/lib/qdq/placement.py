@@ -1,4 +1,9 @@
-"""Where Q/DQ pairs go: apply the rule tables of `rules.py` to one graph (no edits here)."""
+"""Where Q/DQ pairs go: apply the rule tables of `rules.py` to one graph (no edits here).
+
+What TensorRT fuses is read from the fuse stage's partition tags (`fusion.annotate.Partitions`)
+and from nowhere else: no Q/DQ inside a partition, the residual Add's skip input quantized, the
+FP8 MHA inputs taken from an `mha` partition's roles. A graph that did not pass through the
+fuse stage has no partitions: nothing is then protected, and no attention BMM is quantized."""
 
 from __future__ import annotations
 
@@ -7,16 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stages.lib.qdq.patterns import (
-    attrs,
-    inside_fusion,
-    mha_pattern,
-    reads_pixels,
-    shape_of,
-    small_reason,
-    through,
-)
-from stages.lib.qdq.rules import resolve_axis, rules_for
+from stages.lib.fusion.annotate import Partitions
+from stages.lib.qdq.patterns import attrs, reads_pixels, shape_of, small_reason
+from stages.lib.qdq.rules import ModeRules, resolve_axis, rules_for
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -100,10 +98,13 @@ def plan(
     keep: Iterable[str] = (),
     attention: str = "none",
     keep_nodes: Mapping[str, str] | None = None,
+    partitions: Partitions | None = None,
 ) -> Placement:
     """Decide every Q/DQ site for `mode`. `keep` are node-name globs kept high precision;
-    `keep_nodes` maps exact node names to a reason (the sensitivity pass's fallbacks)."""
+    `keep_nodes` maps exact node names to a reason (the sensitivity pass's fallbacks);
+    `partitions` (default: read from the graph's tags) say which edges TensorRT fuses."""
     rules = rules_for(mode)
+    parts = Partitions(graph) if partitions is None else partitions
     if attention not in rules.attention:
         raise ValueError(f"attention placement {attention!r} is not available in {mode} ({rules.attention})")
     shapes = shapes or {}
@@ -152,19 +153,23 @@ def plan(
             consts = [i for i, x in enumerate(node.inputs) if is_const(x)]
             bmm = op == "MatMul" and not consts
             if bmm:
-                if "fp8-mha" == attention and _nm(node) not in mha_done:
-                    m = mha_pattern(node, rules, shapes)
-                    if m is not None and not kept(node) and not kept(m[1]):
-                        probs, bmm2 = m
-                        for slot in (0, 1):
-                            add(node.inputs[slot], node, slot, "activation", "fp8-mha.bmm1")
-                        add(probs, bmm2, 0, "activation", "fp8-mha.softmax", fixed_amax=1.0)
-                        add(bmm2.inputs[1], bmm2, 1, "activation", "fp8-mha.bmm2")
-                        mha_done.add(_nm(bmm2))
-                        continue
-                if _nm(node) not in mha_done:
-                    why = "attention BMM kept high precision: TensorRT fuses MHA with Q/DQ on projections only"
-                    pl.skipped.append({"node": _nm(node), "rule": "attention", "why": why})
+                if _nm(node) in mha_done:
+                    continue
+                mha = _fp8_mha(node, parts, rules, shapes) if attention == "fp8-mha" else None
+                if mha is not None and not kept(node) and not kept(mha[1]):
+                    probs, bmm2 = mha
+                    for slot in (0, 1):
+                        add(node.inputs[slot], node, slot, "activation", "fp8-mha.bmm1")
+                    add(probs, bmm2, 0, "activation", "fp8-mha.softmax", fixed_amax=1.0)
+                    add(bmm2.inputs[1], bmm2, 1, "activation", "fp8-mha.bmm2")
+                    mha_done.add(_nm(bmm2))
+                    continue
+                member = parts.of(node)
+                if member is not None and member.kind == "mha":
+                    why = f"attention BMM ({member.group}) kept high precision: TensorRT fuses MHA with Q/DQ on projections only"
+                else:
+                    why = "activation x activation MatMul in no fused attention partition: kept high precision"
+                pl.skipped.append({"node": _nm(node), "rule": "attention", "why": why})
                 continue
             if w is None or not is_const(w):
                 pl.skipped.append({"node": _nm(node), "rule": "weight", "why": "no constant weight"})
@@ -187,31 +192,37 @@ def plan(
                     x = node.inputs[slot] if slot < len(node.inputs) else None
                     if x is None or is_const(x) or slot == r.weight:
                         continue
-                    if inside_fusion(x):
-                        why = f"input {x.name} is inside a fused {x.producer().op_type} chain"  # type: ignore[union-attr]
+                    if (group := parts.fused_edge(x.producer(), node)) is not None:
+                        why = f"input {x.name} is inside the fused partition {group}"
                         pl.skipped.append({"node": _nm(node), "rule": "never-cut", "why": why})
                         continue
                     add(x, node, slot, "activation", f"{op}.input")
-        elif op == "Add" and rules.residual_add_producers and not any(is_const(x) for x in node.inputs):
-            a, b = node.inputs[0], node.inputs[1]
-            if a is None or b is None:
+        elif op == "Add" and rules.residual_add_skip:
+            member = parts.of(node)
+            if member is None or member.role != "residual_add":
                 continue
-            fa = through(a, rules.residual_add_producers)
-            fb = through(b, rules.residual_add_producers)
-            # The branch that fuses is the Conv output used only by this Add; if both qualify
-            # (projection shortcut) the second input is treated as the skip.
-            if fa is not None and len(list(a.uses())) == 1:
-                skip = b
-            elif fb is not None and len(list(b.uses())) == 1:
-                skip = a
-            else:
-                continue
-            if not kept(node):
-                add(skip, node, node.inputs.index(skip), "activation", "residual-add.skip")
+            # The input produced outside the partition is the skip; the branch fuses into the conv.
+            skips = [(i, x) for i, x in enumerate(node.inputs)
+                     if x is not None and not is_const(x) and parts.fused_edge(x.producer(), node) is None]
+            if len(skips) == 1 and not kept(node):
+                add(skips[0][1], node, skips[0][0], "activation", "residual-add.skip")
 
     if rules.concat_shared_scale:
         _share_concat_scales(graph, pl)
     return pl
+
+
+def _fp8_mha(bmm1: ir.Node, parts: Partitions, rules: ModeRules, shapes: Shapes) -> tuple[ir.Value, ir.Node] | None:
+    """(the tensor BMM2 reads as probabilities, BMM2) when ``bmm1`` is the BMM1 of an ``mha``
+    partition whose head dim TensorRT's FP8 MHA kernels take; else None."""
+    member = parts.of(bmm1)
+    if member is None or member.kind != "mha" or member.role != "bmm1":
+        return None
+    bmm2 = parts.node(member.group, "bmm2")
+    hd = shape_of(bmm1.inputs[0], shapes)
+    if bmm2 is None or bmm2.inputs[0] is None or hd is None or not (rules.head_dim[0] < hd[-1] <= rules.head_dim[1]):
+        return None
+    return bmm2.inputs[0], bmm2
 
 
 def _share_concat_scales(graph: ir.Graph, pl: Placement) -> None:

@@ -50,18 +50,6 @@ NEVER_CUT_OPS: frozenset[str] = frozenset(
     }
 )
 
-# Pairs (producer op, consumer op) that TensorRT fuses into one kernel: a tensor flowing along
-# such an edge is "inside" Conv→BN→ReLU→MaxPool and must not receive a Q/DQ pair even when
-# it also feeds a quantizable op elsewhere.
-FUSED_EDGES: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("Conv", "BatchNormalization"), ("Conv", "Relu"), ("BatchNormalization", "Relu"),
-        ("Conv", "Add"), ("Relu", "MaxPool"), ("ConvTranspose", "Relu"),
-        ("ConvTranspose", "BatchNormalization"),
-    }
-)
-
-
 @dataclass(frozen=True)
 class SmallMatmul:
     """GEMV-like and tiny matmuls stay high precision: no tensor-core win, only error."""
@@ -78,10 +66,11 @@ class ModeRules:
     ops: dict[str, OpRule]
     weights: str  # "per-channel" | "block"
     activations: bool  # activations get Q/DQ (False: weight-only)
-    # Residual Add: when one input comes from one of these producers (the branch that fuses
-    # into the producer's epilogue), the other (skip) input gets Q/DQ. Only Conv: for MatMul
-    # the residual stream of a transformer carries outliers and TensorRT fuses its add in fp16.
-    residual_add_producers: tuple[str, ...] = ()
+    # Residual Add of a conv partition (the fuse stage's `residual_add` role): its skip input,
+    # the one from outside the partition, gets Q/DQ; the conv branch fuses into the epilogue.
+    # (Transformer residual Adds are in no partition: their stream carries outliers and
+    # TensorRT adds it in fp16.)
+    residual_add_skip: bool = False
     concat_shared_scale: bool = False  # Concat inputs/outputs quantized with one scale
     # Attention BMMs (MatMul with two activation inputs): "none" leaves them high precision
     # (Q/DQ on projections only keeps TensorRT's fused MHA: NOTES §1); "fp8-mha" quantizes the
@@ -107,7 +96,7 @@ INT8 = ModeRules(
     ops={"Conv": CONV, "ConvTranspose": CONV_T, "Gemm": GEMM, "MatMul": MATMUL},
     weights="per-channel",
     activations=True,
-    residual_add_producers=("Conv",),
+    residual_add_skip=True,
     concat_shared_scale=True,
     attention=("none",),
     opset_min=13,  # per-channel DequantizeLinear(axis)
@@ -120,7 +109,7 @@ FP8 = ModeRules(
     ops={"Conv": CONV, "ConvTranspose": CONV_T, "Gemm": GEMM, "MatMul": MATMUL},
     weights="per-channel",
     activations=True,
-    residual_add_producers=("Conv",),
+    residual_add_skip=True,
     concat_shared_scale=True,
     attention=("none", "fp8-mha"),
     default_keep=(
