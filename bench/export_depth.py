@@ -30,11 +30,11 @@ SAMPLE = {"batch": 2, "seq": 16, "past": 8}
 
 
 def _rss() -> int:
-    """Peak RSS of this process image in bytes (VmHWM: starts afresh at exec, see export_memory)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+    """Peak RSS of this process image in bytes (``pipeline.worker.peak_rss_mb``: VmHWM, which
+    starts afresh at exec, so not the parent's peak; ``children=False``: this export's alone)."""
+    from pipeline.worker import peak_rss_mb
+
+    return round(peak_rss_mb(children=False) * 2**20)
 
 
 def make_checkpoint(out: Path, layers: int, hidden: int, vocab: int, intermediate: int) -> Path:

@@ -24,13 +24,12 @@ sys.path.insert(0, str(REPO))
 
 
 def _rss() -> int:
-    """This process image's peak RSS in bytes (``VmHWM``), not ``pipeline.worker.peak_rss_mb``:
-    ``ru_maxrss`` survives ``exec``, and the parent that starts each child may have just
-    generated the 1B checkpoint, so a child would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+    """This process image's peak RSS in bytes: ``pipeline.worker.peak_rss_mb``, whose VmHWM
+    starts afresh at exec (the parent that starts each child may have just generated the 1B
+    checkpoint; ru_maxrss would report that peak). ``children=False``: this export's alone."""
+    from pipeline.worker import peak_rss_mb
+
+    return round(peak_rss_mb(children=False) * 2**20)
 
 
 def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:

@@ -144,7 +144,7 @@ def real_graphs(config: Path, work: Path) -> list[Case]:
     import onnx
 
     from pipeline.config_io import load_config
-    from pipeline.stage import StageContext
+    from pipeline.stage import GateFailed, StageContext, missed_message
     from stages.fuse import _axis_sizes
     from stages.lib.engine_profiles import profile_for
     from stages.lib.fusion.check import random_feeds
@@ -155,8 +155,10 @@ def real_graphs(config: Path, work: Path) -> list[Case]:
         stage = __import__(f"stages.{name}", fromlist=["STAGE"]).STAGE
         folders[name] = work / name
         folders[name].mkdir(parents=True, exist_ok=True)  # the runner creates ctx.out; we stand in for it
-        stage.run(StageContext(name, stage.params(cfg, None), {d: folders[d] for d in stage.deps}, folders[name],
-                               None, stage.external(cfg) if stage.external else []))
+        res = stage.run(StageContext(name, stage.params(cfg, None), {d: folders[d] for d in stage.deps},
+                                     folders[name], None, stage.external(cfg) if stage.external else []))
+        if (missed := missed_message(res.gates)) is not None:  # the worker's rule: a missed gate fails
+            raise GateFailed(missed, res)
     out: list[Case] = []
     for g, folder in (("vision", folders["export_vision"]), ("decoder", folders["export_decoder"])):
         if not (folder / f"{g}.onnx").is_file():

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run_stage(name: str, cfg: Any, work: Path) -> Path:
-    from pipeline.stage import StageContext, StageError
+    from pipeline.stage import GateFailed, StageContext, StageError, missed_message
 
     st = importlib.import_module(f"stages.{name}").STAGE
     out = work / name
@@ -44,7 +44,9 @@ def run_stage(name: str, cfg: Any, work: Path) -> Path:
     ctx = StageContext(node_id=name, params=st.params(cfg, None), inputs={d: work / d for d in st.deps}, out=out,
                        target=None, external=st.external(cfg) if st.external else [])
     try:
-        st.run(ctx)
+        res = st.run(ctx)
+        if (missed := missed_message(res.gates)) is not None:  # the worker's rule: a missed gate fails
+            raise GateFailed(missed, res)
     except StageError as e:
         if name != "fuse":
             raise

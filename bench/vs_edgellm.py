@@ -14,7 +14,7 @@ runs both commands, alternating which goes first so a noisy neighbour slows both
 
 Per command it prints the median wall seconds and max RSS (the child's ``ru_maxrss`` from
 ``wait4``), and vlmforge's per-stage seconds (graph export alone and the whole stage). Edge-LLM is
-installed in its own venv (NOTES §5: torch==2.13.0, then tensorrt-edgellm[export]==0.11.0,
+installed in its own venv (docs/FIELD_NOTES.md §4: torch==2.13.0, then tensorrt-edgellm[export]==0.11.0,
 nvidia-modelopt==0.45.0 requests datasets (its quantization module imports datasets, undeclared);
 torchvision removed); without it the bench says so and stops. The checkpoint carries the ChatML
 chat_template.jinja released Qwen-VL checkpoints ship (Edge-LLM refuses a checkpoint without one).

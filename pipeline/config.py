@@ -164,7 +164,7 @@ class GraphQuant(Frozen):
     # everything the rules allow and lets the gate fail the build.
     accuracy_budget: float | Literal["gate", "off"] | None = "gate"
     # Attention BMMs: "projections" quantizes only the q/k/v/o projections (keeps TensorRT's fused
-    # MHA, NOTES §1); "fp8-mha" also quantizes the FP8 MHA pattern (fp8 graphs only; measure it).
+    # MHA, docs/FIELD_NOTES.md §1); "fp8-mha" also quantizes the FP8 MHA pattern (fp8 graphs only; measure it).
     attention: Literal["projections", "fp8-mha"] = "projections"
 
     @field_validator("accuracy_budget", mode="before")

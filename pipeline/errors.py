@@ -11,12 +11,6 @@ class ConfigError(VlmforgeError):
     exit_code = 2
 
 
-class BuildFailed(VlmforgeError):
-    """A stage or a gate failed: exit 1."""
-
-    exit_code = 1
-
-
 class OutputError(VlmforgeError):
     """A file could not be written (disk full, read-only mount, permissions): exit 1.
     The message is one line: ``<path>: cannot write (<reason>)``."""

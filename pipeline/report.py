@@ -12,7 +12,6 @@ from pipeline.runner import NodeState
 
 # Every file written here goes through pipeline.fsutil: a full disk is one line and exit 1, the
 # previous report / lock file stays as it was and no temp file is left behind.
-write_atomic = atomic_write_text  # the old name, kept for callers outside this module
 
 
 def write_lock(path: Path, config_path: Path, states: list[NodeState]) -> None:

@@ -9,7 +9,7 @@ a fresh worker process and calls ``STAGE.run(ctx)`` there. A stage reads only ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,25 @@ class GateCheck:
         if value != value:  # NaN never passes
             ok = False
         return GateCheck(name, float(value), float(threshold), op, bool(ok))
+
+    def describe(self) -> str:
+        """``name value (needs op threshold)``: how a failure message and the worker name a check."""
+        shown = f"{self.value:.6g}"
+        if shown == f"{self.threshold:.6g}" and self.value != self.threshold:  # a near miss: "1 (needs >= 1)"
+            shown = repr(self.value)  # would not say why it missed
+        return f"{self.name} {shown} (needs {self.op} {self.threshold:g})"
+
+
+def missed_message(checks: Iterable[GateCheck], head: str = "parity gate missed", hint: str = "") -> str | None:
+    """One line naming every missed check (None when all passed): ``head: a; b[; hint]``. A stage
+    that has context for the failure (where the error jumps, what to change) passes it as ``hint``
+    and raises GateFailed with this; without any, it returns the gates and the worker fails the node
+    with the same line. Newlines in ``hint`` are flattened: errors are printed as one line."""
+    missed = [c.describe() for c in checks if not c.passed]
+    if not missed:
+        return None
+    line = f"{head}: {'; '.join(missed)}" + (f"; {hint}" if hint else "")
+    return " ".join(line.splitlines())
 
 
 @dataclass

@@ -41,10 +41,6 @@ class TargetSpec(Frozen):
     gpu: str = ""
     notes: str = ""
 
-    @property
-    def sm_int(self) -> int:
-        return sm_int(self.sm)
-
     def resolve_precision(self, wanted: Precision) -> tuple[Precision, str | None]:
         """The precision to build and, when `best` chose or fell back, why (for the report)."""
         if wanted == "best":

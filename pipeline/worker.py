@@ -50,23 +50,33 @@ class NodeOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory, MB, or its largest finished child's if that was
-    larger (a stage that runs a step in a child process to return its memory): the one
-    implementation stages and benches use.
+def status_kb(key: str) -> int | None:
+    """One ``/proc/self/status`` field in kB (``VmHWM``, ``RssAnon``), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb(*, children: bool = True) -> float:
+    """This process's peak resident memory, MB, or (``children``) its largest finished child's if
+    that was larger (a stage that runs a step in a child process to return its memory): the one
+    implementation the worker, stages and benches use.
 
     VmHWM first: it starts afresh at exec, while ru_maxrss carries a forking parent's pages over
     (a worker spawned by a parent that just held a big checkpoint would report the parent's peak;
     a child spawned by this process inherits only what this process held when it started it)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # KiB on Linux
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return max(int(line.split()[1]) / 1024.0, children)  # kB
-    except OSError:
-        pass
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, children)
+    hwm = status_kb("VmHWM")
+    if hwm is None:  # not Linux: ru_maxrss, in KiB
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    own = hwm / 1024.0
+    if not children:
+        return own
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0)
 
 
 class AnonPeak:
@@ -84,14 +94,9 @@ class AnonPeak:
         self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
 
     def _sample(self) -> None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("RssAnon:"):
-                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024.0)
-                        return
-        except OSError:  # not Linux: no figure
-            pass
+        kb = status_kb("RssAnon")
+        if kb is not None:  # None off Linux: no figure
+            self.peak_mb = max(self.peak_mb, kb / 1024.0)
 
     def _run(self, period: float) -> None:
         while not self._stop.wait(period):
@@ -155,7 +160,7 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
     from filelock import FileLock
 
     from pipeline.cache import CacheStore
-    from pipeline.stage import GateFailed, StageContext, StageError
+    from pipeline.stage import GateFailed, StageContext, StageError, missed_message
 
     store = CacheStore(Path(spec.cache_root))
     lock = store.lock_path(spec.key)
@@ -196,10 +201,9 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
             missing = [o for o in stage.outputs if not (ctx.out / o).exists()]
             if missing:
                 raise StageError(f"stage {stage.name} did not write its declared outputs: {', '.join(missing)}")
-            missed = [g for g in result.gates if not g.passed]
-            if missed:  # a stage that returns a missed gate instead of raising still fails
-                what = "; ".join(f"{g.name} {g.value:.6g} (needs {g.op} {g.threshold:g})" for g in missed)
-                raise GateFailed(f"parity gate missed: {what}", result)
+            # the one place a returned missed gate fails its node (stages raise only to add context)
+            if (missed := missed_message(result.gates)) is not None:
+                raise GateFailed(missed, result)
             changed = _changed_externals(spec, store.memo)
             if changed:  # the key would describe other bytes than the ones the stage read
                 raise StageError(changed)

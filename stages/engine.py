@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stage import GateCheck, Stage, StageContext, StageError, StageResult
+from pipeline.stage import Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -85,6 +85,7 @@ def run(ctx: StageContext) -> StageResult:
     from stages.lib import engine_parity, trt_timing_cache
     from stages.lib.engine_profiles import profile_for
     from stages.lib.layer_report import onnx_op_types, report_from_log
+    from stages.lib.metrics import gate_checks
     from stages.lib.trt_backend import resolve_backend
     from stages.lib.trt_builder import BuildOptions, build_engine
 
@@ -118,8 +119,9 @@ def run(ctx: StageContext) -> StageResult:
         if why:
             result.notes.append(f"{g} engine parity not run: {why}")
         else:
+            # the gate of the graph's precision (an fp32/bf16 copy has none: fp16's), its cosine only
             gate = p["gates"].get(precision) or p["gates"]["fp16"]
-            result.gates.append(GateCheck.check(f"engine.{g}.cosine", parity["worst"]["cosine"], gate["cosine"]))
+            result.gates += gate_checks(f"engine.{g}", parity["worst"], {"cosine": gate["cosine"]})
         sidecar = {
             "graph": g, "target": target["name"], "gpu": target.get("gpu", ""), "sm": target["sm"],
             "builder": backend.name, "builder_module": backend.module, "builder_version": backend.version,

@@ -13,8 +13,10 @@ was 1.11 GB (external data, weights referenced, not copied) against 2.8 GB for T
 which serialises the whole proto in memory. TorchScript is ~20x faster on the tiny test
 models (0.4 s vs ~9 s), which is why it remains the fallback and not the default.
 
-Parity runs in the stage: ONNX in onnxruntime (CPU) vs the *unpatched* FP32 PyTorch encoder
-on the verify image sizes (not the export sample's) one at a time and all at once.
+Parity runs in the stage (``stages.lib.vision_parity``): ONNX in onnxruntime (CPU) vs the
+*unpatched* FP32 PyTorch encoder on the verify image sizes (not the export sample's) one at a
+time and all at once. Its worst figures are gated (``gates.export`` for FP32, ``gates.fp16`` for
+FP16/BF16; a CNN tower likewise); a miss fails the node.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoint_reads import checkpoint_reads
-from stages.lib.metrics import gate_checks
+from stages.lib.metrics import Parity, export_gate, gate_checks
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
     from pipeline.targets import TargetSpec
 
-_TWO_GB = 2 * 1024**3
 # "stamp": one block of each kind traced, the others cloned with their own weights
 # (stages.lib.vision_stamp; every block is traced where stamping refuses); "trace": every block
 VISION_EXPORT = "stamp"
@@ -89,14 +90,13 @@ def _run(ctx: StageContext) -> StageResult:
     check_sizes(p)
     if family in VISION_ONLY_FAMILIES:
         from stages.lib.cnn_export import export_cnn  # CNN backbones: exported by the fusion work's module
-        from stages.lib.metrics import Parity
 
-        metrics = export_cnn(path, ctx.out, p)  # raises GateFailed itself on a parity miss
-        gate = p["gate"] if p["dtype"] == "fp32" else p["gate_fp16"]
+        metrics = export_cnn(path, ctx.out, p)
+        gate = export_gate(p["dtype"], p["gate"], p["gate_fp16"])
         return StageResult(metrics=metrics, gates=gate_checks("vision", Parity(**metrics["parity"]), gate))
-    from stages.lib.vision_export import export_and_verify
+    from stages.lib import vision_export, vision_parity
 
-    return export_and_verify(ctx, path, family)
+    return vision_parity.verify(ctx, path, family, vision_export.export(ctx, path, family))
 
 
 STAGE = Stage(

@@ -29,15 +29,15 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult, missed_message
 from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
+from stages.lib.dtypes import UNQUANTIZED
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
     from pipeline.targets import TargetSpec
 
 GRAPHS = ("vision", "decoder")
-HIGH = ("fp16", "fp32", "bf16")
 IO_SPECS = ("vision.json", "decoder.json")
 
 
@@ -82,10 +82,13 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
 
     import onnx_ir as ir
 
+    from stages.lib.metrics import gate_checks
     from stages.lib.qdq import graphio, heldout, sensitivity
     from stages.lib.qdq.recipe import Calib, Recipe, build, weight_share
     from stages.lib.qdq.rules import rules_for
 
+    # every quantized precision has a gate: pipeline.config merges the YAML's over the defaults
+    gate = ctx.params["gates"][mode]
     src = ctx.inputs["fuse"] / f"{graph}.onnx"
     source = graphio.load_proto(src, in_file=True)  # structure and types; the weights stay in the file
     outputs = _graph_outputs([o.name for o in source.graph.output], graph)
@@ -137,7 +140,7 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
                           "inputs": "calibration" if search is not feeds else "held-out"}
         else:
             first = candidate(recipe, "full")
-        budget = search_budget(gq.get("accuracy_budget"), {"cosine": 0.99, **ctx.params["gates"].get(mode, {})})
+        budget = search_budget(gq.get("accuracy_budget"), gate)
         if budget is not None and first[2] < budget:  # it falls back, so this one is not the result:
             shutil.rmtree(first[1].parent)  # its disk goes before the walk writes its own candidates
         built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src,
@@ -184,13 +187,9 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         "awq_scales": built.stats.get("awq_scales"),
         "attention": "projections only" if attention == "none" else attention,
     }
-    gate = ctx.params["gates"].get(mode, {})
     basis = par.get("vs_reference", par["vs_unquantized"])
-    from stages.lib.metrics import gate_checks
-
     figures = {k: v for k, v in basis.items() if logits or k != "top1"}
-    checks = gate_checks(f"{graph}.{mode}", figures, {"cosine": 0.99, **gate})
-    return entry, checks
+    return entry, gate_checks(f"{graph}.{mode}", figures, gate)
 
 
 def _run_all(graph: str, path: Any, feeds: list[dict[str, Any]], outputs: list[str]) -> list[dict[str, Any]]:
@@ -236,7 +235,7 @@ def _run(ctx: StageContext) -> StageResult:
     for graph in graphs:
         mode = p["precision"][graph]
         ctx.report(f"{graph}: {mode}", GRAPHS.index(graph) / len(GRAPHS))
-        if mode in HIGH:
+        if mode in UNQUANTIZED:
             for name in (f"{graph}.onnx", f"{graph}.onnx.data"):  # the data file too, when it has one
                 if (fused / name).is_file():
                     shutil.copy2(fused / name, ctx.out / name)
@@ -264,12 +263,10 @@ def _run(ctx: StageContext) -> StageResult:
             metrics[g]["kept"] = len(report[g]["kept_high_precision"])
     metrics["seconds"] = round(time.time() - t0, 2)
     result = StageResult(metrics=metrics, gates=gates, notes=notes)
-    failed = [g for g in gates if not g.passed]
-    if failed:
-        f = failed[0]
-        raise GateFailed(f"quantize gate {f.name}: {f.value:.5f} {'<' if f.op == '>=' else '>'} {f.threshold} "
-                         "(keep layers high precision: quantize.<graph>.keep_high_precision, or a higher "
-                         "quantize.<graph>.accuracy_budget)", result)
+    missed = missed_message(gates, head="quantize gate missed", hint="keep layers high precision: "
+                            "quantize.<graph>.keep_high_precision, or a higher quantize.<graph>.accuracy_budget")
+    if missed:  # raised here, not left to the worker, for the hint: what to change
+        raise GateFailed(missed, result)
     return result
 
 

@@ -83,20 +83,24 @@ def check_held_out(p: dict[str, Any]) -> None:
 
 def _prompt_ids(tok: Any, n: int, rng: np.random.Generator) -> tuple[str, list[int]]:
     """``n`` text token ids from a deterministic sentence (repeated if the tokenizer merges words)."""
+    from stages.lib.hostside.prompt_ids import text_ids
+
     words = ["describe", "the", "image", "colors", "shape", "left", "right", "top", "bottom", "red",
              "blue", "green", "square", "light", "dark", "what", "is", "in", "a", "picture"]
     text = " ".join(rng.choice(words, size=n))
-    ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise StageError("the checkpoint's tokenizer produced no tokens for the evaluation prompt")
-    while len(ids) < n:
-        ids += ids
-    return text, ids[:n]
+    try:
+        return text, text_ids(tok, text, n)
+    except ValueError:
+        raise StageError("the checkpoint's tokenizer produced no tokens for the evaluation prompt") from None
 
 
-def _sample(model: Any, proc: Any, tok: Any, p: dict[str, Any], i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any],
+            i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     import torch
     from PIL import Image
+
+    from stages.lib.hostside.prompt_ids import image_prompt_ids
+    from stages.lib.hostside.vision import num_image_tokens
 
     cfg = model.config
     rng = np.random.default_rng([int(p["seed"]), i])
@@ -104,10 +108,10 @@ def _sample(model: Any, proc: Any, tok: Any, p: dict[str, Any], i: int) -> tuple
     image = synthetic_image(h, w, rng)
     enc = proc(images=[Image.fromarray(image)], return_tensors="np")
     pixel_values, grid = np.asarray(enc["pixel_values"], np.float32), np.asarray(enc["image_grid_thw"], np.int64)
-    n_img = int(grid.prod()) // int(cfg.vision_config.spatial_merge_size) ** 2
+    n_img = sum(num_image_tokens(vspec, grid))
     text, ids = _prompt_ids(tok, int(p["prompt_len"]), rng)
     k = len(ids) // 3  # text on both sides of the image: the M-RoPE offsets after it matter
-    input_ids = ids[:k] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + ids[k:]
+    input_ids = image_prompt_ids(ids[:k], ids[k:], n_img, cfg)
     t_ids = torch.tensor([input_ids], dtype=torch.long)
     mask = torch.ones_like(t_ids)
     types = (t_ids == cfg.image_token_id).to(torch.int32)
@@ -218,15 +222,19 @@ def _run(ctx: StageContext) -> StageResult:
     # a VLM's FP32 reference streams its blocks from the shards (an 8 B model in FP32 is 35 GB)
     load = load_model if vision_only else load_streamed
     model = load(path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
+    vspec = None
     if vision_only:
         proc, tok = load_image_processor(path, bool(p["trust_remote_code"])), None
     else:
+        from stages.lib.hostside.vision import VisionSpec
+
         proc, tok = load_processor(path, bool(p["trust_remote_code"]))
+        vspec = VisionSpec.from_config(family, model.config.vision_config)  # merge size: image tokens
     samples: list[dict[str, np.ndarray]] = []
     metas = []
     for i in range(int(p["samples"])):
         ctx.report(f"reference sample {i + 1}/{p['samples']}", i / int(p["samples"]))
-        a, m = _cnn_sample(model, proc, p, i) if vision_only else _sample(model, proc, tok, p, i)
+        a, m = _cnn_sample(model, proc, p, i) if vision_only else _sample(model, proc, tok, vspec, p, i)
         samples.append(a)
         metas.append(m)
     c = model.config

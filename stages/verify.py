@@ -12,9 +12,9 @@ Per graph x precision x target, on the held-out set of the ``reference`` stage:
 - the engines, only where they can execute (a GPU of the target's SM plus the runtime); else
   the row says "engine comparison not run: <why>" with status "not-run", never "pass".
 Gates come from ``gates[<precision>]`` (the precision each graph was quantized to is read from
-``quantize.json``). A miss raises GateFailed with a table of what missed, after the drill-down
-(``stages/lib/drilldown.py``; the PyTorch side: ``stages/lib/verify_drilldown.py``) has named the
-first block where the error jumps.
+``quantize.json``). A miss raises GateFailed with one line naming what missed and, after the
+drill-down (``stages/lib/drilldown.py``; the PyTorch side: ``stages/lib/verify_drilldown.py``),
+the first block where the error jumps.
 
 ``verify.json``: {"target", "sm", "reference": {...}, "rows": [{"graph", "precision", "target",
 "runtime", "status": "pass|fail|not-run|ungated", "reason", "figures", "per_sample", "gates": [...]}
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult
+from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult, missed_message
 from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from pipeline.targets import TargetSpec
 
 GRAPHS = ("vision", "decoder")
-TORCH_BLOCKS = {"vision": "blocks", "decoder": "layers"}  # module-list names, as the exporter scopes them
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -61,13 +60,10 @@ def _row(graph: str, precision: str, target: str, runtime: str, status: str, **k
 
 def _gated_row(graph: str, precision: str, p: dict[str, Any], runtime: str, figures: dict[str, Any],
                per_sample: list[Any], gate: dict[str, Any]) -> tuple[dict[str, Any], list[GateCheck]]:
-    from stages.lib.metrics import gate_checks
+    from stages.lib.metrics import gate_checks, gate_status
 
     checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
-    # A figure no gate covers (e.g. token agreement of an int8 graph by default) is measured,
-    # not passed: the report must not show a 12% token agreement as a green "pass".
-    status = "ungated" if not checks else ("pass" if all(c.passed for c in checks) else "fail")
-    row = _row(graph, precision, p["target"], runtime, status, figures=figures, per_sample=per_sample,
+    row = _row(graph, precision, p["target"], runtime, gate_status(checks), figures=figures, per_sample=per_sample,
                gates=[c.__dict__ for c in checks])
     return row, checks
 
@@ -138,17 +134,11 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
     gated_on = "free-running" if "tokens" in figures else "teacher-forced"
     figures.setdefault("tokens", figures["tokens_teacher_forced"])
     row, checks = _gated_row("generation", label, p, "onnxruntime", figures, per, gate)
-    if gated_on == "teacher-forced":  # the miss table names the figure the gate saw
+    if gated_on == "teacher-forced":  # the failure line names the figure the gate saw
         checks = [dataclasses.replace(c, name=f"{c.name} (teacher-forced)") for c in checks]
         row["gates"] = [c.__dict__ for c in checks]
     row |= {"reason": reason, "gated_on": gated_on}
     return row, checks
-
-
-def _miss_table(checks: list[GateCheck]) -> str:
-    lines = ["| gate | value | needs |", "|---|---:|---|"]
-    lines += [f"| {c.name} | {c.value:.6g} | {c.op} {c.threshold:g} |" for c in checks if not c.passed]
-    return "\n".join(lines)
 
 
 def _run(ctx: StageContext) -> StageResult:
@@ -246,10 +236,11 @@ def _run(ctx: StageContext) -> StageResult:
     result = StageResult(metrics=metrics, gates=checks, notes=[*not_run, *gen_notes, *drill_notes])
     for g, d in drill.items():
         result.notes.append(f"drill-down {g}: {d['jump'].get('why')}")
-    if not passed:
-        jumps = "; ".join(f"{g}: first jump at block {d['jump'].get('block')}" for g, d in drill.items())
-        raise GateFailed(f"parity gate missed on {p['target']}" + (f" ({jumps})" if jumps else "") +
-                         "\n" + _miss_table(checks), result)
+    # raised here, not left to the worker: the line names the target and where the error jumps
+    jumps = "; ".join(f"{g}: first jump at block {d['jump'].get('block')}" for g, d in drill.items())
+    missed = missed_message(checks, head=f"parity gate missed on {p['target']}", hint=jumps)
+    if missed:
+        raise GateFailed(missed, result)
     return result
 
 

@@ -51,6 +51,9 @@ def test_synthetic_calibration_writes_ranges(upstream, tmp_path):
     assert any(k.startswith("chan_ms_") for k in np.load(tmp_path / "ranges_decoder.npz").files)
     feeds = np.load(tmp_path / "feeds_decoder.npz")
     assert {"s0.inputs_embeds", "s1.position_ids"} <= set(feeds.files) and "s2.inputs_embeds" not in feeds.files
+    # kept in the types the (FP16) graph declares: the empty past too, as ORT takes it
+    assert feeds["s0.inputs_embeds"].dtype == feeds["s0.past_key_values.0.key"].dtype == np.float16
+    assert feeds["s0.past_key_values.0.key"].shape[2] == 0
 
 
 def _folder(tmp: Path, images: dict[str, bytes | None], prompts: list[str]) -> tuple[Path, Path]:

@@ -8,8 +8,6 @@ from pathlib import Path
 import onnx
 import pytest
 
-from pipeline.stage import GateFailed
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -48,10 +46,19 @@ def test_export_parity_and_io_spec(ckpt: Path, tmp_path: Path, dtype: str) -> No
 
 
 def test_parity_gate_can_fail(ckpt: Path, tmp_path: Path) -> None:
-    from stages.lib.cnn_export import export_cnn
+    """The export_vision stage gates a CNN tower's parity (FP16: gates.fp16); a max_abs no FP16
+    graph meets is missed, and the worker fails the node with that line."""
+    from pipeline.config import BuildConfig
+    from pipeline.stage import StageContext, missed_message
+    from stages.export_vision import STAGE
 
-    with pytest.raises(GateFailed, match="vision parity gate"):
-        export_cnn(ckpt, tmp_path, {"dtype": "fp16", "gate_fp16": {"cosine": 0.99, "max_abs": 1e-9}})
+    (ckpt.parent / "checkpoint.json").write_text(json.dumps({"path": ckpt.name, "family": "resnet"}))
+    cfg = BuildConfig.model_validate({"name": "c", "model": {"generate": "cnn-tiny"}, "targets": ["rtx4090"],
+                                      "export": {"dtype": "fp16"}, "gates": {"fp16": {"max_abs": 1e-9}}})
+    res = STAGE.run(StageContext("export_vision", STAGE.params(cfg, None), {"checkpoint": ckpt.parent}, tmp_path,
+                                 None, []))
+    missed = missed_message(res.gates)
+    assert missed is not None and "vision.max_abs" in missed and "vision.cosine" not in missed
 
 
 def test_fuse_stage_on_exported_resnet(ckpt: Path, tmp_path: Path) -> None:

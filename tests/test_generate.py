@@ -54,6 +54,23 @@ def test_multimodal_generation_matches_model_generate(setup: tuple[Any, OrtPipel
     assert len(np.unique(tokens)) > 4
 
 
+def test_teacher_forced_prefill_picks_the_greedy_tokens(setup: tuple[Any, OrtPipeline, Any]) -> None:
+    """The prompt and its first n - 1 greedy tokens in one pass (left-padded batch): the argmax at
+    the n positions from the prompt's last one are the n tokens the decode loop picked."""
+    from stages.lib.decoder_parity import torch_visual_features
+
+    model, pipe, proc = setup
+    prompt = _prompt(model, proc)
+    prompt.image_features, prompt.deepstack_features = torch_visual_features(model, prompt)
+    tokens, steps = pipe.generate(prompt, 6, return_logits=True)
+    feeds, deltas = pipe.prefill_feeds(prompt, tokens[:, :-1])
+    s = prompt.input_ids.shape[1]
+    assert feeds["inputs_embeds"].shape[1] == s + 5 and deltas.shape == (2, 1)
+    logits = pipe.decoder.run(None, feeds)[0][:, s - 1:]
+    np.testing.assert_array_equal(np.argmax(logits, axis=-1), tokens)
+    np.testing.assert_allclose(logits, steps, rtol=1e-4, atol=1e-4)
+
+
 def test_text_only_generation_matches(setup: tuple[Any, OrtPipeline, Any]) -> None:
     model, pipe, _ = setup
     ids = np.random.default_rng(5).integers(0, 400, size=(1, 9))

@@ -138,5 +138,89 @@ def test_text_spec_rejects_unknown_family(models: dict[str, Any]) -> None:
 
 
 def test_module_imports_without_torch() -> None:
-    code = "import sys, stages.lib.hostside.text; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = ("import sys, stages.lib.hostside.text, stages.lib.hostside.prompt_ids; "
+            "assert not {'torch', 'transformers', 'onnx'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _inputs(dtype: str, layers: int = 2, deepstack: int = 0, extra: tuple[str, ...] = ()) -> list[Any]:
+    """A decoder graph's declared inputs as a session lists them (name, ORT type, shape)."""
+    from types import SimpleNamespace as In
+
+    ins = [In(name="inputs_embeds", type=dtype, shape=["batch", "seq", 8]),
+           In(name="attention_mask", type="tensor(int64)", shape=["batch", "total"]),
+           In(name="position_ids", type="tensor(int64)", shape=[3, "batch", "seq"])]
+    ins += [In(name=f"past_key_values.{i}.{kv}", type=dtype, shape=["batch", 2, "past", 4])
+            for i in range(layers) for kv in ("key", "value")]
+    ins += [In(name=f"deepstack_embeds.{k}", type=dtype, shape=["batch", "seq", 8]) for k in range(deepstack)]
+    return ins + [In(name=n, type="tensor(float)", shape=[1]) for n in extra]
+
+
+@pytest.mark.parametrize("dtype", ["tensor(float)", "tensor(float16)"])
+def test_prefill_feeds_follow_the_declared_inputs(dtype: str, models: dict[str, Any]) -> None:
+    spec = host.TextSpec.from_config("qwen3_vl", models["qwen3_vl"].config)
+    ids, mask, _, _ = _batch(spec, "qwen3_vl")
+    np_dt = np.float16 if dtype == "tensor(float16)" else np.float32
+    rng = np.random.default_rng(2)
+    embeds = rng.standard_normal((*ids.shape, 8)).astype(np.float32)
+    pos = np.zeros((3, *ids.shape), np.int32)
+    f = host.prefill_feeds(_inputs(dtype, extra=("other",)), embeds, mask, pos)
+    assert "other" not in f and len(f) == 3 + 4  # an input the host does not know is left to the caller
+    assert f["inputs_embeds"].dtype == np_dt and f["position_ids"].dtype == np.int64
+    assert all(f[f"past_key_values.{i}.{kv}"].shape == (2, 2, 0, 4) and f[f"past_key_values.{i}.{kv}"].dtype == np_dt
+               for i in range(2) for kv in ("key", "value"))
+    # a past given: layer i's key and value in order, in the graph's dtype
+    past = [np.full((2, 2, 3, 4), j, np.float32) for j in range(4)]
+    f = host.prefill_feeds(_inputs(dtype), embeds, mask, pos, past=past)
+    assert [int(f[f"past_key_values.{i}.{kv}"][0, 0, 0, 0]) for i in range(2) for kv in ("key", "value")] == [0, 1, 2, 3]
+    assert f["past_key_values.1.value"].dtype == np_dt
+    # deepstack: zeros when absent, compact maps scattered at the visual tokens, dense ones cast
+    vis = host.visual_mask(ids, spec)
+    maps = [rng.standard_normal((int(vis.sum()), 8)).astype(np.float32) for _ in range(3)]
+    f = host.prefill_feeds(_inputs(dtype, deepstack=3), embeds, mask, pos)
+    assert all(f[f"deepstack_embeds.{k}"].shape == embeds.shape and not f[f"deepstack_embeds.{k}"].any() for k in range(3))
+    f = host.prefill_feeds(_inputs(dtype, deepstack=3), embeds, mask, pos, maps, vis)
+    dense = host.scatter_deepstack(ids, maps, spec, np_dt)
+    for k in range(3):
+        assert f[f"deepstack_embeds.{k}"].dtype == np_dt
+        np.testing.assert_array_equal(f[f"deepstack_embeds.{k}"], dense[k])
+    g = host.prefill_feeds(_inputs(dtype, deepstack=3), embeds, mask, pos, host.scatter_deepstack(ids, maps, spec))
+    assert all(np.array_equal(g[k], f[k]) and g[k].dtype == f[k].dtype for k in f)
+    with pytest.raises(ValueError, match="takes 3 deepstack maps, 2"):
+        host.prefill_feeds(_inputs(dtype, deepstack=3), embeds, mask, pos, maps[:2], vis)
+    # a graph exported without deepstack inputs takes none of the maps
+    assert not any(k.startswith("deepstack") for k in host.prefill_feeds(_inputs(dtype), embeds, mask, pos, maps, vis))
+
+
+def test_teacher_forced_appends_the_tail() -> None:
+    rng = np.random.default_rng(3)
+    embeds = rng.standard_normal((1, 5, 8)).astype(np.float16)
+    tail = rng.standard_normal((1, 3, 8)).astype(np.float32)
+    mask = np.ones((1, 5), np.int64)
+    pos = np.broadcast_to(np.arange(5), (3, 1, 5)).copy()
+    deltas = np.asarray([[2]])
+    deep = [rng.standard_normal((1, 5, 8)).astype(np.float16)]
+    emb, m, p, d = host.teacher_forced(embeds, mask, pos, deltas, tail, deep)
+    want_pos, want_mask = host.continue_position_ids(pos, mask, deltas, 3)
+    np.testing.assert_array_equal(p, want_pos)
+    np.testing.assert_array_equal(m, want_mask)
+    assert emb.dtype == np.float16 and emb.shape == (1, 8, 8) and (emb[:, 5:] == tail.astype(np.float16)).all()
+    assert d[0].shape == (1, 8, 8) and (d[0][:, :5] == deep[0]).all() and not d[0][:, 5:].any()
+
+
+def test_prompt_ids() -> None:
+    from types import SimpleNamespace
+
+    from stages.lib.hostside.prompt_ids import image_prompt_ids, text_ids
+
+    def tok(text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        assert not add_special_tokens
+        return {"input_ids": [len(w) for w in text.split()]}
+
+    assert text_ids(tok, "a bb ccc", 7) == [1, 2, 3, 1, 2, 3, 1]  # repeated to the length asked
+    assert text_ids(tok, "a bb ccc dddd", 2) == [1, 2]
+    assert text_ids(tok, "", 3, empty=[0]) == [0, 0, 0]
+    with pytest.raises(ValueError, match="no tokens"):
+        text_ids(tok, "", 3)
+    cfg = SimpleNamespace(vision_start_token_id=90, image_token_id=91, vision_end_token_id=92)
+    assert image_prompt_ids([1, 2], [3], 3, cfg) == [1, 2, 90, 91, 91, 91, 92, 3]

@@ -54,3 +54,80 @@ def test_dependencies_point_one_way():
         bad = {m for m in _imports(f) if m in stage_modules and m != mod}
         wrong += [f"{f.relative_to(repo)} imports stage module {m}" for m in sorted(bad)]
     assert not wrong, wrong
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """{module: modules of pipeline/ and stages/ it imports}, from the syntax trees. ``from pkg
+    import sub`` counts as an import of ``pkg.sub`` when that is a module (not of ``pkg``)."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    files = {}
+    for f in sorted([*(repo / "pipeline").rglob("*.py"), *(repo / "stages").rglob("*.py")]):
+        parts = f.relative_to(repo).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    edges: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        pkg = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                edges[mod] |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                subs = {f"{base}.{a.name}" for a in node.names} & set(files)
+                edges[mod] |= subs or ({base} & set(files))
+        edges[mod].discard(mod)
+    return edges
+
+
+def test_no_import_cycles():
+    """No circle in the import graph of pipeline/ and stages/ (top-level or function-level imports)."""
+    edges = _module_graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m]):
+            if state.get(n) == 1:
+                cycles.append([*path[path.index(n):], n] if n in path else [m, n])
+            elif n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def _drawn_graph(text: str) -> dict[str, tuple[bool, set[str]]]:
+    """``name[@T] [<- dep[@T], ...]`` lines: the stage graph as the docs draw it, as
+    {name: (per target, deps)}. A trailing parenthesis is a remark."""
+    import re
+
+    drawn: dict[str, tuple[bool, set[str]]] = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s{4}(\w+)(@T)?\s*(?:<-\s*([\w@, ]*))?\s*(?:\(.*\))?$", line)
+        if m:
+            deps = {d.strip().removesuffix("@T") for d in (m.group(3) or "").split(",") if d.strip()}
+            drawn[m.group(1)] = (bool(m.group(2)), deps)
+    return drawn
+
+
+def test_docs_draw_the_stage_graph_of_the_code():
+    """docs/CONTRACT.md and stages/__init__.py list every stage, per target or not, with the deps
+    its declaration has."""
+    from pathlib import Path
+
+    import stages
+    from pipeline.graph import load_stages
+
+    code = {name: (bool(st.per_target), set(st.deps)) for name, (_, st) in load_stages().items()}
+    repo = Path(__file__).resolve().parent.parent
+    assert _drawn_graph(stages.__doc__ or "") == code
+    assert _drawn_graph((repo / "docs" / "CONTRACT.md").read_text()) == code

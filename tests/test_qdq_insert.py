@@ -100,3 +100,18 @@ def test_fp8_mha_insertion_runs_fp16():
     feed = G.random_feed(proto, 7)
     ref, out = run(session(proto), feed), run(session(q), feed)
     assert compare(out["y"], ref["y"]).cosine > 0.98
+
+
+def test_storage_codes_round_half_even_and_clip_to_the_type():
+    """The codes' dtype and range come from ``dtypes.QTYPES`` (ml_dtypes' limits), for every mode."""
+    from stages.lib.qdq.insert import quantize_array, zero_point
+
+    w, one = np.array([2.5, -2.5, 126.6, 1000.0, -1000.0, 7.4, -9.0], np.float32), np.ones(1, np.float32)
+    assert quantize_array(w, one, "int8").tolist() == [2, -2, 127, 127, -128, 7, -9]
+    assert quantize_array(w, one, "int4").astype(np.int8).tolist() == [2, -2, 7, 7, -8, 7, -8]
+    fp8 = quantize_array(w, one, "float8e4m3fn")
+    assert str(fp8.dtype) == "float8_e4m3fn" and fp8.astype(np.float32)[3:5].tolist() == [448.0, -448.0]
+    assert {q: str(zero_point(q, (2,)).dtype) for q in ("int8", "int4", "float8e4m3fn")} == {
+        "int8": "int8", "int4": "int4", "float8e4m3fn": "float8_e4m3fn"}
+    with pytest.raises(ValueError, match="unknown storage type"):
+        quantize_array(w, one, "uint8")

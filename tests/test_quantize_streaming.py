@@ -56,6 +56,18 @@ def _rms_qkv(d: int = 128, seq: int = 32, dt: Any = np.float32, gemm: bool = Fal
     return m
 
 
+def _default_gates() -> dict[str, Any]:
+    """The gates the config gives every quantized precision (params carry them, the stage reads them)."""
+    from pipeline.config import BuildConfig
+
+    cfg = BuildConfig.model_validate({"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"},
+                                      "targets": ["rtx4090"]})
+    return {p: g.model_dump(mode="json") for p, g in cfg.gates.items()}
+
+
+_GATES = _default_gates()
+
+
 def _fresh(make: Any) -> Any:
     def build_() -> onnx.ModelProto:
         G.RNG = np.random.default_rng(0)  # the builders draw from one module-wide generator
@@ -66,7 +78,8 @@ def _fresh(make: Any) -> Any:
 GRAPHS = {
     "conv": _fresh(G.conv_bn_relu_pool), "conv16": _fresh(lambda: G.conv_bn_relu_pool(np.float16)),
     "mlp16": _fresh(lambda: G.mlp_block(dt=np.float16)), "mha": _fresh(G.mha_block),
-    "mha16": _fresh(lambda: G.mha_block(dt=np.float16, casts=True)), "concat": _fresh(G.concat_convs),
+    # FP8 MHA Q/DQ goes on the fuse stage's mha partitions: the graph as fused
+    "mha16": _fresh(lambda: G.fused(G.mha_block(dt=np.float16, casts=True))), "concat": _fresh(G.concat_convs),
     "deconv_gemm": _fresh(G.conv_transpose_gemm), "mlp128": _fresh(lambda: G.mlp_block(d=128)),
     "mlp128_16": _fresh(lambda: G.mlp_block(d=128, dt=np.float16)),
     "rms128_16": _fresh(lambda: G.mlp_block(d=128, dt=np.float16, norm="rms")),
@@ -82,7 +95,7 @@ EAGER: dict[tuple[str, str, str], tuple[dict[str, Any], str]] = {
     ("concat", "int8", ""): ({}, "bb62618483bfca35591c"), ("concat", "fp8", ""): ({}, "acc6536336a2eb7ac9c9"),
     ("deconv_gemm", "int8", ""): ({}, "42b7e71c5f5e52f33656"),
     ("deconv_gemm", "fp8", ""): ({}, "d6d4b8509cbf38811146"),
-    ("mha16", "fp8", "mha"): ({"attention": "fp8-mha"}, "2aa49476a440e15f4427"),
+    ("mha16", "fp8", "mha"): ({"attention": "fp8-mha"}, "c183f07d0eca58e35967"),
     ("mlp128", "int4-weight", "awq"): (I4, "d3eb97d4ecffe2755832"),
     ("mlp128", "int4-weight", "plain"): (I4P, "357c62ebef531f338c04"),
     ("mlp128_16", "int4-weight", "awq"): (I4, "cc82b67e6ff22e6299b2"),
@@ -235,7 +248,7 @@ def calibrate(path: Path, feeds: list[dict[str, np.ndarray]], out: Path) -> Cali
 
 def _ctx(fuse: Path, cal: Path, out: Path) -> StageContext:
     out.mkdir(parents=True, exist_ok=True)
-    return StageContext("quantize@t", {"gates": {}}, {"fuse": fuse, "calibrate": cal}, out, None, [])
+    return StageContext("quantize@t", {"gates": _GATES}, {"fuse": fuse, "calibrate": cal}, out, None, [])
 
 
 GQ = {"keep_high_precision": [], "int4_block": 128, "attention": "none", "accuracy_budget": None}
@@ -399,13 +412,13 @@ import onnxruntime  # noqa: F401 - imported before the baseline: its libraries a
 from pipeline.stage import StageContext
 from stages import quantize
 from stages.lib.qdq import graphio, heldout
-from tests.test_quantize_streaming import GQ, chain_feeds
+from tests.test_quantize_streaming import _GATES, GQ, chain_feeds
 
 fuse, cal, out, mode, hidden = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 graphio.EXTERNAL_DATA_BYTES = 0  # written as a big graph's are, tensor by tensor (not one inline proto)
 feeds = chain_feeds(hidden)
 out.mkdir(parents=True)
-ctx = StageContext("quantize@t", {"gates": {}}, {"fuse": fuse, "calibrate": cal}, out, None, [])
+ctx = StageContext("quantize@t", {"gates": _GATES}, {"fuse": fuse, "calibrate": cal}, out, None, [])
 before, t = hwm(), time.time()
 if mode == "runner":  # the block runner alone, over the unquantized graph: the floor
     heldout.run_all(fuse / "decoder.onnx", feeds, ["logits"])

@@ -237,3 +237,30 @@ def test_byo_image_input_profiled_by_position() -> None:
     assert profile_for("vision", spec, {"vision": vision}) == {"x": ((1, 96, 128, 3), (1, 96, 128, 3), (3, 96, 128, 3))}
     with pytest.raises(StageError, match="has no profile rule"):  # without preprocess: no guessing
         profile_for("vision", {"inputs": spec["inputs"]}, {"vision": vision})
+
+
+def test_dtype_tables_agree_with_onnx_and_ort(tmp_path: Path) -> None:
+    """``stages.lib.dtypes``' ONNX tables spell what onnx and ORT spell; an io spec keeps a BF16
+    graph's own dtype (the feed table says float32 for it)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stages.lib import dtypes
+    from stages.lib.decoder_graph import io_spec
+
+    for t, name in dtypes.ONNX_DTYPES.items():
+        assert str(np.dtype(helper.tensor_dtype_to_np_dtype(t))) == name, t
+    for t, name in dtypes.ONNX_NUMPY.items():
+        if t != TensorProto.BFLOAT16:
+            assert dtypes.ORT_TYPES[np.dtype(name)] == dtypes.ort_type(t)
+    assert dtypes.ort_type(TensorProto.FLOAT) == "tensor(float)" and dtypes.ONNX_NUMPY[TensorProto.BFLOAT16] == "float32"
+    low = {helper.tensor_dtype_to_string(t).removeprefix("TensorProto."): p for t, p in dtypes.ONNX_LOW_PRECISION.items()}
+    assert low == {"INT8": "int8", "UINT8": "int8", "INT4": "int4", "UINT4": "int4", "FLOAT8E4M3FN": "fp8",
+                   "FLOAT8E4M3FNUZ": "fp8", "FLOAT8E5M2": "fp8", "FLOAT8E5M2FNUZ": "fp8"}
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    onnx.save_model(helper.make_model(g), str(tmp_path / "g.onnx"))
+    spec = io_spec(tmp_path / "g.onnx")
+    assert [(e["dtype"], e["shape"]) for e in spec["inputs"] + spec["outputs"]] == [("bfloat16", ["n"]), ("float32", ["n"])]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import BuildConfig
-from pipeline.stage import GateFailed, StageContext, StageError
+from pipeline.stage import GateFailed, StageContext, StageError, missed_message
 from pipeline.targets import load_catalog
-from stages.lib.metrics import gate_checks
+from stages.lib.metrics import gate_checks, gate_status
 from stages.verify import STAGE, _engine_row
 
 DEFAULT: dict[str, Any] = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"},
@@ -44,6 +44,17 @@ def test_gate_checks_fail_on_misses_and_non_finite() -> None:
     assert all(c.passed for c in ok)
     bad = gate_checks("vision.fp8", {"cosine": float("nan"), "norm_ratio": 0.3, "finite": False}, gate)
     assert [c.passed for c in bad] == [False, False, False]
+    assert (gate_status(ok), gate_status(bad), gate_status([])) == ("pass", "fail", "ungated")
+
+
+def test_missed_message_is_one_line_naming_every_miss() -> None:
+    checks = gate_checks("decoder.int8", {"cosine": 0.95, "norm_ratio": 0.3, "top1": 0.95}, {"cosine": 0.99, "norm_ratio": 0.25})
+    assert missed_message(checks[:0]) is None and missed_message([c for c in checks if c.passed]) is None
+    assert missed_message(checks, head="parity gate missed on t", hint="decoder: first jump\nat block 1") == (
+        "parity gate missed on t: decoder.int8.cosine 0.95 (needs >= 0.99); decoder.int8.norm_ratio 0.3 "
+        "(needs <= 0.25); decoder: first jump at block 1")
+    near = gate_checks("vision.fp16", {"cosine": 0.99999987}, {"cosine": 1.0})
+    assert missed_message(near) == "parity gate missed: vision.fp16.cosine 0.99999987 (needs >= 1)"
 
 
 @pytest.mark.parametrize("with_engine", [False, True])
@@ -177,7 +188,9 @@ def test_broken_scale_fails_gate_and_drilldown_names_block(chain: dict[str, dict
     m = e.value.result.metrics
     assert m["rows"][f"{graph}.onnxruntime"]["status"] == "fail"
     assert m["drilldown"][graph]["jump_block"] == block, m["drilldown"][graph]
-    assert f"| {graph}." in str(e.value) and f"first jump at block {block}" in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith(f"parity gate missed on {target}: {graph}.") and f"first jump at block {block}" in msg
+    assert "\n" not in msg  # one line; the report shows the gates as a table
 
 
 def test_engine_path_wiring_with_a_stand_in_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from stages.lib import safetensors_check as st
 
 # ROLES, file_role and the hf_load loaders are re-exported: stages import the checkpoint API from here
 from stages.lib.ckpt_files import ROLES, checkpoint_files, file_role, read_config  # noqa: F401
-from stages.lib.dtypes import torch_dtype
+from stages.lib.dtypes import torch_dtype, torch_of_safetensors
 from stages.lib.hf_load import (  # noqa: F401
     check_remote_code,
     from_pretrained,
@@ -206,7 +206,7 @@ def read_safetensors(path: str | Path, prefixes: tuple[str, ...], dtype: torch.d
                 if not name.startswith(prefixes):
                     continue
                 start, end = info["data_offsets"]
-                src = getattr(torch, st.DTYPES[info["dtype"]][0])
+                src = torch_of_safetensors(info["dtype"])
                 if end == start:
                     yield name, torch.empty(info["shape"], dtype=src)
                     continue

@@ -111,12 +111,9 @@ def _parity(onnx_path: Path, tower: Any, sizes: list[list[int]], seed: int, np_d
 
 
 def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """Export + parity; writes vision.onnx and vision.json into ``out_dir``; returns metrics.
-    Raises GateFailed when ONNX Runtime and PyTorch disagree beyond the export gate."""
+    """Export + parity; writes vision.onnx and vision.json into ``out_dir``; returns metrics, whose
+    ``parity`` (the worst figures) the ``export_vision`` stage gates."""
     import torch
-
-    from stages.lib.metrics import gate_checks
-    from stages.lib.vision_gates import finish
 
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +135,6 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
     np_dt = CONFIG_NUMPY[dtype]
     sizes = [list(s) for s in params.get("verify_sizes", [[112, 168], [196, 140]])]
     parity = _parity(onnx_path, tower32, sizes, int(params.get("seed", 0)), np_dt)
-    gate = params.get("gate_fp16" if dtype != "fp32" else "gate") or {"cosine": 0.9999}
     prof = params.get("profile", {})
     lo, opt, hi = (prof.get(k, d) for k, d in (("min_image", [56, 56]), ("opt_image", [224, 224]),
                                                ("max_image", [448, 448])))
@@ -160,5 +156,4 @@ def export_cnn(model_path: Path, out_dir: Path, params: dict[str, Any]) -> dict[
     metrics = {"family": spec["family"], "dtype": dtype, "export_seconds": round(export_s, 2),
                "parity": parity.as_dict(), "onnx_bytes": onnx_path.stat().st_size,
                "seconds": round(time.time() - t0, 2)}
-    finish(metrics, gate_checks("vision", parity, gate), [])  # raises GateFailed on a miss
     return metrics

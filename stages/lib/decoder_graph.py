@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from stages.lib.decoder_export import dynamic_axes
+from stages.lib.dtypes import ONNX_DTYPES
 
 
 def _scope(node: Any) -> tuple[str, str]:
@@ -89,8 +88,8 @@ def io_spec(path: Path) -> dict[str, Any]:
 
     def entry(vi: Any) -> dict[str, Any]:
         tt = vi.type.tensor_type
-        dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type != onnx.TensorProto.BFLOAT16 else None
-        return {"name": vi.name, "dtype": "bfloat16" if dt is None else str(np.dtype(dt)),
+        # the graph's own dtype (a BF16 graph's io is "bfloat16"), not the host feed dtype (ONNX_NUMPY)
+        return {"name": vi.name, "dtype": ONNX_DTYPES[tt.elem_type],
                 "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
 
     return {"inputs": [entry(i) for i in m.graph.input], "outputs": [entry(o) for o in m.graph.output]}

@@ -51,20 +51,20 @@ class ParityReport:
 
 def make_prompt(model: Any, image_processor: Any, image_sizes: list[tuple[int, int]], prompt_len: int, seed: int) -> Prompt:
     """A left-padded batch, one image per row (sizes differ), random text around the image."""
-    from stages.lib.hostside.vision import preprocess, synthetic_image
+    from stages.lib.hostside.prompt_ids import image_prompt_ids
+    from stages.lib.hostside.vision import num_image_tokens, preprocess, synthetic_image
 
     cfg = model.config
     rng = np.random.default_rng(seed)
-    merge = int(cfg.vision_config.spatial_merge_size)
+    vspec = _vision_spec(model)
     special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
     plain = [t for t in range(min(special)) if t not in special]  # ordinary vocabulary ids
     rows, pvs, grids = [], [], []
     for i, (h, w) in enumerate(image_sizes):
-        pv, grid = preprocess([synthetic_image(h, w, seed + i)], _vision_spec(model), image_processor)
-        n_img = int(np.prod(grid[0])) // merge**2
+        pv, grid = preprocess([synthetic_image(h, w, seed + i)], vspec, image_processor)
         before = rng.choice(plain, size=max(1, prompt_len // 3 + i)).tolist()
         after = rng.choice(plain, size=max(1, prompt_len - len(before) - i)).tolist()
-        rows.append(before + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + after)
+        rows.append(image_prompt_ids(before, after, num_image_tokens(vspec, grid)[0], cfg))
         pvs.append(pv)
         grids.append(grid)
     width = max(len(r) for r in rows)
@@ -183,20 +183,6 @@ def _run_decoder(pipe: OrtPipeline, cases: dict[str, _Case]) -> dict[str, np.nda
     return got
 
 
-def _teacher_forced(pipe: OrtPipeline, embeds: np.ndarray, deep: list[np.ndarray], prompt: Prompt,
-                    ref_tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """The prompt followed by the reference's first n - 1 greedy tokens, in one prefill: causal
-    attention leaves the prompt's logits as they were, and the argmax at the n positions from the
-    prompt's last one is what a greedy loop fed the reference's tokens would pick."""
-    n = ref_tokens.shape[1]
-    pos, deltas = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
-    tail = pipe.embed.run(None, {"input_ids": ref_tokens[:, : n - 1].astype(np.int64)})[0].astype(pipe.dtype)
-    pos, mask = host.continue_position_ids(pos, prompt.mask(), deltas, n - 1)
-    pad = [np.concatenate([d, np.zeros((*d.shape[:-2], n - 1, d.shape[-1]), d.dtype)], axis=-2) for d in deep]
-    b = embeds.shape[0]
-    return pipe.step_feeds(np.concatenate([embeds, tail], axis=1), mask, pos, pipe.empty_past(b), pad or None)
-
-
 def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_sizes: list[tuple[int, int]],
                prompt_len: int, sample_seq: int, new_tokens: int, seed: int, vision_source: str,
                report: Callable[[str], None] | None = None) -> ParityReport:
@@ -241,12 +227,11 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
     release_blocks(model)  # the references are made: the decoder's sessions get the memory
     mm = "multimodal_prefill_b2_padded"
     try:
-        embeds, deep = pipe.prompt_embeds(prompt)
-        if forced and new_tokens > 1:
-            feeds = _teacher_forced(pipe, embeds, deep, prompt, ref_tokens)
-        else:
-            pos, _ = host.rope_index(pipe.spec, prompt.input_ids, prompt.image_grid_thw, None, prompt.mask())
-            feeds = pipe.step_feeds(embeds, prompt.mask(), pos, pipe.empty_past(embeds.shape[0]), deep)
+        # teacher-forced: the prompt and the reference's first n - 1 greedy tokens in one prefill;
+        # the argmax at the n positions from the prompt's last one is what a greedy loop fed the
+        # reference's tokens would pick
+        tail = ref_tokens[:, :-1] if forced and new_tokens > 1 else None
+        feeds, _ = pipe.prefill_feeds(prompt, tail)
         cases = {mm: _Case(feeds, mm_ref, prompt.mask().astype(bool), mm_ref.shape[1]), **cases}
     except Exception as e:  # the vision or embed graph could not run
         errors[mm] = _message(e)

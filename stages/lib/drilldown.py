@@ -8,7 +8,7 @@
    block k+1 (or the Q/DQ pair in front of it). Nodes a quantizer added without a scope are
    simply "outside", which keeps that rule true in Q/DQ graphs; nodes a fusion rewrite made
    (no scope at all) inherit their producers' block.
-2. Run the graph once in onnxruntime with all graph optimizations off (NOTES §3: ORT's Q/DQ
+2. Run the graph once in onnxruntime with all graph optimizations off (docs/FIELD_NOTES.md §3: ORT's Q/DQ
    fusions change rounding and reject FP8), those tensors exposed, block by block through the
    segment runner (stages/lib/segments.py): a whole-graph session of a 7-8B decoder does not fit
    a 24 GB machine; a graph without cuts runs as one segment.

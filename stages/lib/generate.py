@@ -71,13 +71,13 @@ class OrtPipeline:
     def _bind(self, decoder: Any, embed: Any, spec: host.TextSpec, vision: Any, vision_spec: Any) -> None:
         """Keep the sessions and read the decoder's facts from its inputs (dtype, widths, KV)."""
         self.spec, self.decoder, self.embed, self.vision, self.vision_spec = spec, decoder, embed, vision, vision_spec
-        ins = {i.name: i for i in self.decoder.get_inputs()}
+        self.inputs = list(self.decoder.get_inputs())
+        ins = {i.name: i for i in self.inputs}
         self.dtype = ORT_FLOATS[ins["inputs_embeds"].type]
         self.hidden = int(ins["inputs_embeds"].shape[-1])
         self.n_layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         k0 = ins["past_key_values.0.key"].shape
         self.kv_heads, self.head_dim = int(k0[1]), int(k0[3])
-        self.deepstack_names = sorted((n for n in ins if n.startswith("deepstack_embeds.")), key=lambda n: int(n.split(".")[1]))
 
     @staticmethod
     def from_folder(decoder_dir: str | Path, vision_dir: str | Path | None = None, **kw: Any) -> OrtPipeline:
@@ -148,29 +148,32 @@ class OrtPipeline:
         deepstack: list[np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """The decoder's feeds for one call, in the graph's dtypes (what :meth:`step` runs)."""
-        feeds: dict[str, np.ndarray] = {
-            "inputs_embeds": embeds.astype(self.dtype, copy=False),
-            "attention_mask": mask.astype(np.int64, copy=False),
-            "position_ids": position_ids.astype(np.int64, copy=False),
-        }
-        for i in range(self.n_layers):
-            feeds[f"past_key_values.{i}.key"] = past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        b, s = embeds.shape[:2]
-        deep = deepstack if deepstack else host.zeros_deepstack(self.spec, b, s, self.hidden, self.dtype)
-        for name, arr in zip(self.deepstack_names, deep, strict=True):
-            feeds[name] = arr.astype(self.dtype, copy=False)
-        return feeds
+        return host.prefill_feeds(self.inputs, embeds, mask, position_ids, deepstack, past=past)
+
+    def prefill_feeds(self, prompt: Prompt, forced: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The feeds of the prompt's one decoder call (empty past) and its ``rope_deltas`` (decode
+        steps add them). ``forced`` [B, n]: token ids fed after the prompt in the same pass
+        (teacher forcing, :func:`hostside.text.teacher_forced`)."""
+        ids, mask = np.asarray(prompt.input_ids, dtype=np.int64), prompt.mask()
+        embeds, deep = self.prompt_embeds(prompt)
+        pos, deltas = host.rope_index(self.spec, ids, prompt.image_grid_thw, None, mask)
+        if forced is not None:
+            tail = self.embed.run(None, {"input_ids": np.asarray(forced, dtype=np.int64)})[0]
+            embeds, mask, pos, deep = host.teacher_forced(embeds, mask, pos, deltas, tail, deep)
+        return self.step_feeds(embeds, mask, pos, self.empty_past(ids.shape[0]), deep), deltas
+
+    def prefill(self, prompt: Prompt) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """The prompt through the decoder: logits [B, S, V], the present KV and ``rope_deltas``."""
+        feeds, deltas = self.prefill_feeds(prompt)
+        outs = self.decoder.run(None, feeds)
+        return outs[0], list(outs[1:]), deltas
 
     # --- generation ------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 16, return_logits: bool = False) -> Any:
         """Greedy decoding of ``max_new_tokens`` tokens (no EOS stop: a fixed-length comparison)."""
-        ids = np.asarray(prompt.input_ids, dtype=np.int64)
         mask = prompt.mask()
-        embeds, deep = self.prompt_embeds(prompt)
-        pos, deltas = host.rope_index(self.spec, ids, prompt.image_grid_thw, None, mask)
-        logits, past = self.step(embeds, mask, pos, self.empty_past(ids.shape[0]), deep)
+        logits, past, deltas = self.prefill(prompt)
         tokens, steps = [], [logits[:, -1]]
         nxt = np.argmax(logits[:, -1], axis=-1)
         for _ in range(max_new_tokens - 1):

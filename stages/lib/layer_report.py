@@ -1,7 +1,7 @@
 """The engine layer report: which layers an engine has, what fused, and in which precision.
 
 Source: the builder's VERBOSE log with `profiling_verbosity = DETAILED`, which ends the build
-with a `Layers:` block, one line per engine layer (NOTES §1)::
+with a `Layers:` block, one line per engine layer (docs/FIELD_NOTES.md §1)::
 
     Name: …, LayerType: gemm, Inputs: [ { Name: …, Datatype: Int8, … }], Constants: [ … ],
     Outputs: [ … ], TacticName: …, StreamId: 0, Metadata: [ONNX Layer: …]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
 from stages.lib import safetensors_check as st
-from stages.lib.dtypes import torch_dtype
+from stages.lib.dtypes import torch_dtype, torch_of_safetensors
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -72,7 +72,7 @@ def _read_raw(ref: TensorRef) -> Any:
     """The stored tensor (torch, its own dtype) over a buffer of its own: one read, no mmap."""
     import torch
 
-    src = getattr(torch, st.DTYPES[ref.dtype][0])
+    src = torch_of_safetensors(ref.dtype)
     if ref.nbytes == 0:
         return torch.empty(ref.shape, dtype=src)
     buf = bytearray(ref.nbytes)

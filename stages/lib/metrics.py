@@ -1,15 +1,18 @@
-"""Parity metrics shared by every stage that compares outputs against a reference."""
+"""Parity metrics shared by every stage that compares outputs against a reference, and the gates
+over them: the checks (``gate_checks``), which gate an export answers to, a row's status."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 if TYPE_CHECKING:
     from pipeline.stage import GateCheck
+
+G = TypeVar("G")
 
 # which way each figure must go; a gate names thresholds for some of them (pipeline.config.Gate)
 GATE_DIRECTIONS = (("cosine", ">="), ("rel_l2", "<="), ("max_abs", "<="), ("norm_ratio", "<="),
@@ -79,8 +82,9 @@ def topk_agreement(logits: np.ndarray, ref_logits: np.ndarray, k: int = 1) -> fl
 
 
 def gate_checks(prefix: str, figures: Mapping[str, Any] | Parity, gate: Mapping[str, Any]) -> list[GateCheck]:
-    """The one gate builder (exports, quantize, verify, the device's check): every threshold the
-    gate sets for a figure that was measured; a non-finite output never passes."""
+    """The one gate builder (the exports, quantize, engine, verify, the device's check): a check
+    ``<prefix>.<figure>`` for every threshold the gate sets for a figure that was measured; a
+    non-finite output never passes."""
     from pipeline.stage import GateCheck
 
     figs = figures.as_dict() if isinstance(figures, Parity) else figures
@@ -91,3 +95,20 @@ def gate_checks(prefix: str, figures: Mapping[str, Any] | Parity, gate: Mapping[
     if figs.get("finite") is False:
         out.append(GateCheck.check(f"{prefix}.finite", 0.0, 1.0))
     return out
+
+
+def export_gate(dtype: str, fp32: G, reduced: G) -> G:
+    """The gate an export in graph ``dtype`` answers to (given the gates or their names): the FP32
+    one (``gates.export``) for FP32; for FP16 and BF16 the reduced-precision one (``gates.fp16``),
+    as their rounding can legitimately flip a near-tied token where ``gates.export`` asks for
+    exact top-1 and tokens."""
+    return fp32 if dtype == "fp32" else reduced
+
+
+def gate_status(checks: Sequence[GateCheck]) -> str:
+    """``pass`` | ``fail`` | ``ungated`` for a row of checks. Figures no gate covers (e.g. the token
+    agreement of an int8 graph by default) are measured, not passed: a report must not show a 12%
+    token agreement as a green "pass"."""
+    if not checks:
+        return "ungated"
+    return "pass" if all(c.passed for c in checks) else "fail"

@@ -12,12 +12,14 @@ _LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "
 
 
 def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all",
-                providers: Sequence[str] = ("CPUExecutionProvider",), log_level: int | None = None,
+                providers: Sequence[str] = ("CPUExecutionProvider",), log_level: int | None = 3,
                 threads: int | None = None, arena: bool = False) -> Any:
     """A session on a model file (external data beside it) or serialized bytes. ``optimization``:
     ORT's graph optimization level ("all" is ORT's default; Q/DQ graphs need "none": ORT's Q/DQ
-    fusions change rounding and reject FP8, NOTES §3). ``log_level``: ORT severity (3: errors
-    only), ``threads``: intra-op threads; None keeps ORT's default. ``arena`` is off by default: ORT's CPU arena keeps
+    fusions change rounding and reject FP8, docs/FIELD_NOTES.md §3; the quantized-graph reference is "none").
+    ``log_level``: ORT severity, 3 (errors only) by default: at ORT's own default (2, warnings)
+    every session prints one line per unused initializer it removes, noise in the stage logs.
+    ``threads``: intra-op threads; None keeps ORT's default. ``arena`` is off by default: ORT's CPU arena keeps
     each run's high-water mark for the session's life, and over an FP16 graph with optimizations off
     it grew by the FP32 size of the weights on every run (measured on Qwen3-VL-8B's 1.15 GB vision
     graph: 3.0 GB after one run, 4.9 GB after two; without the arena 1.2 GB between runs, 3.0 GB
@@ -32,11 +34,6 @@ def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all"
         so.intra_op_num_threads = threads
     so.enable_cpu_mem_arena = arena
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
-
-
-def reference_session(model: str | Path | bytes) -> Any:
-    """The quantized-graph reference: CPU, graph optimizations off, errors-only logging."""
-    return ort_session(model, optimization="none", log_level=3)
 
 
 class LazySession:

@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageError
+from stages.lib.dtypes import SAFETENSORS
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
-# safetensors dtype -> (torch dtype attribute, bytes per element)
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1), "BOOL": ("bool", 1),
-}
 
 
 @dataclass(frozen=True)
@@ -46,15 +40,15 @@ def _entry(shard: Path, name: str, info: Any) -> tuple[int, int]:
     if not isinstance(info, dict):
         raise _bad(shard, f"tensor {name!r} is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _bad(shard, f"tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
+    if dtype not in SAFETENSORS:
+        raise _bad(shard, f"tensor {name!r} has dtype {dtype!r}, expected one of {', '.join(SAFETENSORS)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise _bad(shard, f"tensor {name!r} has shape {shape!r}, expected a list of sizes")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise _bad(shard, f"tensor {name!r} has data_offsets {offsets!r}, expected [start, end]")
     start, end = offsets
-    span = math.prod(shape) * DTYPES[dtype][1]
+    span = math.prod(shape) * SAFETENSORS[dtype][1]
     if end - start != span:
         raise _bad(shard, f"tensor {name!r} spans {end - start} bytes, its shape {shape} of {dtype} needs {span}")
     return start, end

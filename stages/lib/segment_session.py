@@ -29,6 +29,7 @@ class SegmentedSession:
                  progress: Callable[[int, int], None] | None = None):
         import onnx
 
+        from stages.lib.dtypes import ort_type
         from stages.lib.segments import InputSpec, graph_inputs
 
         self.path = Path(path)
@@ -36,7 +37,7 @@ class SegmentedSession:
         self.progress = progress  # (segment k, of n) in run_many: a pass over an 8 B decoder takes minutes
         self._inputs = graph_inputs(self.path)
         proto = onnx.load(str(self.path), load_external_data=False)
-        self._outputs = [InputSpec(o.name, f"tensor({onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type).lower()})",
+        self._outputs = [InputSpec(o.name, ort_type(o.type.tensor_type.elem_type),
                                    [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                     for d in o.type.tensor_type.shape.dim]) for o in proto.graph.output]
 
@@ -72,4 +73,4 @@ def decoder_session(path: str | Path, weight_bytes: int, optimization: Optimizat
 
     if weight_bytes > SEGMENT_ABOVE:
         return SegmentedSession(path, optimization, progress)
-    return ort_session(Path(path), optimization=optimization, log_level=3)
+    return ort_session(Path(path), optimization=optimization)

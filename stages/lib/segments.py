@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stages.lib.dtypes import ort_type
 from stages.lib.segment_plan import Plan, Segment, plan
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def graph_inputs(source: Path | str | onnx.ModelProto) -> list[InputSpec]:
         tt = v.type.tensor_type
         dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                         for d in tt.shape.dim]
-        out.append(InputSpec(v.name, f"tensor({onnx.TensorProto.DataType.Name(tt.elem_type).lower()})", dims))
+        out.append(InputSpec(v.name, ort_type(tt.elem_type), dims))
     return out
 
 
@@ -113,7 +114,7 @@ class _Session:
         if len(p.segments) == 1 and set(seg.outputs) <= {o.name for o in p.proto.graph.output}:
             # the whole graph, nothing extra exposed: ORT opens the file itself and reads its
             # external data beside it (a rebuilt copy cost ~3x the weights: bytes, proto, session)
-            self.sess = ort_session(p.path, optimization=optimization, log_level=3, threads=threads, arena=False)
+            self.sess = ort_session(p.path, optimization=optimization, threads=threads)
             # the file declares every graph input, read or not: ORT wants them all fed
             self.feeds = [i.name for i in self.sess.get_inputs()]
             missing = [n for n in self.feeds if n not in sample]
@@ -132,8 +133,7 @@ class _Session:
             onnx.save_model(m, str(path))
             src = str(path)
         del m  # ORT keeps its own copy: drop ours before it makes it
-        # no arena: a segment's per-run buffers go back to the system between samples
-        self.sess = ort_session(src, optimization=optimization, log_level=3, threads=threads, arena=False)
+        self.sess = ort_session(src, optimization=optimization, threads=threads)
         self.feeds = list(seg.inputs)
 
     def close(self) -> None:
@@ -177,7 +177,7 @@ def run_segmented(source: Path | str, feeds: Sequence[Mapping[str, np.ndarray]],
     ``on_outputs(segment, i, values)`` gets, per segment and sample, the ``expose``d values (None:
     the graph outputs) that segment made; exposed graph inputs come with the first segment.
     Values no later segment reads are dropped after each segment, and each segment's session is
-    closed before the next opens. ``optimization``: ORT's level ("none" for Q/DQ graphs, NOTES
+    closed before the next opens. ``optimization``: ORT's level ("none" for Q/DQ graphs, docs/FIELD_NOTES.md
     §3); ``progress(k, n)`` before segment k of n. Returns the plan it ran."""
     p = plan(source, cuts, expose)
     carried = [dict(f) for f in feeds]  # the caller's feeds stay whole

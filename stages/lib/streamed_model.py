@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageError
-from stages.lib.dtypes import torch_dtype
+from stages.lib.dtypes import torch_dtype, torch_of_safetensors
 
 __all__ = ["KEEP_SHARE", "STREAM_LEAF_BYTES", "load_streamed", "release_blocks", "stored_bytes"]
 
@@ -74,9 +74,7 @@ def _read(loc: _Loc, dtype: Any | None = None) -> Any:
     in its stored dtype when ``dtype`` is None."""
     import torch
 
-    from stages.lib import safetensors_check as st
-
-    src = getattr(torch, st.DTYPES[loc.dtype][0])
+    src = torch_of_safetensors(loc.dtype)
     raw = torch.empty(loc.nbytes, dtype=torch.uint8)
     with open(loc.shard, "rb") as f:
         f.seek(loc.start)

@@ -39,13 +39,9 @@ class Backend:
         return self.name == "tensorrt-rtx"
 
 
-def sm_int(sm: str) -> int:
-    """``pipeline.targets.sm_int``, kept here free of pydantic: the device runtime imports it."""
-    major, minor = sm.split(".")
-    return int(major) * 10 + int(minor)
-
-
-def _import_real(names: tuple[str, ...]) -> tuple[ModuleType | None, list[str]]:
+def import_real(names: tuple[str, ...]) -> tuple[ModuleType | None, list[str]]:
+    """The first of ``names`` that imports with a ``Builder`` (not the stubs' empty namespace),
+    and one line per name tried that did not."""
     errors = []
     for n in names:
         try:
@@ -91,8 +87,10 @@ def local_gpu_sms() -> list[str] | None:
 
 def host_problem(builder: str, sm: str) -> str | None:
     """Why this host cannot build for (builder, sm), or None when it can. Cheap: no build."""
+    from pipeline.targets import sm_int  # here: it loads pydantic, which the device runtime need not
+
     if builder == "tensorrt-rtx":
-        mod, errs = _import_real(RTX_MODULES)
+        mod, errs = import_real(RTX_MODULES)
         if mod is None:
             return f"TensorRT-RTX is not importable ({'; '.join(errs)}); {RTX_INSTALL}"
         cc = getattr(mod, "ComputeCapability", None)
@@ -102,7 +100,7 @@ def host_problem(builder: str, sm: str) -> str | None:
                     f"(it targets: {', '.join(have) or 'none'}); use a full TensorRT target for this GPU")
         return None
     if builder == "tensorrt":
-        mod, errs = _import_real(("tensorrt",))
+        mod, errs = import_real(("tensorrt",))
         if mod is None:
             return (f"full TensorRT is not importable here ({'; '.join(errs)}); it needs the TensorRT "
                     f"libraries and a GPU of SM {sm}: build this target on such a host")
@@ -121,7 +119,7 @@ def resolve_backend(builder: str, sm: str) -> Backend:
     if problem is not None:
         raise StageError(problem)
     names = RTX_MODULES if builder == "tensorrt-rtx" else ("tensorrt",)
-    mod, _ = _import_real(names)
+    mod, _ = import_real(names)
     assert mod is not None  # host_problem imported it already
     return Backend(builder, mod, mod.__name__, str(getattr(mod, "__version__", "unknown")))
 

@@ -1,7 +1,7 @@
 """One engine builder over the TensorRT Python API, for `tensorrt` and `tensorrt_rtx` alike.
 
 The network is strongly typed: the ONNX graph's dtypes and explicit Q/DQ decide every layer's
-precision (NOTES §2 rule 9), so no precision flags are set and what the quantize stage wrote is
+precision (docs/FIELD_NOTES.md §2 rule 9), so no precision flags are set and what the quantize stage wrote is
 what the engine runs. The builder objects are typed against `tensorrt-stubs` (full TensorRT);
 the RTX-only calls (compute capability) go through `getattr` in one place.
 """
@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
+from pipeline.targets import sm_int
 from pipeline.worker import AnonPeak, peak_rss_mb
 from stages.lib import trt_timing_cache
-from stages.lib.trt_backend import Backend, local_gpu_sms, make_logger, make_progress_monitor, sm_int
+from stages.lib.dtypes import ONNX_LOW_PRECISION
+from stages.lib.trt_backend import Backend, local_gpu_sms, make_logger, make_progress_monitor
 
 if TYPE_CHECKING:
     import tensorrt
@@ -253,10 +255,7 @@ def _serialize(trt: Any, builder: Any, network: Any, config: Any, out_path: Path
 def graph_quant_dtypes(onnx_path: Path) -> set[str]:
     """Low-precision types the graph's Q/DQ use ({"int8", "fp8", "int4"}), read without weights."""
     import onnx
-    from onnx import TensorProto as T
 
-    kinds = {T.INT8: "int8", T.UINT8: "int8", T.INT4: "int4", T.UINT4: "int4", T.FLOAT8E4M3FN: "fp8",
-             T.FLOAT8E4M3FNUZ: "fp8", T.FLOAT8E5M2: "fp8", T.FLOAT8E5M2FNUZ: "fp8"}
     m = onnx.load(str(onnx_path), load_external_data=False)
     types = {i.name: i.data_type for i in m.graph.initializer}
     out: set[str] = set()
@@ -266,7 +265,7 @@ def graph_quant_dtypes(onnx_path: Path) -> set[str]:
         # the zero point's dtype, the Q's output_dtype attribute, or the quantized weight itself
         cands = [types.get(x) for x in n.input[:1] + n.input[2:3]]
         cands += [a.i for a in n.attribute if a.name == "output_dtype"]
-        out |= {kinds[c] for c in cands if c in kinds}
+        out |= {ONNX_LOW_PRECISION[c] for c in cands if c in ONNX_LOW_PRECISION}
     return out
 
 

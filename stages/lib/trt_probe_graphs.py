@@ -2,7 +2,7 @@
 
 Used by the engine tests and `bench/timing_cache.py`: real builds on CPU (TensorRT-RTX) of
 graphs small enough to build in about a second, in the three shapes that matter for a VLM
-engine (a Conv+ReLU block, an attention block, an MLP). Quantization follows NOTES §2: symmetric,
+engine (a Conv+ReLU block, an attention block, an MLP). Quantization follows docs/FIELD_NOTES.md §2: symmetric,
 per-channel weights, per-tensor activations, Q/DQ only on the inputs of Conv/MatMul, none
 on the attention BMMs (that placement keeps the fused MHA kernel).
 """

@@ -65,32 +65,23 @@ def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray],
     """Prefill feeds: reference merged embeddings, mask, M-RoPE ids, empty KV, deepstack maps.
     ``after`` [1, n, H]: embeddings of tokens fed after the prompt in the same pass (teacher
     forcing); they get the decode loop's positions and no deepstack (zeros, as decode steps)."""
-    import onnx
+    from onnx import TensorProto, helper
 
+    from stages.lib.dtypes import ORT_NUMPY
     from stages.lib.hostside import text as host
+    from stages.lib.segments import graph_inputs
 
-    m = onnx.load(str(path), load_external_data=False)
-    types = {i.name: i.type.tensor_type for i in m.graph.input}
-    if "inputs_embeds" not in types:
+    inputs = graph_inputs(path)
+    if "inputs_embeds" not in {i.name for i in inputs}:
         raise StageError(f"{path.name} has no input 'inputs_embeds'")
-    dt = onnx.helper.tensor_dtype_to_np_dtype(types["inputs_embeds"].elem_type)
-    embeds, mask, pos = sample["inputs_embeds"].astype(dt), sample["attention_mask"], sample["position_ids"]
-    n = 0 if after is None else int(after.shape[1])
-    if n:
+    # numpy has no bfloat16: onnx's (ml_dtypes) keeps a BF16 graph's feeds in its own type
+    dtypes = {**ORT_NUMPY, "tensor(bfloat16)": helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16)}
+    embeds, mask, pos = sample["inputs_embeds"], sample["attention_mask"], sample["position_ids"]
+    maps = [sample[f"deepstack.{k}"] for k in range(specs.text.deepstack_layers)]
+    deep = host.scatter_deepstack(sample["input_ids"], maps, specs.text) if maps else []
+    if after is not None and after.shape[1]:
         deltas = sample.get("rope_deltas")
         if deltas is None:  # a held-out set written before rope_deltas were stored
             deltas = host.rope_index(specs.text, sample["input_ids"], sample["image_grid_thw"], None, mask)[1]
-        assert after is not None
-        embeds = np.concatenate([embeds, after.astype(dt)], axis=1)
-        pos, mask = host.continue_position_ids(pos, mask, deltas, n)
-    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
-    deep = [sample[f"deepstack.{k}"] for k in range(specs.text.deepstack_layers)]
-    dense = host.scatter_deepstack(sample["input_ids"], deep, specs.text, dt) if deep else []
-    for name, tt in types.items():
-        if name.startswith("past_key_values."):
-            kv = [x.dim_value for x in tt.shape.dim]
-            feeds[name] = np.zeros((1, kv[1], 0, kv[3]), dtype=dt)
-        elif name.startswith("deepstack_embeds."):
-            ds = dense[int(name.split(".")[1])]
-            feeds[name] = np.concatenate([ds, np.zeros((*ds.shape[:-2], n, ds.shape[-1]), dt)], axis=-2)
-    return feeds
+        embeds, mask, pos, deep = host.teacher_forced(embeds, mask, pos, deltas, after, deep)
+    return host.prefill_feeds(inputs, embeds, mask, pos, deep, dtypes=dtypes)

@@ -1,6 +1,6 @@
 """The verify stage's workers: run each graph under test on the held-out set and measure it.
 
-Graphs run in onnxruntime on CPU with graph optimizations *off* (NOTES §3: with them on, ORT
+Graphs run in onnxruntime on CPU with graph optimizations *off* (docs/FIELD_NOTES.md §3: with them on, ORT
 fuses Q/DQ into integer kernels that reject FP8 and round differently from TensorRT), block by
 block through the segment runner (stages/lib/segments.py): a whole-graph CPU session of a 7-8B
 decoder holds ~2x its weights and grows per run, past a 24 GB machine; a graph without cuts
@@ -172,7 +172,7 @@ def measure_generation(vision: Path | None, decoder: Path, embed: Path, specs: S
     from stages.lib import generate as gen
 
     # ORT's default optimizations fuse Q/DQ into integer kernels that reject FP8 at load time
-    # (NOTES §3): the graphs under test run without them.
+    # (docs/FIELD_NOTES.md §3): the graphs under test run without them.
     pipe = gen.OrtPipeline(decoder, embed, specs.text, vision, specs.vision, optimization="none")
     per, agree, prefix = [], [], []
     for s in samples:

@@ -15,14 +15,13 @@ if TYPE_CHECKING:
     import onnx
 
 
-
 def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The graph's outputs in order. A file runs block by block (``stages.lib.segments``: a
     whole-graph session of a big FP16 decoder holds ~2x its weights; fuse checks two graphs),
     so before and after are both rounded at the same residual cuts; in-memory models whole."""
     import onnx
 
-    from stages.lib.ortsession import reference_session
+    from stages.lib.ortsession import ort_session
 
     if isinstance(model, str):
         from pathlib import Path
@@ -39,7 +38,7 @@ def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) 
             with spilled(model) as path:
                 return ort_run(str(path), feeds)
         model = model.SerializeToString()
-    sess = reference_session(model)
+    sess = ort_session(model, optimization="none")  # the module's ORT_DISABLE_ALL
     return list(sess.run(None, feeds))
 
 

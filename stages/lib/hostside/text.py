@@ -14,15 +14,20 @@ A deployment runtime (and the verify stage) runs the three exported graphs
 * :func:`scatter_deepstack` -- Qwen3-VL deepstack features laid out densely as [B, S, H] (zeros at
   text positions) so the decoder graph adds them with a plain ``Add`` and needs no boolean gather.
 * :func:`extend_attention_mask` -- the 2-D mask for the next step.
+* :func:`prefill_feeds` -- the decoder graph's feeds, by its declared input names and types;
+  :func:`teacher_forced` -- a prompt and the tokens fed after it in one pass.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from stages.lib.dtypes import ORT_NUMPY
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -199,14 +204,15 @@ def scatter_deepstack(
     keeps the graph free of data-dependent indexing. Decode steps pass zeros.
     """
     mask = visual_mask(input_ids, spec)
-    out = []
-    for f in features:
-        dense = np.zeros((*mask.shape, f.shape[-1]), dtype=dtype)
-        if int(mask.sum()) != f.shape[0]:
-            raise ValueError(f"{int(mask.sum())} visual tokens but a deepstack map of {f.shape[0]} rows")
-        dense[mask] = f.astype(dtype, copy=False)
-        out.append(dense)
-    return out
+    return [_scatter(mask, f, dtype) for f in features]
+
+
+def _scatter(mask: np.ndarray, f: np.ndarray, dtype: Any) -> np.ndarray:
+    dense = np.zeros((*mask.shape, f.shape[-1]), dtype=dtype)
+    if int(mask.sum()) != f.shape[0]:
+        raise ValueError(f"{int(mask.sum())} visual tokens but a deepstack map of {f.shape[0]} rows")
+    dense[mask] = f.astype(dtype, copy=False)
+    return dense
 
 
 def zeros_deepstack(spec: TextSpec, batch: int, seq: int, hidden: int, dtype: Any = np.float32) -> list[np.ndarray]:
@@ -225,3 +231,69 @@ def continue_position_ids(
     mask = extend_attention_mask(attention_mask, n)
     tail = decode_position_ids(mask, rope_deltas, n)
     return np.concatenate([np.asarray(position_ids, dtype=np.int64), tail], axis=-1), mask
+
+
+def teacher_forced(
+    embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, rope_deltas: np.ndarray,
+    tail: np.ndarray, deepstack: Sequence[np.ndarray] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A prompt followed by ``tail`` [B, n, H] (embeddings of the tokens after it) in one pass:
+    (embeds, mask, position_ids, dense deepstack maps). Causal attention leaves the prompt's
+    logits as they were; the tail gets the decode loop's positions and no deepstack (zeros, as
+    decode steps)."""
+    n = int(tail.shape[1])
+    pos, mask = continue_position_ids(position_ids, attention_mask, rope_deltas, n)
+    emb = np.concatenate([embeds, tail.astype(embeds.dtype, copy=False)], axis=1)
+    deep = [np.concatenate([d, np.zeros((*d.shape[:-2], n, d.shape[-1]), d.dtype)], axis=-2) for d in deepstack]
+    return emb, mask, pos, deep
+
+
+PAST, DEEPSTACK = "past_key_values.", "deepstack_embeds."
+
+
+def prefill_feeds(
+    inputs: Iterable[Any], embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+    deepstack: Sequence[np.ndarray] | None = None, visual_mask: np.ndarray | None = None,
+    past: Sequence[np.ndarray] | None = None, dtypes: Mapping[str, Any] = ORT_NUMPY,
+) -> dict[str, np.ndarray]:
+    """The decoder graph's feeds for one call, each in the type the graph declares (ORT refuses a
+    feed of another dtype: an FP16 graph takes FP16 embeddings, past and deepstack maps).
+
+    ``inputs``: the graph's, as ``session.get_inputs()`` or ``segments.graph_inputs`` list them
+    (name, ORT type string, shape); ``dtypes``: type string -> numpy (unmapped: the array's own).
+    Embeddings, mask and positions are always fed. ``past_key_values.i.key|value``: ``past``
+    [key, value] per layer; None: empty, (B, kv_heads, 0, head_dim), a prefill.
+    ``deepstack_embeds.k`` (Qwen3-VL): ``deepstack`` maps dense [B, S, H], or compact [N_visual, H]
+    scattered to ``visual_mask`` [B, S]; none: zeros (decode steps, text-only prompts); fewer maps
+    than inputs: ValueError. Other names are left out: the caller decides if that is an error.
+    """
+    ins = list(inputs)
+    want = {a.name: dtypes.get(str(a.type)) for a in ins}
+
+    def typed(name: str, x: np.ndarray) -> np.ndarray:
+        dt = want.get(name)
+        return x if dt is None else np.asarray(x).astype(dt, copy=False)
+
+    feeds = {"inputs_embeds": typed("inputs_embeds", embeds), "attention_mask": typed("attention_mask", attention_mask),
+             "position_ids": typed("position_ids", position_ids)}
+    b, s, h = embeds.shape
+    n_deep = sum(1 for a in ins if a.name.startswith(DEEPSTACK))
+    if deepstack and len(deepstack) < n_deep:  # more are left unfed: a graph exported without them
+        raise ValueError(f"the decoder takes {n_deep} deepstack maps, {len(deepstack)} were given")
+    for a in ins:
+        dt = want[a.name] or feeds["inputs_embeds"].dtype
+        if a.name.startswith(PAST):
+            if past is None:
+                kv = [d if isinstance(d, int) else 0 for d in a.shape]  # symbolic dims: batch and past
+                feeds[a.name] = np.zeros((b, kv[1], 0, kv[3]), dtype=dt)
+            else:
+                layer, kind = a.name[len(PAST):].split(".")
+                feeds[a.name] = typed(a.name, past[2 * int(layer) + (kind == "value")])
+        elif a.name.startswith(DEEPSTACK):
+            if not deepstack:
+                feeds[a.name] = np.zeros((b, s, h), dtype=dt)
+            else:
+                m = deepstack[int(a.name[len(DEEPSTACK):])]
+                feeds[a.name] = _scatter(visual_mask, m, dt) if visual_mask is not None else typed(a.name, m)
+    return feeds
+

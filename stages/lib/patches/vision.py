@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,10 +32,6 @@ def upstream_classes(family: str) -> tuple[Any, Any]:
     mod_name, attn, block = UPSTREAM[family]
     mod = importlib.import_module(mod_name)
     return getattr(mod, attn), getattr(mod, block)
-
-
-def source_of(fn: Any) -> str:
-    return inspect.getsource(fn)
 
 
 def masked_vision_attention(self: Any, hidden_states: Any, cu_seqlens: Any = None,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.qdq.graphio import const_array, const_shape, const_tensor
+from stages.lib.qdq.insert import new_const
 from stages.lib.qdq.int4 import block_for, quantize_blocks
 from stages.lib.qdq.placement import Placement, is_const
 from stages.lib.qdq.streamed_weights import Rows, lazy_const, rows_of
@@ -141,7 +142,7 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
             gamma = const_array(gv)  # type: ignore[arg-type]
             assert gamma is not None
             new_g = (gamma.astype(np.float32) / s).astype(gamma.dtype)
-            node.replace_input_with(slot, _init(graph, f"{gv.name}_awq", new_g))  # type: ignore[union-attr]
+            node.replace_input_with(slot, new_const(graph, f"{gv.name}_awq", new_g))  # type: ignore[union-attr]
             for c, w, transposed in views:
                 nv = lazy_const(graph, f"{c.inputs[1].name}_awq", w.map(_scaled(s, transposed, w.dtype), w.dtype))  # type: ignore[union-attr]
                 c.replace_input_with(1, nv)
@@ -157,9 +158,3 @@ def _scaled(s: np.ndarray, transposed: bool, dtype: Any) -> Any:
         return (w.astype(np.float32) * (s[None, :] if transposed else s[r0:r1, None])).astype(dtype)
 
     return rows
-
-
-def _init(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    from stages.lib.qdq.insert import _const
-
-    return _const(graph, name, arr)

@@ -4,7 +4,7 @@ A sample is one image plus one prompt of prefill length. The vision graph gets t
 own processor output plus the host-side tables (`stages.lib.hostside.vision`); the decoder gets
 `inputs_embeds` from the embed graph with the vision graph's features merged at the image
 placeholders, M-RoPE `position_ids`, a full attention mask and zero-length past KV: prefill
-shapes, so no decoder matmul looks like a GEMV (NOTES §2.6).
+shapes, so no decoder matmul looks like a GEMV (docs/FIELD_NOTES.md §2.6).
 """
 
 from __future__ import annotations
@@ -128,46 +128,33 @@ class Feeder:
         return vision_inputs(self.vspec, pv, grid), grid
 
     def prompt_ids(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) or [0]
-        while len(ids) < self.prompt_len:  # prefill length: repeat short prompts
-            ids += ids
-        return ids[: self.prompt_len]
+        from stages.lib.hostside.prompt_ids import text_ids
+
+        return text_ids(self.tokenizer, text, self.prompt_len, empty=[0])  # prefill length: short ones repeat
 
     def decoder(self, s: Sample, grid: np.ndarray, vision_out: Mapping[str, np.ndarray],
                 inputs: Sequence[Any]) -> dict[str, np.ndarray]:
         """Feeds for every declared decoder input (`inputs`: the session's NodeArg list, or
-        `segments.graph_inputs`)."""
+        `segments.graph_inputs`), in the types they declare."""
         from stages.lib.hostside import text as T
+        from stages.lib.hostside.prompt_ids import image_prompt_ids
+        from stages.lib.hostside.vision import num_image_tokens
 
         c, ids = self.config, self.prompt_ids(s.text)
-        n_img = int(np.prod(grid, axis=1).sum()) // self.vspec.merge_size**2
         k = len(ids) // 3  # text on both sides of the image, as the reference set does
-        seq = ids[:k] + [c.vision_start_token_id] + [c.image_token_id] * n_img + [c.vision_end_token_id] + ids[k:]
-        input_ids = np.asarray([seq], np.int64)
+        n_img = sum(num_image_tokens(self.vspec, grid))  # one block holds every image's tokens
+        input_ids = np.asarray([image_prompt_ids(ids[:k], ids[k:], n_img, c)], np.int64)
         embeds = self.embed.run(None, {self.embed.get_inputs()[0].name: input_ids})[0]
-        outs = list(vision_out.values())
-        feats = outs[0]
-        embeds = T.merge_image_features(embeds, input_ids, feats, int(c.image_token_id))
+        embeds = T.merge_image_features(embeds, input_ids, next(iter(vision_out.values())), int(c.image_token_id))
         mask = np.ones_like(input_ids)
         pos, _ = T.rope_index(self.tspec, input_ids, image_grid_thw=grid, attention_mask=mask)
-        feed: dict[str, np.ndarray] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
         # export_vision writes the deepstack maps stacked, [n_deepstack, tokens, H]: one per layer
         stacked = next((v for k2, v in vision_out.items() if "deepstack" in k2), None)
         deep = list(stacked) if stacked is not None else []
-        vmask = T.visual_mask(input_ids, self.tspec)
-        for a in inputs:
-            if a.name.startswith("past_key_values."):
-                shape = [1 if i == 0 else (0 if not isinstance(d, int) else d) for i, d in enumerate(a.shape)]
-                shape[2] = 0  # zero-length past: prefill
-                feed[a.name] = np.zeros(shape, np.float32)
-            elif a.name.startswith("deepstack_embeds."):
-                j = int(a.name.rsplit(".", 1)[1])
-                dense = np.zeros(embeds.shape, np.float32)
-                if j < len(deep):
-                    dense[vmask] = deep[j]
-                feed[a.name] = dense
-            elif a.name not in feed:
-                raise StageError(f"decoder input {a.name!r} is not one calibration knows how to feed")
+        feed = T.prefill_feeds(inputs, embeds, mask, pos, deep, T.visual_mask(input_ids, self.tspec))
+        unknown = [a.name for a in inputs if a.name not in feed]
+        if unknown:
+            raise StageError(f"decoder input {unknown[0]!r} is not one calibration knows how to feed")
         return feed
 
 

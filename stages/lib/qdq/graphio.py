@@ -176,14 +176,14 @@ class spilled:
 
 def session(model: ir.Model | onnx.ModelProto | Path, optimize: bool = False) -> ort.InferenceSession:
     """ORT CPU session. Quantized graphs run with ORT_DISABLE_ALL: its Q/DQ fusions change
-    rounding and reject FP8 (NOTES §3). A file is opened by path (its external data beside it);
+    rounding and reject FP8 (docs/FIELD_NOTES.md §3). A file is opened by path (its external data beside it);
     a model past the proto limit runs from a temporary copy with external data."""
     import onnx
 
     from stages.lib.ortsession import ort_session
 
     def open_(src: str | Path | bytes) -> ort.InferenceSession:
-        return ort_session(src, optimization="basic" if optimize else "none", log_level=3, threads=2)
+        return ort_session(src, optimization="basic" if optimize else "none", threads=2)
 
     if isinstance(model, (str, Path)):
         return open_(model)

@@ -23,26 +23,15 @@ def vision_feeds(samples: Sequence[Mapping[str, np.ndarray]], vspec: Any) -> lis
 
 
 def decoder_feeds(samples: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[Any], tspec: Any) -> list[dict[str, np.ndarray]]:
-    """Prefill feeds with the reference's merged `inputs_embeds` and zero-length past."""
-    from stages.lib.hostside.text import visual_mask
+    """Prefill feeds with the reference's merged `inputs_embeds` and zero-length past, in the
+    types `inputs` (the graph's) declare; deepstack maps zero where the sample has none."""
+    from stages.lib.hostside.text import prefill_feeds, visual_mask
 
     out = []
     for s in samples:
-        f: dict[str, np.ndarray] = {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"],
-                                    "position_ids": s["position_ids"]}
-        vmask = visual_mask(s["input_ids"], tspec)
-        for a in inputs:
-            if a.name.startswith("past_key_values."):
-                shape = [d if isinstance(d, int) else 0 for d in a.shape]
-                shape[0], shape[2] = 1, 0
-                f[a.name] = np.zeros(shape, np.float32)
-            elif a.name.startswith("deepstack_embeds."):
-                dense = np.zeros(s["inputs_embeds"].shape, np.float32)
-                key = "deepstack." + a.name.rsplit(".", 1)[1]
-                if key in s:
-                    dense[vmask] = s[key]
-                f[a.name] = dense
-        out.append(f)
+        maps = [s[f"deepstack.{k}"] for k in range(tspec.deepstack_layers) if f"deepstack.{k}" in s]
+        out.append(prefill_feeds(inputs, s["inputs_embeds"], s["attention_mask"], s["position_ids"], maps,
+                                 visual_mask(s["input_ids"], tspec)))
     return out
 
 

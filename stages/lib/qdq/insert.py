@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stages.lib.dtypes import qtype_numpy
 from stages.lib.qdq.graphio import const_tensor, float_dtype, set_opset
 from stages.lib.qdq.placement import Placement, Site
 from stages.lib.qdq.rules import rules_for
@@ -52,31 +53,27 @@ def _tiny(np_dtype: Any) -> float:
 
 
 def quantize_array(w: np.ndarray, scale: np.ndarray, qtype: str) -> np.ndarray:
-    """Symmetric quantization of `w` by a broadcastable `scale` into the storage dtype."""
+    """Symmetric quantization of `w` by a broadcastable `scale` into the storage dtype: integer
+    codes rounded half to even and clipped to the type's range (int8 [-128, 127], int4 [-8, 7]);
+    FP8 clipped to its largest finite value (448), ml_dtypes' cast rounding to nearest even."""
     import ml_dtypes
 
+    dt = qtype_numpy(qtype)
     x = w.astype(np.float32) / scale.astype(np.float32)
-    if qtype == "int8":
-        return np.clip(np.rint(x), -128, 127).astype(np.int8)
-    if qtype == "float8e4m3fn":
-        return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)  # ml_dtypes rounds to nearest even
-    if qtype == "int4":
-        return np.clip(np.rint(x), -8, 7).astype(ml_dtypes.int4)
-    raise ValueError(f"unknown storage type {qtype}")
+    if dt.name.startswith("float"):
+        top = float(ml_dtypes.finfo(dt).max)
+        return np.clip(x, -top, top).astype(dt)
+    info = ml_dtypes.iinfo(dt)
+    return np.clip(np.rint(x), info.min, info.max).astype(dt)
 
 
-def dequantize_array(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale.astype(np.float32)
+def zero_point(qtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros of the storage dtype: the symmetric zero point TensorRT requires."""
+    return np.zeros(shape, dtype=qtype_numpy(qtype))
 
 
-def _zero_point(qtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    import ml_dtypes
-
-    dt = {"int8": np.int8, "float8e4m3fn": ml_dtypes.float8_e4m3fn, "int4": ml_dtypes.int4}[qtype]
-    return np.zeros(shape, dtype=dt)
-
-
-def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+def new_const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    """A new in-memory initializer holding ``arr``, named ``name`` (``name_1``, ... when taken)."""
     import onnx_ir as ir
 
     return register_initializer(graph, name, lambda n: ir.tensor(arr, name=n))
@@ -99,7 +96,8 @@ def _rewire(graph: ir.Graph, site: Site, new: ir.Value) -> None:
         nodes[node_name].replace_input_with(slot, new)
 
 
-def _value(graph: ir.Graph, name: str) -> ir.Value:
+def value_of(graph: ir.Graph, name: str) -> ir.Value:
+    """The graph input, initializer or node output called ``name``."""
     for v in graph.inputs:
         if v.name == name:
             return v
@@ -115,10 +113,10 @@ def _value(graph: ir.Graph, name: str) -> ir.Value:
 def insert_activation(graph: ir.Graph, site: Site, scale: float, qtype: str, fdt: Any) -> ir.Value:
     import onnx_ir as ir
 
-    x = _value(graph, site.tensor)
+    x = value_of(graph, site.tensor)
     dt = x.dtype if x.dtype is not None else fdt
-    s = _const(graph, f"{site.tensor}_scale", np.asarray(max(scale, _tiny(_np_float(dt))), dtype=_np_float(dt)))
-    zp = _const(graph, f"{site.tensor}_zp", _zero_point(qtype, ()))
+    s = new_const(graph, f"{site.tensor}_scale", np.asarray(max(scale, _tiny(_np_float(dt))), dtype=_np_float(dt)))
+    zp = new_const(graph, f"{site.tensor}_zp", zero_point(qtype, ()))
     q = ir.Node("", "QuantizeLinear", [x, s, zp], name=f"{site.tensor}_QuantizeLinear", num_outputs=1)
     dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, zp], name=f"{site.tensor}_DequantizeLinear", num_outputs=1)
     q.outputs[0].name = f"{site.tensor}_quantized"
@@ -135,7 +133,7 @@ def insert_weight(graph: ir.Graph, site: Site, qtype: str, qmax: float) -> None:
     """Per-channel symmetric weight, stored quantized behind a DequantizeLinear(axis)."""
     import onnx_ir as ir
 
-    t = const_tensor(_value(graph, site.tensor))
+    t = const_tensor(value_of(graph, site.tensor))
     if t is None:
         raise ValueError(f"weight {site.tensor} is not a constant")
     w = rows_of(t)
@@ -157,9 +155,9 @@ def insert_weight(graph: ir.Graph, site: Site, qtype: str, qmax: float) -> None:
     def codes(r0: int, r1: int, c: np.ndarray) -> np.ndarray:
         return quantize_array(c, (scale[r0:r1] if axis == 0 else scale).reshape(bshape), qtype)
 
-    qv = lazy_const(graph, f"{site.tensor}_quantized", w.map(codes, _zero_point(qtype, ()).dtype))
-    sv = _const(graph, f"{site.tensor}_scale", scale)
-    zv = _const(graph, f"{site.tensor}_zp", _zero_point(qtype, scale.shape))
+    qv = lazy_const(graph, f"{site.tensor}_quantized", w.map(codes, zero_point(qtype, ()).dtype))
+    sv = new_const(graph, f"{site.tensor}_scale", scale)
+    zv = new_const(graph, f"{site.tensor}_zp", zero_point(qtype, scale.shape))
     replace_weight_with_dq(graph, site, [qv, sv, zv], [ir.AttrInt64("axis", axis)], w.shape, fdt)
 
 

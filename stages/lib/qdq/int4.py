@@ -21,12 +21,12 @@ import numpy as np
 
 from stages.lib.qdq.graphio import const_tensor, set_opset
 from stages.lib.qdq.insert import (
-    _const,
-    _value,
-    _zero_point,
     drop_unused_initializers,
+    new_const,
     quantize_array,
     replace_weight_with_dq,
+    value_of,
+    zero_point,
 )
 from stages.lib.qdq.placement import Placement, Site
 from stages.lib.qdq.rules import rules_for
@@ -125,7 +125,7 @@ def block_scales(w: Rows, axis: int, block: int, ms: np.ndarray | None, dt: Any)
 def insert_int4_weight(graph: ir.Graph, site: Site, block: int, ms: np.ndarray | None, stats: Int4Stats) -> bool:
     import onnx_ir as ir
 
-    t = const_tensor(_value(graph, site.tensor))
+    t = const_tensor(value_of(graph, site.tensor))
     if t is None or len(t.shape) != 2:
         stats.skipped.append({"node": site.uses[0][0], "rule": "int4", "why": "weight is not a 2-D constant"})
         return False
@@ -148,8 +148,8 @@ def insert_int4_weight(graph: ir.Graph, site: Site, block: int, ms: np.ndarray |
         return block_codes(c.T, scales[r0:r1].T, b).T
 
     # chunks of whole blocks along K hold an even count of codes: whole bytes, two codes a byte
-    qv = lazy_const(graph, f"{site.tensor}_int4", w.map(codes, _zero_point("int4", ()).dtype), b if axis == 0 else 1)
-    sv = _const(graph, f"{site.tensor}_scale", scales)
+    qv = lazy_const(graph, f"{site.tensor}_int4", w.map(codes, zero_point("int4", ()).dtype), b if axis == 0 else 1)
+    sv = new_const(graph, f"{site.tensor}_scale", scales)
     attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", b)]
     replace_weight_with_dq(graph, site, [qv, sv], attrs, w.shape, dt)
     stats.blocks[site.tensor] = b

@@ -130,7 +130,7 @@ def plan(
             pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
             return True
         if rules.keep_pixel_reader and reads_pixels(node):
-            why = "patch embedding (reads pixel_values): raw-pixel range, kept high precision in FP8 (NOTES §2.11)"
+            why = "patch embedding (reads pixel_values): raw-pixel range, kept high precision in FP8 (docs/FIELD_NOTES.md §2.11)"
             pl.kept.append({"node": _nm(node), "pattern": "", "why": why})
             return True
         if keep_nodes and _nm(node) in keep_nodes:

@@ -1,6 +1,6 @@
 """Q/DQ placement rules as data: one table per mode, read by `placement.plan`.
 
-The tables encode what TensorRT's explicit-quantization fusions reward (NOTES §2, TensorRT
+The tables encode what TensorRT's explicit-quantization fusions reward (docs/FIELD_NOTES.md §2, TensorRT
 developer guide, Model-Optimizer's partitioning): Q/DQ on the *inputs* of the compute ops,
 weights per-channel on their output-channel axis, activations per-tensor and symmetric,
 bias never, and nothing inside the chains TensorRT fuses by itself.
@@ -61,7 +61,7 @@ class SmallMatmul:
 @dataclass(frozen=True)
 class ModeRules:
     name: str
-    qtype: str  # "int8" | "float8e4m3fn" | "int4"
+    qtype: str  # "int8" | "float8e4m3fn" | "int4": a storage type of dtypes.QTYPES
     qmax: float  # largest representable magnitude: scale = amax / qmax
     ops: dict[str, OpRule]
     weights: str  # "per-channel" | "block"
@@ -73,7 +73,7 @@ class ModeRules:
     residual_add_skip: bool = False
     concat_shared_scale: bool = False  # Concat inputs/outputs quantized with one scale
     # Attention BMMs (MatMul with two activation inputs): "none" leaves them high precision
-    # (Q/DQ on projections only keeps TensorRT's fused MHA: NOTES §1); "fp8-mha" quantizes the
+    # (Q/DQ on projections only keeps TensorRT's fused MHA: docs/FIELD_NOTES.md §1); "fp8-mha" quantizes the
     # pattern DQ→BMM1→(scale)→(mask)→Softmax→Q/DQ(1/448)→BMM2 that TensorRT's FP8 MHA fuses.
     attention: tuple[str, ...] = ("none",)
     head_dim: tuple[int, int] = (8, 256)  # (exclusive low, inclusive high) for fp8-mha
@@ -115,7 +115,7 @@ FP8 = ModeRules(
     default_keep=(
         # Model-Optimizer keeps the Qwen3-VL patch embedding high precision in FP8 (its PR 2083):
         # raw pixels have a wide range that E4M3 per-tensor scaling clips.
-        ("*patch_embed*", "patch embedding: raw-pixel range, kept high precision in FP8 (NOTES §2.11)"),
+        ("*patch_embed*", "patch embedding: raw-pixel range, kept high precision in FP8 (docs/FIELD_NOTES.md §2.11)"),
     ),
     keep_pixel_reader=True,
     opset_min=19,  # FLOAT8E4M3FN in QuantizeLinear/DequantizeLinear
@@ -134,7 +134,6 @@ INT4_WEIGHT = ModeRules(
 )
 
 MODES: dict[str, ModeRules] = {m.name: m for m in (INT8, FP8, INT4_WEIGHT)}
-HIGH_PRECISION = ("fp16", "fp32", "bf16")
 
 
 def rules_for(mode: str) -> ModeRules:

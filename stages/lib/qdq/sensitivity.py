@@ -1,7 +1,7 @@
 """Mixed precision: rank layer groups by the parity loss each causes, fall back the worst.
 
 Each group (one attention or MLP block, one conv) is quantized alone and compared with the
-unquantized graph in onnxruntime with optimizations disabled (NOTES §3: ORT's Q/DQ fusions
+unquantized graph in onnxruntime with optimizations disabled (docs/FIELD_NOTES.md §3: ORT's Q/DQ fusions
 change rounding); then, starting from the fully quantized graph, the most harmful groups go
 back to high precision one at a time until the graph meets the accuracy budget (cosine).
 

@@ -4,7 +4,7 @@ what the PyTorch model computed?
 1. every file against the manifest (sha256 and size; nothing unlisted) -- a miss: exit 1;
 2. the package against this device (SM, builder and version, bindings, GPU) -- a refusal: exit 2;
 3. the probe set through the chosen backend, compared with the packaged PyTorch reference under
-   the packaged gates (``stages.lib.metrics``, ``verify_graphs.gate_checks``) -- a miss: exit 1.
+   the packaged gates (``stages.lib.metrics.gate_checks``, as the verify stage) -- a miss: exit 1.
 
 The probe set is the reference stage's held-out samples (``stages.lib.runtime.probes``): the
 vision graph, the decoder prefill, and a greedy generation through vision -> embed -> decoder,
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.stage import GateCheck, missed_message
 from stages.lib.runtime import probes
 from stages.lib.runtime.compat import BACKEND_OF, Compatibility, DeviceInfo, best_backend, check, probe_device
 from stages.lib.runtime.errors import PackageError, RuntimeFailure
@@ -61,11 +62,10 @@ class CheckResult:
 
 def _graded(graph: str, precision: str, n: int, figures: dict[str, Any], gate: dict[str, Any],
             runtime: str) -> GraphResult:
-    from stages.lib.metrics import gate_checks
+    from stages.lib.metrics import gate_checks, gate_status
 
     checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
-    status = "ungated" if not checks else ("pass" if all(c.passed for c in checks) else "fail")
-    return GraphResult(graph, precision, n, status, figures, [c.__dict__ for c in checks])
+    return GraphResult(graph, precision, n, gate_status(checks), figures, [c.__dict__ for c in checks])
 
 
 def check_graph(backend: Any, graph: str, cases: list[probes.Case], precision: str,
@@ -181,10 +181,10 @@ def check_package(path: str | Path, backend: str | None = None, device: DeviceIn
         res.exit_code, res.message = e.exit_code, str(e)
         return res
     on = res.compat.backend if res.compat else "?"
-    missed = [c["name"] for g in res.graphs for c in g.gates if not c["passed"]]
+    missed = missed_message([GateCheck(**c) for g in res.graphs for c in g.gates], head=f"{res.package}: gate missed on {on}")
     errors = [f"{g.graph}: {g.error}" for g in res.graphs if g.status == "error"]
     if missed:
-        res.exit_code, res.message = 1, f"{res.package}: gate missed on {on}: {', '.join(missed)}"
+        res.exit_code, res.message = 1, missed
     elif errors:
         res.exit_code, res.message = 1, f"{res.package}: probe failed to run on {on}: {'; '.join(errors)}"
     else:

@@ -36,17 +36,11 @@ class DeviceInfo:
     why_not: dict[str, str] = field(default_factory=dict)
 
 
-def _sm_int(sm: str) -> int:
-    from stages.lib.trt_backend import sm_int
-
-    return sm_int(sm)
-
-
 def import_bindings(backend: str) -> tuple[Any | None, str]:
     """The TensorRT module a backend uses (lazily imported), or None and why not."""
-    from stages.lib.trt_backend import RTX_MODULES, _import_real
+    from stages.lib.trt_backend import RTX_MODULES, import_real
 
-    mod, errs = _import_real(RTX_MODULES if backend == "tensorrt_rtx" else ("tensorrt",))
+    mod, errs = import_real(RTX_MODULES if backend == "tensorrt_rtx" else ("tensorrt",))
     return mod, "; ".join(errs)
 
 
@@ -123,9 +117,11 @@ def check(pkg: Package, backend: str, device: DeviceInfo) -> Compatibility:
         why = device.why_not.get(builder, "not importable")
         return Compatibility(backend, False, f"{backend} backend needs the {builder} Python bindings "
                              f"({INSTALL[backend]}); {why}")
-    want = _sm_int(t.sm)
-    fits = [i for i, sm in enumerate(device.sms) if _sm_int(sm) == want
-            or (m.compat.hardware_compatible and _sm_int(sm) >= HW_COMPAT_MIN_SM)]
+    from pipeline.targets import sm_int  # here: pydantic loads only when engines are in question
+
+    want = sm_int(t.sm)
+    fits = [i for i, sm in enumerate(device.sms) if sm_int(sm) == want
+            or (m.compat.hardware_compatible and sm_int(sm) >= HW_COMPAT_MIN_SM)]
     if not fits:
         need = f"SM {t.sm}" + (f" or any SM >= {HW_COMPAT_MIN_SM / 10:.1f} (hardware-compatible engines)"
                                 if m.compat.hardware_compatible else "")

@@ -1,10 +1,10 @@
 """Streaming generation over a package: vision -> embed -> decoder with the KV cache, any backend.
 
-The pieces are ``OrtPipeline``'s (``prompt_embeds``, ``step``, ``empty_past``, its embed graph)
-and the host helpers of ``hostside.text``: the same code the build's parity ran, so greedy
-tokens here equal ``OrtPipeline.generate`` on the same graphs. Added here: the stop at an EOS
-token, sampling (temperature, top-k, top-p, seeded), a callback per token, and the timings a
-deployment wants (time to first token, decode tokens per second).
+The pieces are ``OrtPipeline``'s (``prefill``, ``step``, its embed graph) and the host helpers
+of ``hostside.text``: the same code the build's parity ran, so greedy tokens here equal
+``OrtPipeline.generate`` on the same graphs. Added here: the stop at an EOS token, sampling
+(temperature, top-k, top-p, seeded), a callback per token, and the timings a deployment wants
+(time to first token, decode tokens per second).
 """
 
 from __future__ import annotations
@@ -93,13 +93,10 @@ def generate(pipe: OrtPipeline, prompt: Prompt, max_new_tokens: int = 64, sampli
     if np.asarray(prompt.input_ids).shape[0] != 1:
         raise ValueError("the runtime generates for one prompt at a time (batch 1)")
     pick, eos = Picker(sampling or Sampling()), set(int(e) for e in eos_ids)
-    ids = np.asarray(prompt.input_ids, dtype=np.int64)
     mask = prompt.mask()
-    stats = Stats(prompt_tokens=int(ids.shape[1]))
+    stats = Stats(prompt_tokens=int(np.asarray(prompt.input_ids).shape[1]))
     t0 = time.perf_counter()
-    embeds, deep = pipe.prompt_embeds(prompt)
-    pos, deltas = host.rope_index(pipe.spec, ids, prompt.image_grid_thw, None, mask)
-    logits, past = pipe.step(embeds, mask, pos, pipe.empty_past(1), deep)
+    logits, past, deltas = pipe.prefill(prompt)
     tokens: list[int] = []
     t1 = t0
     while True:

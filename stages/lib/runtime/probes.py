@@ -54,11 +54,6 @@ def gate(meta: dict[str, Any], graph: str, fallback_precision: str) -> tuple[str
     return str(entry.get("precision") or fallback_precision), g
 
 
-def _dtype(session: Any, name: str) -> Any:
-    t = {i.name: i.type for i in session.get_inputs()}.get(name)
-    return ORT_FLOATS.get(str(t), np.float32)
-
-
 def fit(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds as the graph declares them (floats in its float type); a missing input is an error."""
     types = {i.name: i.type for i in session.get_inputs()}
@@ -92,22 +87,14 @@ def vision_case(pkg: Package, session: Any, s: dict[str, np.ndarray]) -> Case | 
 
 
 def decoder_case(pkg: Package, session: Any, s: dict[str, np.ndarray]) -> Case | None:
-    from stages.lib.hostside.text import scatter_deepstack
+    from stages.lib.hostside.text import prefill_feeds, visual_mask
 
     if "logits" not in s or "inputs_embeds" not in s:
         return None
-    dt = _dtype(session, "inputs_embeds")
-    feeds = {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"],
-             "position_ids": s["position_ids"]}
     spec = pkg.text_spec()
     deep = [s[f"deepstack.{k}"] for k in range(spec.deepstack_layers)]
-    dense = scatter_deepstack(s["input_ids"], deep, spec, dt) if deep else []
-    batch = int(s["inputs_embeds"].shape[0])
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values."):
-            feeds[i.name] = np.zeros((batch, int(i.shape[1]), 0, int(i.shape[3])), dtype=dt)
-        elif i.name.startswith("deepstack_embeds."):
-            feeds[i.name] = dense[int(i.name.split(".")[1])]
+    feeds = prefill_feeds(session.get_inputs(), s["inputs_embeds"], s["attention_mask"], s["position_ids"], deep,
+                          visual_mask(s["input_ids"], spec) if deep else None)
     return feeds, {"logits": s["logits"]}
 
 

@@ -19,18 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib.dtypes import ORT_NUMPY
+from stages.lib.dtypes import ORT_TYPES, TRT_NUMPY
 from stages.lib.runtime.backends.cuda import Driver
 from stages.lib.runtime.errors import PackageError
 
 if TYPE_CHECKING:
     import tensorrt
-
-ORT_TYPES = {np.dtype(v): k for k, v in ORT_NUMPY.items()}  # numpy -> ORT type string, as NodeArg.type
-
-
-_BY_NAME = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
-            "BOOL": np.bool_, "UINT8": np.uint8}
 
 
 def np_dtype(trt: Any, dt: Any) -> np.dtype[Any]:
@@ -42,9 +36,9 @@ def np_dtype(trt: Any, dt: Any) -> np.dtype[Any]:
         except (TypeError, KeyError):
             pass
     name = str(getattr(dt, "name", dt)).split(".")[-1].upper()
-    if name not in _BY_NAME:
+    if name not in TRT_NUMPY:
         raise PackageError(f"engine IO of TensorRT type {name} has no numpy equivalent (bf16/fp8 IO is not supported)")
-    return np.dtype(_BY_NAME[name])
+    return np.dtype(TRT_NUMPY[name])
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stages.lib.dtypes import UNQUANTIZED
 from stages.lib.ortsession import ort_session
 from stages.lib.runtime.compat import INSTALL
 from stages.lib.runtime.errors import IncompatibleError, PackageError
 
 NAME = "onnxruntime"
-UNQUANTIZED = ("fp16", "bf16", "fp32", "export")
 
 
 class OrtBackend:
@@ -37,8 +37,9 @@ class OrtBackend:
             p = self.path(graph)
             if not p.is_file():
                 raise PackageError(f"{self.pkg.name}: onnx/{graph}.onnx is missing")
-            quantized = self.pkg.manifest.precision.get(graph, "fp16") not in UNQUANTIZED
-            self._sessions[graph] = ort_session(p, optimization="none" if quantized else "all", log_level=3)
+            precision = self.pkg.manifest.precision.get(graph, "fp16")
+            quantized = precision not in UNQUANTIZED and precision != "export"
+            self._sessions[graph] = ort_session(p, optimization="none" if quantized else "all")
         return self._sessions[graph]
 
     def describe(self) -> str:
