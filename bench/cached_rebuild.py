@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--gb", type=float, default=17.0)
     ap.add_argument("--until", default="export_vision")
     a = ap.parse_args()
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.tiny import generate_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

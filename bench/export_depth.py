@@ -41,8 +41,8 @@ def make_checkpoint(out: Path, layers: int, hidden: int, vocab: int, intermediat
     """A random Qwen2.5-VL checkpoint: ``layers`` text layers of width ``hidden``, a 2-block ViT."""
     import torch
 
-    from stages.lib.checkpoints import model_class
-    from stages.lib.tiny_checkpoints import tiny_config
+    from stages.lib.checkpoints.local import model_class
+    from stages.lib.checkpoints.tiny import tiny_config
 
     heads = max(2, hidden // 64)
     half = hidden // heads // 2
@@ -67,19 +67,19 @@ def child(mode: str, ckpt: Path, out: Path) -> dict[str, object]:
     import torch.onnx  # noqa: F401
     import transformers  # noqa: F401
 
-    from stages.lib import decoder_export as dx
-    from stages.lib.decoder_graph import finalize_graph
+    from stages.lib.export import decoder as dx
+    from stages.lib.export.decoder_graph import finalize_graph
 
     baseline = _rss()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "decoder.onnx"
     t0 = time.perf_counter()
     if mode == "stamp":
-        from stages.lib.decoder_stamp import export_stamped
+        from stages.lib.export.decoder_stamp import export_stamped
 
         facts = export_stamped(ckpt, "qwen2_5_vl", 0, path, "fp16", 19, SAMPLE)
     else:
-        from stages.lib.decoder_load import load_decoder
+        from stages.lib.export.decoder_load import load_decoder
 
         facts = dx.export_decoder_graph(load_decoder(ckpt, "fp16"), "qwen2_5_vl", 0, path, "fp16", 19, SAMPLE)
     finalize_graph(path, int(facts["layers"]), 0)
@@ -91,9 +91,9 @@ def child(mode: str, ckpt: Path, out: Path) -> dict[str, object]:
 
 def _weight_bytes_fp16(ckpt: Path) -> int:
     """FP16 bytes of the decoder's tensors (the language model, lm_head), from the headers."""
-    from stages.lib import safetensors_check as st
-    from stages.lib.checkpoints import weight_files
-    from stages.lib.decoder_load import _PREFIXES
+    from stages.lib.checkpoints import safetensors_check as st
+    from stages.lib.checkpoints.local import weight_files
+    from stages.lib.export.decoder_load import _PREFIXES
 
     total = 0
     for shard in weight_files(ckpt):

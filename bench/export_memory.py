@@ -41,7 +41,7 @@ def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
     import torch.onnx  # noqa: F401
     import transformers  # noqa: F401
 
-    from stages.lib.checkpoints import VISION_CLASSES, detect_family
+    from stages.lib.checkpoints.local import VISION_CLASSES, detect_family
 
     family = detect_family(ckpt)
     importlib.import_module(VISION_CLASSES[family][0])  # the family's modeling code: ~0.1 GB, fixed
@@ -49,14 +49,14 @@ def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if graph == "vision":
-        from stages.lib.vision_export import export_graph
+        from stages.lib.export.vision import export_graph
 
         params = {"dtype": dtype, "opset": 19, "fp32_vision_blocks": [], "sample_image": [224, 224], "seed": 0}
         facts = export_graph(out, ckpt, family, params)
         weight_bytes = int(facts["weight_bytes"])
     else:
-        from stages.lib import decoder_export as dx
-        from stages.lib.decoder_load import load_decoder
+        from stages.lib.export import decoder as dx
+        from stages.lib.export.decoder_load import load_decoder
         from stages.lib.hostside.text import TextSpec
 
         # what the export_decoder stage does: stream only the language model's tensors (no ViT,
@@ -74,7 +74,7 @@ def child(graph: str, ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
 
 def _decoder_available() -> bool:
     try:
-        from stages.lib import decoder_export  # noqa: F401
+        from stages.lib.export import decoder as decoder_export  # noqa: F401
         from stages.lib.hostside.text import TextSpec  # noqa: F401
     except ImportError:
         return False
@@ -95,14 +95,14 @@ def main() -> int:
 
     ckpt = a.work / f"ckpt_{a.family}_1b"
     if not (ckpt / "config.json").is_file():
-        from stages.lib.tiny_checkpoints import generate_tiny
+        from stages.lib.checkpoints.tiny import generate_tiny
 
         t0 = time.perf_counter()
         generate_tiny(a.family, ckpt, seed=0, scale="1b", dtype="bf16")
         print(f"generated {ckpt} in {time.perf_counter() - t0:.0f} s")
     from safetensors import safe_open
 
-    from stages.lib.checkpoints import weight_files
+    from stages.lib.checkpoints.local import weight_files
 
     n_params = 0
     for shard in weight_files(ckpt):

@@ -5,7 +5,7 @@ conv layers with fused activation, and the share of GEMM/conv layers in INT8/FP8
     onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel) on the unfused graph,
 
 side by side in one run. Graphs: a ViT-style and a decoder-style attention stack shaped like the
-exporter's output (stages/lib/fusion/samples.py) and the generated ResNet (cnn_export.py).
+exporter's output (tests/fusion_samples.py) and the generated ResNet (cnn_export.py).
 
     .venv/bin/python bench/fusion_effect.py [--sm 8.9] [--no-cnn] [--config configs/default.yaml] [--json out.json]
 
@@ -84,9 +84,9 @@ def ort_quantize_static(proto32: Any, feeds: list[dict[str, Any]], work: Path,
 def engine_summary(proto: Any, sm: str, profile: Profile, work: Path, name: str) -> dict[str, Any]:
     import onnx
 
-    from stages.lib.layer_report import onnx_op_types, report_from_log
-    from stages.lib.trt_backend import resolve_backend
-    from stages.lib.trt_builder import BuildOptions, build_engine
+    from stages.lib.trt.backend import resolve_backend
+    from stages.lib.trt.builder import BuildOptions, build_engine
+    from stages.lib.trt.layer_report import onnx_op_types, report_from_log
 
     path = work / f"{name}.onnx"
     onnx.save(proto, path)
@@ -108,7 +108,7 @@ def graphs(with_cnn: bool, work: Path) -> list[Case]:
     import onnx
 
     from stages.lib.fusion.check import random_feeds
-    from stages.lib.fusion.samples import AttnSpec, attention_model
+    from tests.fusion_samples import AttnSpec, attention_model
 
     out: list[Case] = []
     specs = {
@@ -124,7 +124,7 @@ def graphs(with_cnn: bool, work: Path) -> list[Case]:
     if with_cnn:
         import numpy as np
 
-        from stages.lib.cnn_export import export_cnn, generate_tiny_cnn
+        from stages.lib.export.cnn import export_cnn, generate_tiny_cnn
 
         ck = generate_tiny_cnn(work / "resnet_ckpt", seed=0)
         for dt in ("fp16", "fp32"):
@@ -146,8 +146,8 @@ def real_graphs(config: Path, work: Path) -> list[Case]:
     from pipeline.config_io import load_config
     from pipeline.stage import GateFailed, StageContext, missed_message
     from stages.fuse import _axis_sizes
-    from stages.lib.engine_profiles import profile_for
     from stages.lib.fusion.check import random_feeds
+    from stages.lib.trt.profiles import profile_for
 
     cfg = load_config(config)
     folders: dict[str, Path] = {}

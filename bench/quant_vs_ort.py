@@ -62,7 +62,7 @@ def run_stage(name: str, cfg: Any, work: Path) -> Path:
 def calibration_feeds(cfg: Any, work: Path) -> dict[str, list[dict[str, np.ndarray]]]:
     """The calibration set (as the calibrate stage builds it) as explicit feeds per graph."""
     from stages.calibrate import _params, samples
-    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.checkpoints.local import resolve_checkpoint
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import Feeder, cast_feed
 
@@ -123,7 +123,7 @@ def ort_static(src: Path, feeds: list[dict[str, np.ndarray]], dst: Path, symmetr
 
 
 def held_out(work: Path, graph: str) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], str]:
-    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.checkpoints.local import resolve_checkpoint
     from stages.lib.qdq import graphio, heldout
     from stages.lib.qdq.calibset import Feeder
     from stages.lib.reference_io import load_reference

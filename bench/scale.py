@@ -5,7 +5,7 @@
         [--evict-exports]
 
 Writes a random-weight checkpoint with the released configuration (BF16, 2 GB shards;
-``stages/lib/released_checkpoints.py``) into ``artifacts/bench/scale/``, a build config beside
+``stages/lib/checkpoints/released.py``) into ``artifacts/bench/scale/``, a build config beside
 it, then runs ``vlmforge build`` on it — through the pipeline's own cache, so an interrupted
 run resumes where it stopped and a finished one prints its table again in seconds. ``--int4``
 adds an INT4-weight build for the first INT8 target. A watchdog kills the build's process group
@@ -77,7 +77,7 @@ def _checkpoint(args: argparse.Namespace) -> Path:
         # in a child process: the generator's peak must not count against the build's parent
         import multiprocessing
 
-        from stages.lib.released_checkpoints import write_random_checkpoint
+        from stages.lib.checkpoints.released import write_random_checkpoint
 
         child = multiprocessing.get_context("spawn").Process(
             target=write_random_checkpoint, args=(args.model, ckpt, args.text_layers, args.vision_blocks))
@@ -219,7 +219,7 @@ def _disk_needed(weights: int, targets: int, until: str | None) -> int:
 
 
 def main() -> int:
-    from stages.lib.released_checkpoints import RELEASED
+    from stages.lib.checkpoints.released import RELEASED
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(RELEASED), default="qwen3-vl-8b")

@@ -36,10 +36,10 @@ def main() -> int:
     args = ap.parse_args()
 
     from pipeline.config import Profiles
-    from stages.lib import trt_probe_graphs as G
-    from stages.lib.engine_profiles import profile_for
-    from stages.lib.trt_backend import resolve_backend
-    from stages.lib.trt_builder import BuildOptions, build_engine
+    from stages.lib.trt.backend import resolve_backend
+    from stages.lib.trt.builder import BuildOptions, build_engine
+    from stages.lib.trt.profiles import profile_for
+    from tests import trt_probe_graphs as G
 
     backend = resolve_backend(args.builder, args.sm)
     work = Path(tempfile.mkdtemp(prefix="vlmforge-tc-"))

@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     if not Path(args.edgellm).is_file():
         raise SystemExit(f"{args.edgellm}: not found; install Edge-LLM in its own venv (this file's docstring)")
-    from stages.lib.released_checkpoints import write_random_checkpoint
+    from stages.lib.checkpoints.released import write_random_checkpoint
 
     work = args.work.resolve()
     ckpt = write_random_checkpoint("qwen2.5-vl-3b", work / "checkpoint", widths=WIDTHS)

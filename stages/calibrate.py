@@ -3,7 +3,7 @@
 Runs the graphs themselves in onnxruntime on the calibration set (a folder of images plus a
 JSONL of prompts, or the deterministic synthetic set), streaming: each sample updates running
 histograms and is dropped. The vision graph runs whole, sample by sample; the decoder (a 7-8B one
-cannot run whole in one CPU session) runs block by block (`stages.lib.segments`, cut where the
+cannot run whole in one CPU session) runs block by block (`stages.lib.segments.runner`, cut where the
 model's `vlmforge.segment_cuts` says): every sample's decoder feed is built first (embeddings,
 small), then all samples go through segment k before segment k+1, each segment exposing only
 the calibrated tensors it makes. Its own cached artifact, so changing only the Q/DQ recipe (mode,
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
-from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
+from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -84,12 +84,12 @@ def graph_path(folder: Path, name: str) -> Path:
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from stages.lib import segments
-    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.checkpoints.local import resolve_checkpoint
     from stages.lib.qdq import calibrators as C
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import Feeder, ImageFeeder, cast_feed
     from stages.lib.qdq.nonfinite import locate_nonfinite
+    from stages.lib.segments import runner as segments
 
     p, t0 = ctx.params, time.time()
     fused = ctx.inputs["fuse"]
@@ -170,10 +170,10 @@ def _structure(path: Path) -> Any:
 def _decoder(ctx: StageContext, path: Path, col: Any, feeds: list[dict[str, np.ndarray]], names: list[str],
              share: float) -> None:
     """Every sample through the decoder segment-major; `col` takes each segment's tensors."""
-    from stages.lib import segments
     from stages.lib.qdq import calibrators as C
     from stages.lib.qdq.nonfinite import locate_nonfinite
-    from stages.lib.segment_plan import Segment
+    from stages.lib.segments import runner as segments
+    from stages.lib.segments.plan import Segment
 
     def collect(seg: Segment, i: int, outs: dict[str, np.ndarray]) -> None:
         try:

@@ -35,7 +35,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
 def _external(cfg: BuildConfig) -> list[Path]:
     if cfg.model.checkpoint is None:
         return []
-    from stages.lib.checkpoints import checkpoint_files
+    from stages.lib.checkpoints.local import checkpoint_files
 
     return checkpoint_files(cfg.model.checkpoint)
 
@@ -44,25 +44,25 @@ def _preflight(cfg: BuildConfig) -> None:
     """At plan time, from headers only: a supported family, complete safetensors, no pickles,
     no symlink out of the folder."""
     if cfg.model.checkpoint is not None:
-        from stages.lib.checkpoints import preflight_checkpoint
+        from stages.lib.checkpoints.local import preflight_checkpoint
 
         preflight_checkpoint(cfg.model.checkpoint, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from stages.lib import checkpoints as ck
+    from stages.lib.checkpoints import local as ck
 
     p = ctx.params
     path: str | None
     if p["generate"] == "tiny":
-        from stages.lib.tiny_checkpoints import generate_tiny
+        from stages.lib.checkpoints.tiny import generate_tiny
 
         ctx.report(f"generating a tiny {p['family']} checkpoint", 0.1)
         generate_tiny(p["family"], ctx.out / "model", seed=int(p["seed"]))
         path, family = "model", p["family"]
         files = ck.checkpoint_files(ctx.out / "model")
     elif p["generate"] == "cnn-tiny":
-        from stages.lib.cnn_export import generate_tiny_cnn  # the CNN (ResNet) path's own generator
+        from stages.lib.export.cnn import generate_tiny_cnn  # the CNN (ResNet) path's own generator
 
         ctx.report("generating a tiny ResNet checkpoint", 0.1)
         generate_tiny_cnn(ctx.out / "model", seed=int(p["seed"]))

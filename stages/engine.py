@@ -6,7 +6,7 @@ Output: `<graph>.engine`, `<graph>.engine.json` (sidecar), `<graph>.layers.json`
 
 Every graph's precision is checked against the target before the first build, so an FP8 graph
 for an SM without FP8 fails fast. The timing cache is shared outside the cache (see
-`stages/lib/trt_timing_cache.py`): it speeds builds up without changing what they produce.
+`stages/lib/trt/timing_cache.py`): it speeds builds up without changing what they produce.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
 def needs_host(cfg: BuildConfig, target: TargetSpec | None) -> str | None:
     if target is None or target.builder != "tensorrt":
         return None  # TensorRT-RTX compiles ahead of time on any host
-    from stages.lib.trt_backend import host_problem
+    from stages.lib.trt.backend import host_problem
 
     return host_problem(target.builder, target.sm)
 
@@ -62,7 +62,7 @@ def _io_spec(folder: Path, graph: str) -> dict[str, Any]:
 
 def _plan(src: Path, target: dict[str, Any]) -> list[tuple[str, str, set[str]]]:
     """(graph, precision, Q/DQ dtypes) for every graph, refused before any build if unsupported."""
-    from stages.lib.trt_builder import graph_quant_dtypes, refuse_unsupported
+    from stages.lib.trt.builder import graph_quant_dtypes, refuse_unsupported
 
     qpath = src / "quantize.json"
     if not qpath.is_file():
@@ -82,12 +82,13 @@ def _plan(src: Path, target: dict[str, Any]) -> list[tuple[str, str, set[str]]]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from stages.lib import engine_parity, trt_timing_cache
-    from stages.lib.engine_profiles import profile_for
-    from stages.lib.layer_report import onnx_op_types, report_from_log
-    from stages.lib.metrics import gate_checks
-    from stages.lib.trt_backend import resolve_backend
-    from stages.lib.trt_builder import BuildOptions, build_engine
+    from stages.lib.parity import engine as engine_parity
+    from stages.lib.parity.metrics import gate_checks
+    from stages.lib.trt import timing_cache as trt_timing_cache
+    from stages.lib.trt.backend import resolve_backend
+    from stages.lib.trt.builder import BuildOptions, build_engine
+    from stages.lib.trt.layer_report import onnx_op_types, report_from_log
+    from stages.lib.trt.profiles import profile_for
 
     assert ctx.target is not None, "engine is a per-target stage"
     target, p = ctx.target, ctx.params

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateFailed, Stage, StageContext, StageError, StageResult, missed_message
 from pipeline.worker import peak_rss_mb
-from stages.lib.checkpoint_reads import checkpoint_reads
-from stages.lib.metrics import export_gate, gate_checks
+from stages.lib.checkpoints.reads import checkpoint_reads
+from stages.lib.parity.metrics import export_gate, gate_checks
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -75,8 +75,7 @@ def _onnx_bytes(out: Path) -> int:
 def _run(ctx: StageContext) -> StageResult:
     import torch
 
-    from stages.lib import decoder_graph as dg
-    from stages.lib.checkpoints import (
+    from stages.lib.checkpoints.local import (
         BYO_FAMILY,
         VISION_ONLY_FAMILIES,
         VLM_FAMILIES,
@@ -85,9 +84,10 @@ def _run(ctx: StageContext) -> StageResult:
         load_image_processor,
         resolve_checkpoint,
     )
-    from stages.lib.decoder_parity import run_parity
-    from stages.lib.generate import OrtPipeline
+    from stages.lib.export import decoder_graph as dg
+    from stages.lib.hostside.generate import OrtPipeline
     from stages.lib.hostside.text import TextSpec
+    from stages.lib.parity.decoder import run_parity
 
     p = ctx.params
     family = checkpoint_family(ctx.inputs["checkpoint"])
@@ -119,7 +119,7 @@ def _run(ctx: StageContext) -> StageResult:
     n_deep = spec.deepstack_layers
     notes: list[str] = []
     if mode == "stamp":
-        from stages.lib.decoder_stamp import stamp_blocker
+        from stages.lib.export.decoder_stamp import stamp_blocker
 
         blocker = stamp_blocker(config.text_config, n_deep)
         if blocker:
@@ -139,8 +139,8 @@ def _run(ctx: StageContext) -> StageResult:
     # graphs' sessions after it, that holds the stage near its budget of 1.25x the graph + 2 GB
     # (keeping all 2.7 GB of the 1.43 B probe's blocks peaked at 6.1 GB against 4.9); the rest is
     # re-read from the page cache per forward, about a second per forward at that size.
-    from stages.lib.segment_session import SEGMENT_ABOVE
-    from stages.lib.streamed_model import load_streamed
+    from stages.lib.checkpoints.streamed_model import load_streamed
+    from stages.lib.segments.session import SEGMENT_ABOVE
 
     graph_bytes = sum(f.stat().st_size for f in ctx.out.glob("decoder.onnx*"))
     keep = graph_bytes // 4 if graph_bytes > SEGMENT_ABOVE else -1
@@ -154,7 +154,7 @@ def _run(ctx: StageContext) -> StageResult:
     with tempfile.TemporaryDirectory() as tmp:  # widened BF16 copies: never beside the outputs
         run_dec, run_emb = dec_path, emb_path
         if dtype == "bf16":
-            from stages.lib.bf16_widen import bf16_as_fp32
+            from stages.lib.export.bf16_widen import bf16_as_fp32
 
             run_dec = bf16_as_fp32(dec_path, Path(tmp) / "decoder_fp32.onnx")
             run_emb = bf16_as_fp32(emb_path, Path(tmp) / "embed_fp32.onnx")
@@ -163,7 +163,7 @@ def _run(ctx: StageContext) -> StageResult:
         # a decoder over 2 GiB of weights runs block by block (a whole CPU session holds ~2x them);
         # embed and vision open when first run, after every PyTorch reference is made
         from stages.lib.ortsession import LazySession
-        from stages.lib.segment_session import decoder_session
+        from stages.lib.segments.session import decoder_session
 
         dec_bytes = sum(f.stat().st_size for f in run_dec.parent.glob(run_dec.name + "*"))
         pipe = OrtPipeline.from_sessions(
@@ -216,20 +216,20 @@ def _run(ctx: StageContext) -> StageResult:
 def _export(mode: str, ctx: StageContext, path: Path, family: str, n_deep: int, dtype: str, opset: int,
             sample: dict[str, int]) -> dict[str, Any]:
     """decoder.onnx + embed.onnx into ``ctx.out``; the export facts (seconds cover both graphs)."""
-    from stages.lib import decoder_export as dx
+    from stages.lib.export import decoder as dx
 
     trust = bool(ctx.params["trust_remote_code"])
     dec_path, emb_path = ctx.out / "decoder.onnx", ctx.out / "embed.onnx"
     if mode == "stamp":
-        from stages.lib.decoder_stamp import export_stamped
-        from stages.lib.lazy_weights import export_embed_lazy
+        from stages.lib.export.decoder_stamp import export_stamped
+        from stages.lib.export.lazy_weights import export_embed_lazy
 
         ctx.report(f"exporting the {family} decoder (template layers traced, the rest stamped)", 0.1)
         facts = export_stamped(path, family, n_deep, dec_path, dtype, opset, sample, trust)
         t0 = time.perf_counter()
         export_embed_lazy(path, dtype, emb_path, opset)
     else:
-        from stages.lib.decoder_load import load_decoder
+        from stages.lib.export.decoder_load import load_decoder
 
         ctx.report(f"loading the {family} decoder in {dtype}", 0.05)
         # the language model only, streamed: one copy of the decoder weights during export

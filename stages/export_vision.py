@@ -13,7 +13,7 @@ was 1.11 GB (external data, weights referenced, not copied) against 2.8 GB for T
 which serialises the whole proto in memory. TorchScript is ~20x faster on the tiny test
 models (0.4 s vs ~9 s), which is why it remains the fallback and not the default.
 
-Parity runs in the stage (``stages.lib.vision_parity``): ONNX in onnxruntime (CPU) vs the
+Parity runs in the stage (``stages.lib.parity.vision``): ONNX in onnxruntime (CPU) vs the
 *unpatched* FP32 PyTorch encoder on the verify image sizes (not the export sample's) one at a
 time and all at once. Its worst figures are gated (``gates.export`` for FP32, ``gates.fp16`` for
 FP16/BF16; a CNN tower likewise); a miss fails the node.
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
-from stages.lib.checkpoint_reads import checkpoint_reads
-from stages.lib.metrics import Parity, export_gate, gate_checks
+from stages.lib.checkpoints.reads import checkpoint_reads
+from stages.lib.parity.metrics import Parity, export_gate, gate_checks
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
     from pipeline.targets import TargetSpec
 
 # "stamp": one block of each kind traced, the others cloned with their own weights
-# (stages.lib.vision_stamp; every block is traced where stamping refuses); "trace": every block
+# (stages.lib.export.vision_stamp; every block is traced where stamping refuses); "trace": every block
 VISION_EXPORT = "stamp"
 
 
@@ -81,7 +81,7 @@ def check_sizes(params: dict[str, Any]) -> None:
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from stages.lib.checkpoints import VISION_ONLY_FAMILIES, resolve_checkpoint
+    from stages.lib.checkpoints.local import VISION_ONLY_FAMILIES, resolve_checkpoint
 
     p = ctx.params
     if p["vision_onnx"] is not None:
@@ -89,12 +89,13 @@ def _run(ctx: StageContext) -> StageResult:
     path, family = resolve_checkpoint(ctx.inputs["checkpoint"])
     check_sizes(p)
     if family in VISION_ONLY_FAMILIES:
-        from stages.lib.cnn_export import export_cnn  # CNN backbones: exported by the fusion work's module
+        from stages.lib.export.cnn import export_cnn  # CNN backbones: exported by the fusion work's module
 
         metrics = export_cnn(path, ctx.out, p)
         gate = export_gate(p["dtype"], p["gate"], p["gate_fp16"])
         return StageResult(metrics=metrics, gates=gate_checks("vision", Parity(**metrics["parity"]), gate))
-    from stages.lib import vision_export, vision_parity
+    from stages.lib.export import vision as vision_export
+    from stages.lib.parity import vision as vision_parity
 
     return vision_parity.verify(ctx, path, family, vision_export.export(ctx, path, family))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import Stage, StageContext, StageResult
-from stages.lib.checkpoint_reads import checkpoint_reads
+from stages.lib.checkpoints.reads import checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig

@@ -16,7 +16,7 @@ Streaming, for 7-8B decoders on a 24 GB machine: the fused graph is read as stru
 is a fresh ``ir.from_proto`` of it; each weight is read once, a chunk at a time, for its scales,
 and its codes are computed again, chunk by chunk, as the candidate is written (``streamed_weights.Rows``).
 Every run (references, candidates, the result) goes through the block runner
-(``heldout.run_all`` → ``stages.lib.segments``: segment by segment at the graph's recorded cuts,
+(``heldout.run_all`` → ``stages.lib.segments.runner``: segment by segment at the graph's recorded cuts,
 whole for a graph without them) from a file. Candidates are written under the output folder
 (never /tmp, which may be RAM); the one chosen is moved into place, not written twice.
 """
@@ -30,7 +30,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult, missed_message
-from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
+from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 from stages.lib.dtypes import UNQUANTIZED
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
 
     import onnx_ir as ir
 
-    from stages.lib.metrics import gate_checks
+    from stages.lib.parity.metrics import gate_checks
     from stages.lib.qdq import graphio, heldout, sensitivity
     from stages.lib.qdq.recipe import Calib, Recipe, build, weight_share
     from stages.lib.qdq.rules import rules_for
@@ -204,17 +204,17 @@ def _run_all(graph: str, path: Any, feeds: list[dict[str, Any]], outputs: list[s
 def _cuts(path: Any) -> list[str]:
     import onnx
 
-    from stages.lib.segment_plan import model_cuts
+    from stages.lib.segments.plan import model_cuts
 
     return model_cuts(onnx.load(str(path), load_external_data=False))
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.checkpoints.local import resolve_checkpoint
     from stages.lib.qdq import heldout
     from stages.lib.qdq.calibset import Feeder, ImageFeeder, Sample
     from stages.lib.reference_io import load_reference
-    from stages.lib.segments import graph_inputs
+    from stages.lib.segments.runner import graph_inputs
 
     t0 = time.time()
     p, fused = ctx.params, ctx.inputs["fuse"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.stage import Stage, StageContext, StageError, StageResult
-from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
+from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 from stages.lib.qdq.calibset import synthetic_image
 from stages.lib.reference_io import META, NPZ, save_reference
 
@@ -203,14 +203,14 @@ def _byo_run(ctx: StageContext) -> StageResult:
 def _run(ctx: StageContext) -> StageResult:
     import torch
 
-    from stages.lib.checkpoints import (
+    from stages.lib.checkpoints.local import (
         VISION_ONLY_FAMILIES,
         load_image_processor,
         load_model,
         load_processor,
         resolve_checkpoint,
     )
-    from stages.lib.streamed_model import load_streamed
+    from stages.lib.checkpoints.streamed_model import load_streamed
 
     p = ctx.params
     check_held_out(p)

@@ -2,7 +2,7 @@
 
 Per graph x precision x target, on the held-out set of the ``reference`` stage:
 - the quantized ONNX graphs in onnxruntime (CPU, optimizations off, block by block through
-  stages/lib/segments.py, so a 7-8B decoder fits a 24 GB machine): vision features, decoder
+  stages/lib/segments/runner.py, so a 7-8B decoder fits a 24 GB machine): vision features, decoder
   prefill logits (cosine, rel-L2, max-abs, norm ratio; top-1/top-5 next-token agreement) and,
   in the same pass, the teacher-forced agreement over the reference's N greedy tokens;
 - an N-token free-running greedy multimodal generation through the graphs under test (token
@@ -13,7 +13,7 @@ Per graph x precision x target, on the held-out set of the ``reference`` stage:
   the row says "engine comparison not run: <why>" with status "not-run", never "pass".
 Gates come from ``gates[<precision>]`` (the precision each graph was quantized to is read from
 ``quantize.json``). A miss raises GateFailed with one line naming what missed and, after the
-drill-down (``stages/lib/drilldown.py``; the PyTorch side: ``stages/lib/verify_drilldown.py``),
+drill-down (``stages/lib/parity/drilldown.py``; the PyTorch side: ``stages/lib/parity/drilldown_torch.py``),
 the first block where the error jumps.
 
 ``verify.json``: {"target", "sm", "reference": {...}, "rows": [{"graph", "precision", "target",
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult, missed_message
-from stages.lib.checkpoint_reads import ALL_ROLES, checkpoint_reads
+from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -60,7 +60,7 @@ def _row(graph: str, precision: str, target: str, runtime: str, status: str, **k
 
 def _gated_row(graph: str, precision: str, p: dict[str, Any], runtime: str, figures: dict[str, Any],
                per_sample: list[Any], gate: dict[str, Any]) -> tuple[dict[str, Any], list[GateCheck]]:
-    from stages.lib.metrics import gate_checks, gate_status
+    from stages.lib.parity.metrics import gate_checks, gate_status
 
     checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
     row = _row(graph, precision, p["target"], runtime, gate_status(checks), figures=figures, per_sample=per_sample,
@@ -81,8 +81,8 @@ def _engine_row(ctx: StageContext, graph: str, precision: str, feeds: dict[str, 
     if not engine.is_file():
         return not_run(f"no {engine.name} in the engine stage's output")
     try:
-        from stages.lib import engine_parity
-        from stages.lib.trt_backend import resolve_backend
+        from stages.lib.parity import engine as engine_parity
+        from stages.lib.trt.backend import resolve_backend
 
         backend = resolve_backend(p["builder"], p["sm"])
     except (ImportError, StageError) as e:
@@ -109,7 +109,7 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
     the token gate applies to the free-running figure where it ran, else to the teacher-forced."""
     import dataclasses
 
-    from stages.lib import verify_graphs as vg
+    from stages.lib.parity import graphs as vg
 
     p, vis = ctx.params, qdir / "vision.onnx" if "vision" in graphs else None
     size = sum(vg.fp16_weight_bytes(g) for g in (qdir / "decoder.onnx", embed, vis) if g is not None)
@@ -142,8 +142,8 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
 
 
 def _run(ctx: StageContext) -> StageResult:
-    from stages.lib import verify_feeds as vf
-    from stages.lib import verify_graphs as vg
+    from stages.lib.parity import feeds as vf
+    from stages.lib.parity import graphs as vg
     from stages.lib.reference_io import load_reference
 
     p = ctx.params
@@ -206,9 +206,9 @@ def _run(ctx: StageContext) -> StageResult:
     if want and specs.path is None:  # BYO ONNX: no PyTorch model to capture per-block outputs from
         drill_notes.append(f"drill-down of {', '.join(want)} not run: a bring-your-own ONNX has no PyTorch model")
     elif want and specs.path is not None:
-        from stages.lib.checkpoints import load_model
-        from stages.lib.streamed_model import load_streamed
-        from stages.lib.verify_drilldown import drilldown_graph
+        from stages.lib.checkpoints.local import load_model
+        from stages.lib.checkpoints.streamed_model import load_streamed
+        from stages.lib.parity.drilldown_torch import drilldown_graph
 
         # a VLM streams its blocks (an 8 B model in FP32 is 35 GB); a CNN classifier loads whole
         load = load_model if specs.vision is None else load_streamed

@@ -20,7 +20,7 @@ H, V, KV, HD = 64, 512, 2, 16
 
 
 def checkpoint(root: Path, family: str = "qwen2_5_vl") -> Path:
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.tiny import generate_tiny
 
     folder = root / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def fuse_folder(root: Path, patch_dim: int, dtype: type = np.float16, nan_at: st
 
 def reference_folder(root: Path, ckpt: Path, fuse: Path, sizes=((112, 168), (196, 140)), seed: int = 4321) -> Path:
     """A held-out set in the reference stage's format (inputs only: no PyTorch outputs here)."""
-    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.checkpoints.local import resolve_checkpoint
     from stages.lib.qdq.calibset import Feeder, Sample
     from stages.lib.qdq.graphio import session
 

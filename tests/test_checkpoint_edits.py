@@ -22,7 +22,7 @@ PACKAGE = {"package@rtx3090", "package@rtx4090"}  # ships the tokenizer and proc
 
 @pytest.fixture(scope="module")
 def user_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.tiny import generate_tiny
 
     return generate_tiny("qwen2_5_vl", tmp_path_factory.mktemp("ckpt") / "user")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.stage import StageError
-from stages.lib import checkpoints as ck
-from stages.lib.tiny_checkpoints import generate_tiny
+from stages.lib.checkpoints import local as ck
+from stages.lib.checkpoints.tiny import generate_tiny
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

@@ -11,13 +11,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.lib.cnn_export import generate_tiny_cnn
+    from stages.lib.export.cnn import generate_tiny_cnn
 
     return generate_tiny_cnn(tmp_path_factory.mktemp("cnn") / "model", seed=0)
 
 
 def test_generated_checkpoint_is_a_resnet_checkpoint(ckpt: Path) -> None:
-    from stages.lib.checkpoints import detect_family
+    from stages.lib.checkpoints.local import detect_family
 
     assert detect_family(ckpt) == "resnet"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "preprocessor_config.json").is_file()
@@ -27,7 +27,7 @@ def test_generated_checkpoint_is_a_resnet_checkpoint(ckpt: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_export_parity_and_io_spec(ckpt: Path, tmp_path: Path, dtype: str) -> None:
-    from stages.lib.cnn_export import export_cnn
+    from stages.lib.export.cnn import export_cnn
 
     m = export_cnn(ckpt, tmp_path, {"dtype": dtype, "opset": 19, "seed": 3, "verify_sizes": [[112, 168], [96, 96]]})
     assert m["parity"]["cosine"] >= 0.9999
@@ -65,7 +65,7 @@ def test_fuse_stage_on_exported_resnet(ckpt: Path, tmp_path: Path) -> None:
     from pipeline.config import BuildConfig
     from pipeline.stage import StageContext
     from stages.fuse import STAGE
-    from stages.lib.cnn_export import export_cnn
+    from stages.lib.export.cnn import export_cnn
     from stages.lib.fusion.annotate import read_fusion_groups
 
     vis, dec, out = tmp_path / "v", tmp_path / "d", tmp_path / "out"
@@ -88,7 +88,7 @@ def test_convnext_backbone_exports_too(tmp_path: Path) -> None:
     import torch
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    from stages.lib.cnn_export import export_cnn
+    from stages.lib.export.cnn import export_cnn
 
     torch.manual_seed(0)
     ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],

@@ -24,9 +24,9 @@ def _checkpoint(out: Path, family: str, layers: int, *, dtype: str = "fp32", tie
     module paths, ``model.language_model.*``)."""
     import torch
 
-    from stages.lib.checkpoints import model_class
+    from stages.lib.checkpoints.local import model_class
+    from stages.lib.checkpoints.tiny import tiny_config
     from stages.lib.dtypes import torch_dtype
-    from stages.lib.tiny_checkpoints import tiny_config
 
     d = tiny_config(family).to_dict()
     d["text_config"]["num_hidden_layers"] = layers
@@ -51,10 +51,10 @@ def _checkpoint(out: Path, family: str, layers: int, *, dtype: str = "fp32", tie
 
 def _export_both(ckpt: Path, out: Path, family: str, n_deep: int, dtype: str = "fp32") -> tuple[Path, Path, dict[str, Any]]:
     """(stamped decoder.onnx, traced decoder.onnx, stamped export facts), both finalised like the stage."""
-    from stages.lib import decoder_export as dx
-    from stages.lib import decoder_graph as dg
-    from stages.lib.decoder_load import load_decoder
-    from stages.lib.decoder_stamp import export_stamped
+    from stages.lib.export import decoder as dx
+    from stages.lib.export import decoder_graph as dg
+    from stages.lib.export.decoder_load import load_decoder
+    from stages.lib.export.decoder_stamp import export_stamped
 
     (out / "stamp").mkdir(parents=True)
     (out / "trace").mkdir()
@@ -111,7 +111,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.param("qwen3_vl", marks=pytest.mark.slow),  # 3 deepstack maps: a 5-layer template
 ])
 def test_stamped_equals_traced(family: str, exported: Any) -> None:
-    from stages.lib import decoder_graph as dg
+    from stages.lib.export import decoder_graph as dg
 
     stamped, traced, facts = exported(family)
     layers, n_deep = DEEP[family]
@@ -125,7 +125,7 @@ def test_cut_list_and_layer_metadata(family: str, exported: Any) -> None:
     import onnx
     import onnx_ir as ir
 
-    from stages.lib.segment_cuts import cuts_from_name_scopes, layer_of, read_cuts
+    from stages.lib.segments.cuts import cuts_from_name_scopes, layer_of, read_cuts
 
     stamped, traced, facts = exported(family)
     n = facts["layers"]
@@ -148,7 +148,7 @@ def test_cut_list_and_layer_metadata(family: str, exported: Any) -> None:
 def test_missing_layer_tensor_is_one_line(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from stages.lib.decoder_stamp import export_stamped
+    from stages.lib.export.decoder_stamp import export_stamped
 
     ckpt = _checkpoint(tmp_path / "ckpt", "qwen2_5_vl", 4)
     state = load_file(ckpt / "model.safetensors")
@@ -168,7 +168,7 @@ def test_bf16_hub_tied_checkpoint_external_data(tmp_path: Path, monkeypatch: pyt
     every weight in the external data file: the same graph as the traced export."""
     import onnx
 
-    from stages.lib import decoder_export
+    from stages.lib.export import decoder as decoder_export
 
     monkeypatch.setattr(decoder_export, "EXTERNAL_DATA_BYTES", 0)
     ckpt = _checkpoint(tmp_path / "ckpt", "qwen2_5_vl", 4, dtype="bf16", tied=True)
@@ -184,10 +184,10 @@ def test_bf16_hub_tied_checkpoint_external_data(tmp_path: Path, monkeypatch: pyt
 def test_embed_graph_from_the_checkpoint(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from stages.lib import decoder_export as dx
-    from stages.lib.decoder_graph import io_spec
-    from stages.lib.decoder_load import load_decoder
-    from stages.lib.lazy_weights import export_embed_lazy
+    from stages.lib.export import decoder as dx
+    from stages.lib.export.decoder_graph import io_spec
+    from stages.lib.export.decoder_load import load_decoder
+    from stages.lib.export.lazy_weights import export_embed_lazy
 
     ckpt = _checkpoint(tmp_path / "ckpt", "qwen2_vl", 2, dtype="bf16", layout="v5")
     export_embed_lazy(ckpt, "fp16", tmp_path / "lazy.onnx", 19)
@@ -206,8 +206,8 @@ def test_lazy_tensor_streams_what_it_evaluates_to(transpose: bool, tmp_path: Pat
 
     import torch
 
-    from stages.lib import lazy_weights as lw
-    from stages.lib.decoder_load import _PREFIXES, _canonical
+    from stages.lib.export import lazy_weights as lw
+    from stages.lib.export.decoder_load import _PREFIXES, _canonical
 
     ckpt = _checkpoint(tmp_path / "ckpt", "qwen2_5_vl", 2, dtype="bf16")
     refs = lw.checkpoint_tensors(ckpt, _PREFIXES, _canonical)
@@ -225,8 +225,8 @@ def test_lazy_tensor_streams_what_it_evaluates_to(transpose: bool, tmp_path: Pat
 def test_layer_limited_load_reads_the_first_layers(tmp_path: Path) -> None:
     import torch
 
-    from stages.lib.decoder_load import load_decoder, template_decoder
-    from stages.lib.decoder_stamp import template_layers
+    from stages.lib.export.decoder_load import load_decoder, template_decoder
+    from stages.lib.export.decoder_stamp import template_layers
 
     ckpt = _checkpoint(tmp_path / "ckpt", "qwen2_5_vl", 4, layout="v5")
     full, part = load_decoder(ckpt), load_decoder(ckpt, layers=2)
@@ -243,7 +243,7 @@ def test_mixed_layer_types_are_not_stamped() -> None:
     """A sliding-window Qwen2 config's later layers differ from the template's: the stage traces."""
     from types import SimpleNamespace
 
-    from stages.lib.decoder_stamp import stamp_blocker
+    from stages.lib.export.decoder_stamp import stamp_blocker
 
     full = SimpleNamespace(num_hidden_layers=6, layer_types=["full_attention"] * 6)
     assert stamp_blocker(full, 0) is None
@@ -262,7 +262,7 @@ def test_stage_parity_on_a_stamped_decoder(family: str, dtype: str, tmp_path: Pa
     from pipeline.config import BuildConfig
     from pipeline.stage import StageContext
     from stages.export_decoder import STAGE
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.tiny import generate_tiny
 
     layers, n_deep = DEEP[family][0] + 2, DEEP[family][1]
     folder = tmp_path / "ck"

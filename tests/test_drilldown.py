@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import drilldown as dd
+from stages.lib.parity import drilldown as dd
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -194,9 +194,9 @@ def test_drilldown_runs_segment_by_segment(exported: tuple[Path, Toy, np.ndarray
     whole-graph session of a big decoder), with the figures of the uncut graph."""
     import json
 
-    from stages.lib import segments as S
-    from stages.lib.segment_cuts import CUTS_KEY
-    from stages.lib.segment_plan import Plan, Segment
+    from stages.lib.segments import runner as S
+    from stages.lib.segments.cuts import CUTS_KEY
+    from stages.lib.segments.plan import Plan, Segment
 
     path, model, x = exported
     whole = dd.drilldown(path, {"x": x}, "blocks", _torch_outs(model, x))

@@ -13,7 +13,7 @@ from pipeline.config import BuildConfig
 from pipeline.stage import StageContext, StageError
 from pipeline.targets import load_catalog, with_fp8
 from stages.engine import STAGE
-from stages.lib import trt_probe_graphs as G
+from tests import trt_probe_graphs as G
 
 DIM = 64
 
@@ -106,7 +106,7 @@ def test_fp8_engines_for_rtx4090_and_cnn_tower(tmp_path: Path) -> None:
 
 
 def test_fp8_for_rtx3090_refused_before_any_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.lib.trt_builder as tb
+    import stages.lib.trt.builder as tb
 
     def no_build(*a: Any, **k: Any) -> None:
         raise AssertionError("a build started")
@@ -118,7 +118,7 @@ def test_fp8_for_rtx3090_refused_before_any_build(tmp_path: Path, monkeypatch: p
 
 
 def test_tensorrt_target_fails_clearly_here(tmp_path: Path) -> None:
-    from stages.lib.trt_backend import host_problem
+    from stages.lib.trt.backend import host_problem
 
     reason = STAGE.needs_host(_cfg(), load_catalog()["a100"]) if STAGE.needs_host else None
     assert reason == host_problem("tensorrt", "8.0")

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import BuildConfig
 from pipeline.stage import GateFailed, StageContext, StageError, missed_message
 from stages.export_decoder import STAGE, gate_figures
-from stages.lib.metrics import gate_checks
+from stages.lib.parity.metrics import gate_checks
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -30,7 +30,7 @@ class _Checkpoints(dict):  # type: ignore[type-arg]
         self.factory = factory
 
     def __missing__(self, family: str) -> Path:
-        from stages.lib.tiny_checkpoints import generate_tiny
+        from stages.lib.checkpoints.tiny import generate_tiny
 
         folder = self.factory.mktemp(f"ck_{family}")
         generate_tiny(family, folder / "model", seed=0)
@@ -94,7 +94,7 @@ def test_io_spec_names_dtypes_and_dynamic_axes(qwen2_fp32: tuple[Any, Path]) -> 
 
 
 def test_pipeline_from_folder_runs_past_zero_and_batch_three(qwen2_fp32: tuple[Any, Path]) -> None:
-    from stages.lib.generate import OrtPipeline
+    from stages.lib.hostside.generate import OrtPipeline
 
     _, out = qwen2_fp32
     pipe = OrtPipeline.from_folder(out)
@@ -182,7 +182,7 @@ def test_bf16_export(ckpts: dict[str, Path], tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_baked_shapes_fail_the_gate(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An export that froze the sample's batch/sequence/past sizes must miss the gate."""
-    from stages.lib import decoder_export
+    from stages.lib.export import decoder as decoder_export
 
     monkeypatch.setattr(decoder_export, "_dynamic_shapes", lambda n_layers, n_deep: None)
     with pytest.raises(GateFailed) as e:
@@ -217,9 +217,9 @@ def test_multimodal_through_vision_onnx(family: str, ckpts: dict[str, Path], tmp
     assert res.metrics["vision_source"] == "onnx"
     assert res.metrics["token_agreement"] == 1.0 and all(g.passed for g in res.gates)
     # the runtime API a verifier uses: both folders in, pixels in, tokens out
-    from stages.lib.checkpoints import load_model, load_processor, resolve_checkpoint
-    from stages.lib.decoder_parity import make_prompt
-    from stages.lib.generate import OrtPipeline, torch_generate
+    from stages.lib.checkpoints.local import load_model, load_processor, resolve_checkpoint
+    from stages.lib.hostside.generate import OrtPipeline, torch_generate
+    from stages.lib.parity.decoder import make_prompt
 
     path, _ = resolve_checkpoint(ckpts[family])
     model = load_model(path)
@@ -237,7 +237,7 @@ def test_sample_outside_the_profile_is_one_line(ckpts: dict[str, Path], tmp_path
 @pytest.mark.slow
 def test_external_data_export_runs(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above the inline limit weights stream to <graph>.onnx.data; dim naming keeps the references."""
-    from stages.lib import decoder_export
+    from stages.lib.export import decoder as decoder_export
 
     monkeypatch.setattr(decoder_export, "EXTERNAL_DATA_BYTES", 0)
     res = _run(_cfg("qwen3_vl", export={"dtype": "fp32"}), ckpts["qwen3_vl"], tmp_path)
@@ -257,8 +257,8 @@ def test_external_data_export_runs(ckpts: dict[str, Path], tmp_path: Path, monke
 def test_streamed_decoder_load_equals_from_pretrained(family: str, ckpts: dict[str, Path]) -> None:
     import torch
 
-    from stages.lib.checkpoints import load_model, resolve_checkpoint
-    from stages.lib.decoder_load import load_decoder
+    from stages.lib.checkpoints.local import load_model, resolve_checkpoint
+    from stages.lib.export.decoder_load import load_decoder
 
     path, _ = resolve_checkpoint(ckpts[family])
     ref = load_model(path, dtype="fp16")
@@ -290,7 +290,7 @@ def test_big_decoder_parity_runs_block_by_block(ckpts: dict[str, Path], tmp_path
     """Above SEGMENT_ABOVE the parity cases run the decoder one block at a time, all in one pass,
     the greedy generation teacher-forced in it (a whole CPU session of an 8 B decoder would not
     fit); FP32: the same gates hold exactly, and the forced tokens are the reference's."""
-    from stages.lib import segment_session
+    from stages.lib.segments import session as segment_session
 
     monkeypatch.setattr(segment_session, "SEGMENT_ABOVE", 0)
     res = _run(_cfg("qwen3_vl", export={"dtype": "fp32"}), ckpts["qwen3_vl"], tmp_path)

@@ -101,7 +101,7 @@ def test_export_with_a_baked_shape_fails_parity(ckpts: dict[str, Path], tmp_path
     """An export that froze the sample's patch count must miss the gate on the other sizes."""
     import torch
 
-    from stages.lib import vision_export
+    from stages.lib.export import vision as vision_export
     from stages.lib.patches import vision as pv
 
     def static_export(visual: Any, family: str, args: Any, names: Any, outs: Any, path: Path, opset: int,
@@ -152,7 +152,7 @@ def test_big_tower_exports_in_a_child_process(ckpts: dict[str, Path], tmp_path: 
     """Above CHILD_ABOVE the export runs in a spawned process (the exporter's leftovers leave
     with it); the graph, its facts and the parity come out as in-process. The patch below holds
     only in this process: an export here fails the test, the spawned child imports the real one."""
-    from stages.lib import vision_export
+    from stages.lib.export import vision as vision_export
 
     monkeypatch.setattr(vision_export, "CHILD_ABOVE", 0)
 

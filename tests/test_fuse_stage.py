@@ -14,7 +14,7 @@ from pipeline.config import BuildConfig
 from pipeline.stage import StageContext, StageError
 from stages.fuse import STAGE
 from stages.lib.fusion.annotate import read_fusion_groups
-from stages.lib.fusion.samples import AttnSpec, attention_model, conv_model
+from tests.fusion_samples import AttnSpec, attention_model, conv_model
 
 
 def _cfg(**fuse: object) -> BuildConfig:

@@ -10,7 +10,7 @@ import pytest
 from stages.lib.fusion import apply_rules, op_histogram, resolve_attention_mode
 from stages.lib.fusion.annotate import GROUP, ROLE, read_fusion_groups
 from stages.lib.fusion.check import compare, random_feeds
-from stages.lib.fusion.samples import AttnSpec, attention_model
+from tests.fusion_samples import AttnSpec, attention_model
 
 VARIANTS = {
     "vit_plain": AttnSpec(),

@@ -10,7 +10,7 @@ from stages.lib.fusion import apply_rules, op_histogram
 from stages.lib.fusion.annotate import read_fusion_groups
 from stages.lib.fusion.batchnorm import annotate_conv_partitions, fold_batchnorm
 from stages.lib.fusion.check import compare, random_feeds
-from stages.lib.fusion.samples import conv_model
+from tests.fusion_samples import conv_model
 
 
 def test_fold_batchnorm_rule_alone_keeps_numerics() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import onnx
 import pytest
 
-from stages.lib.fusion.samples import AttnSpec, attention_model
+from tests.fusion_samples import AttnSpec, attention_model
 
 SM = "8.9"
 BLOCKS = {
@@ -26,9 +26,9 @@ BLOCKS = {
 
 
 def _summary(proto: onnx.ModelProto, tmp: Path, name: str, profile: dict | None = None) -> Any:
-    from stages.lib.layer_report import onnx_op_types, report_from_log
-    from stages.lib.trt_backend import resolve_backend
-    from stages.lib.trt_builder import BuildOptions, build_engine
+    from stages.lib.trt.backend import resolve_backend
+    from stages.lib.trt.builder import BuildOptions, build_engine
+    from stages.lib.trt.layer_report import onnx_op_types, report_from_log
 
     path = tmp / f"{name}.onnx"
     onnx.save(proto, path)
@@ -89,7 +89,7 @@ def test_resnet_every_conv_relu_is_one_conv_layer(tmp_path: Path) -> None:
     import numpy as np
 
     from bench.fusion_effect import qdq
-    from stages.lib.cnn_export import export_cnn, generate_tiny_cnn
+    from stages.lib.export.cnn import export_cnn, generate_tiny_cnn
 
     ck = generate_tiny_cnn(tmp_path / "ck", seed=0)
     export_cnn(ck, tmp_path / "v", {"dtype": "fp16", "opset": 19})

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stages.lib.generate import OrtPipeline, Prompt, token_agreement, torch_generate
 from stages.lib.hostside import text as host
+from stages.lib.hostside.generate import OrtPipeline, Prompt, token_agreement, torch_generate
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, OrtPipeline, Any]:
-    from stages.lib import decoder_export as dx
-    from stages.lib.checkpoints import load_model, load_processor
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.local import load_model, load_processor
+    from stages.lib.checkpoints.tiny import generate_tiny
+    from stages.lib.export import decoder as dx
 
     root = tmp_path_factory.mktemp("gen")
     path = generate_tiny("qwen2_vl", root / "model", seed=0)
@@ -35,13 +35,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, OrtPipeline, A
 
 
 def _prompt(model: Any, image_processor: Any) -> Prompt:
-    from stages.lib.decoder_parity import make_prompt
+    from stages.lib.parity.decoder import make_prompt
 
     return make_prompt(model, image_processor, [(112, 168), (196, 140)], prompt_len=12, seed=3)
 
 
 def test_multimodal_generation_matches_model_generate(setup: tuple[Any, OrtPipeline, Any]) -> None:
-    from stages.lib.decoder_parity import torch_visual_features
+    from stages.lib.parity.decoder import torch_visual_features
 
     model, pipe, proc = setup
     prompt = _prompt(model, proc)
@@ -57,7 +57,7 @@ def test_multimodal_generation_matches_model_generate(setup: tuple[Any, OrtPipel
 def test_teacher_forced_prefill_picks_the_greedy_tokens(setup: tuple[Any, OrtPipeline, Any]) -> None:
     """The prompt and its first n - 1 greedy tokens in one pass (left-padded batch): the argmax at
     the n positions from the prompt's last one are the n tokens the decode loop picked."""
-    from stages.lib.decoder_parity import torch_visual_features
+    from stages.lib.parity.decoder import torch_visual_features
 
     model, pipe, proc = setup
     prompt = _prompt(model, proc)
@@ -80,7 +80,7 @@ def test_text_only_generation_matches(setup: tuple[Any, OrtPipeline, Any]) -> No
 
 def test_image_features_change_the_output(setup: tuple[Any, OrtPipeline, Any]) -> None:
     """The merge is real: other visual features give other logits at the image positions."""
-    from stages.lib.decoder_parity import torch_visual_features
+    from stages.lib.parity.decoder import torch_visual_features
 
     model, pipe, proc = setup
     prompt = _prompt(model, proc)
@@ -116,5 +116,5 @@ def test_runtime_needs_no_torch(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = "import sys, stages.lib.generate; assert 'torch' not in sys.modules"
+    code = "import sys, stages.lib.hostside.generate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,8 +18,8 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 def models() -> dict[str, Any]:
     import torch
 
-    from stages.lib.checkpoints import model_class
-    from stages.lib.tiny_checkpoints import tiny_config
+    from stages.lib.checkpoints.local import model_class
+    from stages.lib.checkpoints.tiny import tiny_config
 
     torch.manual_seed(0)
     return {f: model_class(f)._from_config(tiny_config(f), dtype=torch.float32).eval() for f in FAMILIES}

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import checkpoints as ck
+from stages.lib.checkpoints import local as ck
+from stages.lib.checkpoints.tiny import generate_tiny, tiny_config
 from stages.lib.hostside import vision as hv
-from stages.lib.tiny_checkpoints import generate_tiny, tiny_config
 
 GRIDS = [[[1, 8, 12]], [[1, 8, 12], [1, 14, 10]], [[2, 6, 4], [1, 4, 16]]]
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.stage import StageError
-from stages.lib import checkpoints as ck
-from stages.lib import safetensors_check as st
-from stages.lib.tiny_checkpoints import generate_tiny
+from stages.lib.checkpoints import local as ck
+from stages.lib.checkpoints import safetensors_check as st
+from stages.lib.checkpoints.tiny import generate_tiny
 
 EXPECT_RGB = "expected an RGB image (png, jpg, bmp, webp, gif, tiff)"
 
@@ -255,7 +255,7 @@ def test_hf_kwargs_policy() -> None:
 
 
 def test_cnn_checkpoint_with_remote_code_refused(tmp_path: Path) -> None:
-    from stages.lib.cnn_export import export_cnn, generate_tiny_cnn
+    from stages.lib.export.cnn import export_cnn, generate_tiny_cnn
 
     path = _with_auto_map(generate_tiny_cnn(tmp_path / "cnn", seed=0))
     want = (f"checkpoint {path} ships its own code (auto_map in config.json); set model.trust_remote_code: true "
@@ -278,7 +278,7 @@ def test_every_loader_applies_the_policy(copy: Path) -> None:
     for fn in (ck.load_config_hf, ck.load_image_processor, ck.load_tokenizer, ck.load_processor, ck.load_model):
         assert _refused(fn, copy) == want
     assert _refused(ck.load_vision, copy, "qwen2_vl") == want
-    from stages.lib.decoder_load import load_decoder
+    from stages.lib.export.decoder_load import load_decoder
 
     assert _refused(load_decoder, copy) == want
 
@@ -287,7 +287,7 @@ def test_every_loader_applies_the_policy(copy: Path) -> None:
 
 
 def test_image_processor_loads_without_tokenizer_files(copy: Path, tmp_path: Path) -> None:
-    from stages.lib.verify_feeds import load_specs
+    from stages.lib.parity.feeds import load_specs
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (copy / name).write_text("{broken")

@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from stages.lib.metrics import compare
+from stages.lib.parity.metrics import compare
 from stages.lib.qdq import calibrators as C
 from stages.lib.qdq.graphio import check, run, session, to_proto
 from stages.lib.qdq.int4 import block_for, quantize_blocks

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib import trt_probe_graphs as G
-from stages.lib.layer_report import onnx_op_types, parse_layer_line, parse_layers, report_from_log
-from stages.lib.trt_backend import resolve_backend
-from stages.lib.trt_builder import BuildOptions, build_engine
+from stages.lib.trt.backend import resolve_backend
+from stages.lib.trt.builder import BuildOptions, build_engine
+from stages.lib.trt.layer_report import onnx_op_types, parse_layer_line, parse_layers, report_from_log
+from tests import trt_probe_graphs as G
 
 CONV = {"x": ((1, 8, 16, 16), (1, 8, 32, 32), (2, 8, 64, 64))}
 MHA = {"x": ((1, 8, 64), (1, 32, 64), (2, 128, 64))}

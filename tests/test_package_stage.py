@@ -324,8 +324,8 @@ def test_cli_builds_delivers_and_caches_the_package(real: dict[str, Any]) -> Non
 
 @pytest.mark.slow
 def test_real_package_runs_its_probe_through_onnx(real: dict[str, Any], tmp_path: Path) -> None:
-    from stages.lib import generate as gen
-    from stages.lib.metrics import compare
+    from stages.lib.hostside import generate as gen
+    from stages.lib.parity.metrics import compare
     from stages.lib.qdq.graphio import session
 
     out = real["out"]

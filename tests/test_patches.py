@@ -15,7 +15,7 @@ import inspect
 
 import pytest
 
-from stages.lib.checkpoints import VISION_CLASSES
+from stages.lib.checkpoints.local import VISION_CLASSES
 from stages.lib.patches import vision as pv
 
 ATTENTION = "2afc2f9fa3ebd677"  # the same source in all three families
@@ -57,7 +57,7 @@ def test_vision_utils_unchanged() -> None:
 @pytest.mark.parametrize("family", sorted(pv.UPSTREAM))
 def test_attributes_the_patch_uses_exist(family: str) -> None:
     """The replacement reads qkv/proj/num_heads/scaling and the block passes **kwargs on."""
-    from stages.lib.tiny_checkpoints import tiny_config
+    from stages.lib.checkpoints.tiny import tiny_config
 
     attn_cls, block_cls = pv.upstream_classes(family)
     cfg = tiny_config(family).vision_config

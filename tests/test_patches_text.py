@@ -17,8 +17,8 @@ FAMILIES = tuple(pt.MODELING_MODULES)
 def models() -> dict[str, Any]:
     import torch
 
-    from stages.lib.checkpoints import model_class
-    from stages.lib.tiny_checkpoints import tiny_config
+    from stages.lib.checkpoints.local import model_class
+    from stages.lib.checkpoints.tiny import tiny_config
 
     torch.manual_seed(0)
     out = {}

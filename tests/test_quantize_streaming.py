@@ -24,13 +24,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.stage import StageContext
-from stages.lib import segments
 from stages.lib.qdq import graphio, heldout, streamed_weights
 from stages.lib.qdq import sensitivity as S
 from stages.lib.qdq.block_scores import extract
 from stages.lib.qdq.recipe import Calib, Recipe, build
-from stages.lib.segment_cuts import CUTS_KEY, SCOPES_KEY
-from stages.lib.segment_plan import plan
+from stages.lib.segments import runner as segments
+from stages.lib.segments.cuts import CUTS_KEY, SCOPES_KEY
+from stages.lib.segments.plan import plan
 from tests import qdq_graphs as G
 
 REPO = Path(__file__).resolve().parent.parent

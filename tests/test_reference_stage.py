@@ -48,7 +48,7 @@ def test_synthetic_images_are_deterministic_and_structured() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.tiny import generate_tiny
 
     folder = tmp_path_factory.mktemp("checkpoint")
     generate_tiny("qwen2_5_vl", folder / "model", seed=0)
@@ -92,7 +92,7 @@ def test_reference_artifact(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_vision_only_checkpoint(tmp_path: Path) -> None:
-    from stages.lib.cnn_export import generate_tiny_cnn
+    from stages.lib.export.cnn import generate_tiny_cnn
 
     ck = tmp_path / "ck"
     generate_tiny_cnn(ck / "model", seed=0)

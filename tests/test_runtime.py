@@ -304,7 +304,7 @@ def test_engine_backends_fail_with_one_clear_line_here(package: Path) -> None:
 
 
 def test_generate_gives_ortpipelines_tokens_on_the_same_graphs(package: Path, image: Path) -> None:
-    from stages.lib.generate import OrtPipeline
+    from stages.lib.hostside.generate import OrtPipeline
     from stages.lib.runtime import choose, open_backend
     from stages.lib.runtime.generate import run_package
 
@@ -350,7 +350,7 @@ def test_prompt_equals_the_checkpoints_processor(package: Path, image: Path) -> 
     """Template, tokenizer, resize and patchify without transformers == the HF processor's output."""
     from PIL import Image
 
-    from stages.lib.checkpoints import load_processor
+    from stages.lib.checkpoints.local import load_processor
     from stages.lib.runtime.prompt import QWEN_VL_TEMPLATE, build_prompt, load_assets
 
     ip, tok = load_processor(model_path(package))
@@ -568,7 +568,7 @@ def test_the_pipeline_runs_over_engine_sessions_and_honours_engine_profiles(pack
         capped = run_package(pkg, _EngineLike(pkg), [image], PROMPT, max_new_tokens=past_max + 50, stop_at_eos=False)
     n = capped.stats.prompt_tokens
     assert capped.stats.new_tokens == past_max - n + 2 and "capped" in capped.extra["notes"][0]
-    from stages.lib.generate import Prompt
+    from stages.lib.hostside.generate import Prompt
     from stages.lib.runtime.errors import UsageError
 
     with pytest.raises(UsageError, match="the prompt has 9 tokens; the decoder engine takes at most 8"):

@@ -30,8 +30,8 @@ def _torch_tokens(model: Path, image: Path) -> list[int]:
     """The reference in this venv: the checkpoint's own processor + ``model.generate`` (greedy)."""
     from PIL import Image
 
-    from stages.lib.checkpoints import load_model, load_processor
-    from stages.lib.generate import Prompt, torch_generate
+    from stages.lib.checkpoints.local import load_model, load_processor
+    from stages.lib.hostside.generate import Prompt, torch_generate
     from stages.lib.runtime.prompt import QWEN_VL_TEMPLATE
 
     ip, tok = load_processor(model)

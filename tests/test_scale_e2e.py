@@ -30,7 +30,7 @@ GB = 1024**3
 @pytest.mark.slow
 @pytest.mark.scale  # ~30 min and ~20 GB of disk on 2 cores: `make test-scale`, not yet in CI
 def test_qwen3_vl_8b_widths_build_to_engines(tmp_path: Path) -> None:
-    from stages.lib.released_checkpoints import write_random_checkpoint
+    from stages.lib.checkpoints.released import write_random_checkpoint
 
     try:
         _build_and_check(tmp_path, write_random_checkpoint("qwen3-vl-8b", tmp_path / "ckpt", text_layers=3))
@@ -40,7 +40,7 @@ def test_qwen3_vl_8b_widths_build_to_engines(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # in CI (`slow and not scale`): 10 min, 7.8 GB peak, ~12 GB of disk on 2 cores
 def test_real_vocab_decoder_past_2gb_builds_to_an_engine(tmp_path: Path) -> None:
-    from stages.lib.released_checkpoints import write_random_checkpoint
+    from stages.lib.checkpoints.released import write_random_checkpoint
 
     free = shutil.disk_usage(tmp_path).free
     if free < 16 * GB:  # a full disk mid-build would fail some unrelated write: say so instead

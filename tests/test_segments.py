@@ -1,4 +1,4 @@
-"""The segment runner (``stages.lib.segments``): block-by-block execution of a decoder graph,
+"""The segment runner (``stages.lib.segments.runner``): block-by-block execution of a decoder graph,
 equal to the whole-graph session; and calibration on it equal to a whole-graph calibration."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from stages.lib import segments as S
 from stages.lib.qdq import graphio
-from stages.lib.segment_cuts import CUTS_KEY, read_cuts
-from stages.lib.segment_plan import model_cuts, plan
+from stages.lib.segments import runner as S
+from stages.lib.segments.cuts import CUTS_KEY, read_cuts
+from stages.lib.segments.plan import model_cuts, plan
 from tests import qdq_stage_fixtures as F
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,11 +29,11 @@ def _export(ckpt: Path, out: Path, dtype: str) -> Path:
     import onnx_ir as ir
 
     from stages.fuse import fuse_graph
-    from stages.lib import decoder_export as dx
-    from stages.lib import decoder_graph as dg
-    from stages.lib.checkpoints import resolve_checkpoint
-    from stages.lib.decoder_load import load_decoder
-    from stages.lib.segment_cuts import cuts_from_name_scopes, write_cuts
+    from stages.lib.checkpoints.local import resolve_checkpoint
+    from stages.lib.export import decoder as dx
+    from stages.lib.export import decoder_graph as dg
+    from stages.lib.export.decoder_load import load_decoder
+    from stages.lib.segments.cuts import cuts_from_name_scopes, write_cuts
 
     path, family = resolve_checkpoint(ckpt)
     model = load_decoder(path, dtype=dtype)
@@ -88,7 +88,7 @@ def test_fused_decoder_keeps_its_cuts(tiny: dict[str, Any]) -> None:
     assert len(cuts) == 2  # one per decoder layer of the tiny model
     assert set(cuts) <= {o for n in m.graph.node for o in n.output}
     assert model_cuts(m) == cuts
-    from stages.lib.segment_cuts import cuts_from_name_scopes
+    from stages.lib.segments.cuts import cuts_from_name_scopes
 
     assert cuts_from_name_scopes(ir.load(tiny["fp16"])) == cuts  # name scopes survive fusion too
 
@@ -215,7 +215,7 @@ PEAK = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from stages.lib import segments as S
+from stages.lib.segments import runner as S
 
 
 def hwm():  # peak RSS of this process image in MiB (ru_maxrss would include the parent's, kept across exec)
@@ -350,7 +350,7 @@ def test_segmented_session_answers_like_a_session(tiny: dict[str, Any]) -> None:
     """What the generation loop calls (get_inputs/get_outputs/run) gives what a whole-graph
     session gives: exactly, on an FP32 export (no FP16 rounding at the cuts)."""
     from stages.lib.ortsession import ort_session
-    from stages.lib.segment_session import SegmentedSession, decoder_session
+    from stages.lib.segments.session import SegmentedSession, decoder_session
 
     path = _export(tiny["ckpt"], tiny["root"] / "fp32", "fp32")
     whole, seg = ort_session(path, optimization="none"), SegmentedSession(path, optimization="none")

@@ -15,7 +15,7 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from stages.lib.tiny_checkpoints import generate_tiny
+    from stages.lib.checkpoints.tiny import generate_tiny
 
     root = tmp_path_factory.mktemp("streamed")
     return {f: generate_tiny(f, root / f, seed=0) for f in FAMILIES}
@@ -32,8 +32,8 @@ def _pixels(model: object) -> tuple[object, object]:
                                              ("qwen2_5_vl", -1)])
 def test_streamed_equals_whole_model(tiny: dict[str, Path], family: str, keep: int | None,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.lib import streamed_model as sm
-    from stages.lib.checkpoints import load_model
+    from stages.lib.checkpoints import streamed_model as sm
+    from stages.lib.checkpoints.local import load_model
 
     # stream the embedding and lm_head too (in a tiny model they are under the real threshold)
     monkeypatch.setattr(sm, "STREAM_LEAF_BYTES", 1024)
@@ -73,8 +73,8 @@ def _rewrite(src: Path, dst: Path, edit: Any) -> Path:
 def test_hub_layout_names_load(tiny: dict[str, Path], tmp_path: Path) -> None:
     """Original hub checkpoints name the text model ``model.*`` and the ViT ``visual.*``."""
 
-    from stages.lib.checkpoints import load_model
-    from stages.lib.streamed_model import load_streamed
+    from stages.lib.checkpoints.local import load_model
+    from stages.lib.checkpoints.streamed_model import load_streamed
 
     src = tiny["qwen2_5_vl"]
     dst = _rewrite(src, tmp_path / "hub", lambda state: {
@@ -88,7 +88,7 @@ def test_hub_layout_names_load(tiny: dict[str, Path], tmp_path: Path) -> None:
 def test_missing_tensor_is_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
 
     from pipeline.stage import StageError
-    from stages.lib.streamed_model import load_streamed
+    from stages.lib.checkpoints.streamed_model import load_streamed
 
     gone = "model.language_model.layers.2.mlp.down_proj.weight"
     dst = _rewrite(tiny["qwen3_vl"], tmp_path / "cut", lambda state: {k: v for k, v in state.items() if k != gone})

@@ -9,11 +9,11 @@ import pytest
 
 from pipeline.stage import StageError
 from pipeline.targets import load_catalog, with_fp8
-from stages.lib import trt_probe_graphs as G
-from stages.lib.engine_profiles import profile_for, vision_patch_counts
-from stages.lib.layer_report import report_from_log
-from stages.lib.trt_backend import host_problem, local_gpu_sms, resolve_backend
-from stages.lib.trt_builder import BuildOptions, build_engine, graph_quant_dtypes, refuse_unsupported
+from stages.lib.trt.backend import host_problem, local_gpu_sms, resolve_backend
+from stages.lib.trt.builder import BuildOptions, build_engine, graph_quant_dtypes, refuse_unsupported
+from stages.lib.trt.layer_report import report_from_log
+from stages.lib.trt.profiles import profile_for, vision_patch_counts
+from tests import trt_probe_graphs as G
 
 CONV_PROFILE = {"x": ((1, 8, 16, 16), (1, 8, 32, 32), (2, 8, 64, 64))}
 MHA_PROFILE = {"x": ((1, 8, 64), (1, 32, 64), (2, 128, 64))}
@@ -200,8 +200,8 @@ def _save_in_process(args: tuple[str, int]) -> int:
     # one concurrent writer: attach, then save under the lock (what two parallel builds do)
     import tensorrt_rtx_bindings as trt  # the RTX API accepts the calls; the file logic is what is tested
 
-    from stages.lib import trt_timing_cache as tc
-    from stages.lib.trt_backend import make_logger
+    from stages.lib.trt import timing_cache as tc
+    from stages.lib.trt.backend import make_logger
 
     path, _ = args
     config = trt.Builder(make_logger(trt, [])).create_builder_config()
@@ -247,7 +247,7 @@ def test_dtype_tables_agree_with_onnx_and_ort(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
     from stages.lib import dtypes
-    from stages.lib.decoder_graph import io_spec
+    from stages.lib.export.decoder_graph import io_spec
 
     for t, name in dtypes.ONNX_DTYPES.items():
         assert str(np.dtype(helper.tensor_dtype_to_np_dtype(t))) == name, t

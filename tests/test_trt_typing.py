@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-MODULES = ["stages/lib/trt_builder.py", "stages/lib/trt_backend.py", "stages/lib/trt_timing_cache.py",
-           "stages/lib/engine_parity.py", "stages/engine.py"]
+MODULES = ["stages/lib/trt/builder.py", "stages/lib/trt/backend.py", "stages/lib/trt/timing_cache.py",
+           "stages/lib/parity/engine.py", "stages/engine.py"]
 KEYWORDS = "in|from|is|lambda|def|class|global|pass|with|as|import|return|yield|not|and|or"
 
 

@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import BuildConfig
 from pipeline.stage import GateFailed, StageContext, StageError, missed_message
 from pipeline.targets import load_catalog
-from stages.lib.metrics import gate_checks, gate_status
+from stages.lib.parity.metrics import gate_checks, gate_status
 from stages.verify import STAGE, _engine_row
 
 DEFAULT: dict[str, Any] = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"},
@@ -155,7 +155,7 @@ def _corrupt_scale(src: Path, dst: Path, graph: str, kind: str, block: int) -> s
     import onnx
     from onnx import numpy_helper
 
-    from stages.lib.drilldown import node_blocks
+    from stages.lib.parity.drilldown import node_blocks
 
     shutil.copytree(src, dst)
     m = onnx.load(str(dst / f"{graph}.onnx"))
@@ -197,14 +197,15 @@ def test_engine_path_wiring_with_a_stand_in_runtime(tmp_path: Path, monkeypatch:
     """No GPU here: the TensorRT runtime is replaced by a stand-in that echoes the held-out
     inputs, to check what verify hands an engine (the very ONNX feeds plus the PyTorch
     reference) and that the result is gated like the ONNX rows. Real runs need a GPU host."""
-    from stages.lib import engine_parity, trt_backend
+    from stages.lib.parity import engine as engine_parity
+    from stages.lib.trt import backend as trt_backend
 
     seen: dict[str, Any] = {}
 
     def fake_run(backend: Any, engine: Path, heldout: Path) -> dict[str, Any]:
         with np.load(heldout, allow_pickle=False) as z:
             seen.update({k: z[k] for k in z.files})
-        from stages.lib.metrics import compare
+        from stages.lib.parity.metrics import compare
 
         p = compare(seen["ref.image_features"] * 1.5, seen["ref.image_features"])  # a bad engine
         return {"outputs": {"image_features": p.as_dict()}, "worst": p.as_dict()}

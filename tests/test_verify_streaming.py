@@ -1,5 +1,5 @@
 """verify at sizes where a whole-graph CPU session does not fit: the decoder runs block by block
-(stages/lib/segments.py) for prefill parity and the teacher-forced token agreement, free-running
+(stages/lib/segments/runner.py) for prefill parity and the teacher-forced token agreement, free-running
 generation only under ``FREE_RUN_LIMIT``. On the tiny default (Qwen2.5-VL): teacher-forced
 tokens equal the free-running ones for the FP32 and FP16 exports; a graph with cuts and external
 data, segment by segment, gives the whole-graph figures within FP16 tolerance; a broken weight
@@ -22,11 +22,11 @@ from onnx import helper, numpy_helper
 from pipeline.config import BuildConfig
 from pipeline.stage import GateFailed, StageContext
 from pipeline.targets import load_catalog
-from stages.lib import segments as S
-from stages.lib import verify_graphs as vg
+from stages.lib.parity import graphs as vg
+from stages.lib.parity.feeds import load_specs
 from stages.lib.reference_io import load_reference
-from stages.lib.segment_plan import plan
-from stages.lib.verify_feeds import load_specs
+from stages.lib.segments import runner as S
+from stages.lib.segments.plan import plan
 from tests import qdq_stage_fixtures as F
 from tests.test_segments import _export
 

@@ -1,4 +1,4 @@
-"""Stamped vision export (``stages.lib.vision_stamp``): the same graph as tracing every block.
+"""Stamped vision export (``stages.lib.export.vision_stamp``): the same graph as tracing every block.
 
 The tiny test models have 2-3 blocks, all of which the template traces; these checkpoints have
 the released layouts at tiny widths and enough depth that most blocks are stamped: Qwen2.5-VL
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.stage import StageError
-from stages.lib import vision_stamp as vs
+from stages.lib.export import vision_stamp as vs
 
 TINY: dict[str, dict[str, Any]] = {"text": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "head_dim": 16, "vocab_size": 512, "mrope_section": [2, 3, 3]},
@@ -26,7 +26,7 @@ DEEP = {"qwen2_5_vl": ("qwen2.5-vl-3b", 12), "qwen3_vl": ("qwen3-vl-8b", 9)}
 
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from stages.lib.released_checkpoints import write_random_checkpoint
+    from stages.lib.checkpoints.released import write_random_checkpoint
 
     return {fam: write_random_checkpoint(name, tmp_path_factory.mktemp(fam) / "ck", text_layers=1,
                                          vision_blocks=blocks, widths=TINY) for fam, (name, blocks) in DEEP.items()}
@@ -38,9 +38,9 @@ def _params(mode: str, fp32_blocks: tuple[int, ...] = ()) -> dict[str, Any]:
 
 
 def _export_and_run(ckpt: Path, family: str, out: Path, params: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    from stages.lib.export.vision import export_graph, images_at
     from stages.lib.hostside import vision as hv
     from stages.lib.ortsession import ort_session
-    from stages.lib.vision_export import export_graph, images_at
 
     out.mkdir()
     facts = export_graph(out, ckpt, family, params)
@@ -67,7 +67,7 @@ def test_stamped_graph_computes_what_the_traced_one_does(deep: dict[str, Path], 
                                                          fp32_blocks: tuple[int, ...], traced: list[int]) -> None:
     import onnx_ir as ir
 
-    from stages.lib.segment_cuts import cuts_from_name_scopes, layer_of
+    from stages.lib.segments.cuts import cuts_from_name_scopes, layer_of
 
     n_blocks = DEEP[family][1]
     got, outs = _export_and_run(deep[family], family, tmp_path / "stamp", _params("stamp", fp32_blocks))
@@ -114,10 +114,10 @@ def test_a_refused_stamp_traces_every_block_and_says_why(deep: dict[str, Path], 
 def test_stamping_refuses_a_template_that_is_not_the_one_traced(deep: dict[str, Path], tmp_path: Path) -> None:
     import torch
 
-    from stages.lib import checkpoints as ck
+    from stages.lib.checkpoints import local as ck
+    from stages.lib.export.vision import _dynamo, images_at
     from stages.lib.hostside import vision as hv
     from stages.lib.patches import vision as pv
-    from stages.lib.vision_export import _dynamo, images_at
 
     visual = ck.load_vision(deep["qwen2_5_vl"], "qwen2_5_vl", torch.float32)
     spec = hv.VisionSpec.from_config("qwen2_5_vl", visual.config, None)

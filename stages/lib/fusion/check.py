@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The graph's outputs in order. A file runs block by block (``stages.lib.segments``: a
+    """The graph's outputs in order. A file runs block by block (``stages.lib.segments.runner``: a
     whole-graph session of a big FP16 decoder holds ~2x its weights; fuse checks two graphs),
     so before and after are both rounded at the same residual cuts; in-memory models whole."""
     import onnx
@@ -26,7 +26,7 @@ def ort_run(model: onnx.ModelProto | bytes | str, feeds: dict[str, np.ndarray]) 
     if isinstance(model, str):
         from pathlib import Path
 
-        from stages.lib import segments
+        from stages.lib.segments import runner as segments
 
         return list(segments.run_whole(Path(model), feeds).values())
 

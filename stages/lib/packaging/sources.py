@@ -124,7 +124,7 @@ def checkpoint_path(checkpoint_dir: Path) -> tuple[Path | None, str]:
         raise StageError(f"{checkpoint_dir} has no checkpoint.json (is it a checkpoint stage output?)")
     if meta.get("path") is None:
         return None, str(meta.get("family"))
-    from stages.lib.checkpoints import resolve_checkpoint
+    from stages.lib.checkpoints.local import resolve_checkpoint
 
     return resolve_checkpoint(checkpoint_dir)
 
@@ -133,7 +133,7 @@ def tokenizer_files(ckpt: Path | None) -> list[Path]:
     """The tokenizer, chat template and processor files plus generation_config.json."""
     if ckpt is None:
         return []
-    from stages.lib.checkpoints import checkpoint_files
+    from stages.lib.checkpoints.local import checkpoint_files
 
     files = checkpoint_files(ckpt, roles=("tokenizer", "processor"))
     gen = ckpt / layout.GENERATION_CONFIG

@@ -40,9 +40,9 @@ def reference_pass(path: Path, feeds: Sequence[Mapping[str, np.ndarray]],
     the block runner at its recorded cuts, and every value a segment hands to a later one: the
     inputs block scoring cuts a group's segment out on, so the ranking needs no pass of its own
     (one full pass of the unquantized graph fewer: ~6 min for an 8 B decoder)."""
-    from stages.lib import segments
     from stages.lib.qdq.calibset import cast_feed
-    from stages.lib.segment_plan import plan
+    from stages.lib.segments import runner as segments
+    from stages.lib.segments.plan import plan
 
     p = plan(path)
     made = {o for seg in p.segments for i in seg.nodes for o in p.proto.graph.node[i].output}
@@ -61,7 +61,7 @@ def rank_cuts(source: onnx.ModelProto) -> list[str]:
     ``layers.N`` or vision ``blocks.N`` name scopes ([]: it cannot be scored block by block)."""
     import onnx_ir as ir
 
-    from stages.lib.segment_cuts import cuts_from_name_scopes, read_cuts
+    from stages.lib.segments.cuts import cuts_from_name_scopes, read_cuts
 
     if recorded := read_cuts(source):
         return recorded
@@ -76,12 +76,12 @@ def block_ranking(path: Path, source: onnx.ModelProto, recipe: Recipe, calib: Ca
     (module docstring)."""
     import onnx_ir as ir
 
-    from stages.lib import segments
-    from stages.lib.metrics import min_cosine
+    from stages.lib.parity.metrics import min_cosine
     from stages.lib.qdq import graphio
     from stages.lib.qdq.calibset import cast_feed
     from stages.lib.qdq.placement import ensure_names
-    from stages.lib.segment_plan import plan
+    from stages.lib.segments import runner as segments
+    from stages.lib.segments.plan import plan
 
     p = plan(path, cuts, expose=ev.outputs)
     at_cut = set(cuts) | set(ev.outputs)
@@ -135,7 +135,7 @@ def extract(model: ir.Model, inputs: Mapping[str, Any], outputs: Sequence[str]) 
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from stages.lib.segment_cuts import CUTS_KEY
+    from stages.lib.segments.cuts import CUTS_KEY
 
     g = model.graph
     values = {v.name: v for v in g.inputs}

@@ -3,7 +3,7 @@
 The graph's intermediate tensors that quantization may need (inputs of compute ops, Add and
 Concat inputs, Softmax outputs) are exposed as extra outputs; each sample updates running
 per-tensor statistics and is dropped, so memory does not grow with the number of samples.
-A graph too big for one session runs segment by segment (``stages.lib.segments``): each segment
+A graph too big for one session runs segment by segment (``stages.lib.segments.runner``): each segment
 exposes the tensors it makes, and the collector takes them per segment (``update(count=False)``
 after the first), each tensor still seeing the samples in order, so the statistics are the same.
 Histograms of |x| keep a fixed bin count and widen by merging whole bins when a later sample

@@ -111,7 +111,7 @@ class Feeder:
 
     def __init__(self, checkpoint: Path, family: str, prompt_len: int, embed_sess: Any,
                  trust_remote_code: bool = False):
-        from stages.lib.checkpoints import load_config_hf, load_processor
+        from stages.lib.checkpoints.local import load_config_hf, load_processor
         from stages.lib.hostside.text import TextSpec
         from stages.lib.hostside.vision import VisionSpec
 

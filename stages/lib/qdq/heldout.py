@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.metrics import compare, topk_agreement, worst
+from stages.lib.parity.metrics import compare, topk_agreement, worst
 
 
 def vision_feeds(samples: Sequence[Mapping[str, np.ndarray]], vspec: Any) -> list[dict[str, np.ndarray]]:
@@ -68,8 +68,8 @@ def run_all(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequ
     go through the same runner. That matters: ORT CPU removes FP16 casts inside one session,
     and a cut rounds the carried residual stream to FP16, so a segmented run differs slightly
     (decoder logits ~4e-3) from a whole-graph session; compare runs of one runner only."""
-    from stages.lib import segments
     from stages.lib.qdq.calibset import cast_feed
+    from stages.lib.segments import runner as segments
 
     if not isinstance(model, (str, Path)):
         from stages.lib.qdq.graphio import spilled

@@ -32,7 +32,7 @@ def _first_nonfinite(names: Iterable[str], outs: Mapping[str, Any], producer: Ma
 def locate_nonfinite(model: ir.Model | Path, feed: Mapping[str, np.ndarray]) -> str | None:
     """Re-run one failing sample with every node output exposed; name the first node (graph
     order) whose output is NaN/Inf, so the error points at the layer, not where it surfaced.
-    A graph file runs segment by segment (``stages.lib.segments``), stopping at the first
+    A graph file runs segment by segment (``stages.lib.segments.runner``), stopping at the first
     segment with a bad value: one segment's values in memory, never the whole graph's."""
     from stages.lib.qdq.graphio import run, session
 
@@ -50,8 +50,8 @@ class _Found(Exception):
 def _locate_segmented(path: Path, feed: Mapping[str, np.ndarray]) -> str | None:
     import onnx
 
-    from stages.lib import segments
-    from stages.lib.segment_plan import Segment
+    from stages.lib.segments import runner as segments
+    from stages.lib.segments.plan import Segment
 
     nodes = onnx.load(str(path), load_external_data=False).graph.node
     producer = {o: n for n in nodes for o in n.output if o}

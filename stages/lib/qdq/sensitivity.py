@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib.metrics import min_cosine
+from stages.lib.parity.metrics import min_cosine
 from stages.lib.qdq.recipe import Built, Calib, Recipe, build
 
 if TYPE_CHECKING:

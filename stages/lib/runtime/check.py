@@ -4,7 +4,7 @@ what the PyTorch model computed?
 1. every file against the manifest (sha256 and size; nothing unlisted) -- a miss: exit 1;
 2. the package against this device (SM, builder and version, bindings, GPU) -- a refusal: exit 2;
 3. the probe set through the chosen backend, compared with the packaged PyTorch reference under
-   the packaged gates (``stages.lib.metrics.gate_checks``, as the verify stage) -- a miss: exit 1.
+   the packaged gates (``stages.lib.parity.metrics.gate_checks``, as the verify stage) -- a miss: exit 1.
 
 The probe set is the reference stage's held-out samples (``stages.lib.runtime.probes``): the
 vision graph, the decoder prefill, and a greedy generation through vision -> embed -> decoder,
@@ -62,7 +62,7 @@ class CheckResult:
 
 def _graded(graph: str, precision: str, n: int, figures: dict[str, Any], gate: dict[str, Any],
             runtime: str) -> GraphResult:
-    from stages.lib.metrics import gate_checks, gate_status
+    from stages.lib.parity.metrics import gate_checks, gate_status
 
     checks = gate_checks(f"{graph}.{precision}.{runtime}", figures, gate)
     return GraphResult(graph, precision, n, gate_status(checks), figures, [c.__dict__ for c in checks])
@@ -71,7 +71,7 @@ def _graded(graph: str, precision: str, n: int, figures: dict[str, Any], gate: d
 def check_graph(backend: Any, graph: str, cases: list[probes.Case], precision: str,
                 gate: dict[str, Any]) -> GraphResult:
     """Run each probe case; the worst figures over cases and outputs (plus pooled top-1 of logits)."""
-    from stages.lib.metrics import compare, topk_agreement, worst
+    from stages.lib.parity.metrics import compare, topk_agreement, worst
 
     sess = backend.session(graph)
     names = [o.name for o in sess.get_outputs()]
@@ -97,7 +97,7 @@ def check_graph(backend: Any, graph: str, cases: list[probes.Case], precision: s
 def check_generation(pkg: Package, backend: Any, prompts: list[tuple[Any, np.ndarray]],
                      precision: str, gate: dict[str, Any]) -> GraphResult:
     """Greedy generation through the whole chain (no EOS stop) vs the packaged PyTorch tokens."""
-    from stages.lib.generate import token_agreement
+    from stages.lib.hostside.generate import token_agreement
     from stages.lib.runtime.backends import open_pipeline
     from stages.lib.runtime.generate import generate
 

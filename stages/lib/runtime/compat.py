@@ -38,7 +38,7 @@ class DeviceInfo:
 
 def import_bindings(backend: str) -> tuple[Any | None, str]:
     """The TensorRT module a backend uses (lazily imported), or None and why not."""
-    from stages.lib.trt_backend import RTX_MODULES, import_real
+    from stages.lib.trt.backend import RTX_MODULES, import_real
 
     mod, errs = import_real(RTX_MODULES if backend == "tensorrt_rtx" else ("tensorrt",))
     return mod, "; ".join(errs)
@@ -46,7 +46,7 @@ def import_bindings(backend: str) -> tuple[Any | None, str]:
 
 def probe_device(backends: tuple[str, ...] = ("tensorrt_rtx", "tensorrt")) -> DeviceInfo:
     """Query the CUDA driver and (only for the named backends) import their bindings."""
-    from stages.lib.trt_backend import local_gpu_sms
+    from stages.lib.trt.backend import local_gpu_sms
 
     sms = tuple(local_gpu_sms() or ())
     builders: dict[str, str | None] = {}

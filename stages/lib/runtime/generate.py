@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib.generate import OrtPipeline, Prompt
 from stages.lib.hostside import text as host
+from stages.lib.hostside.generate import OrtPipeline, Prompt
 
 if TYPE_CHECKING:
     from stages.lib.runtime.backends import Backend

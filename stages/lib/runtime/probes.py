@@ -99,7 +99,7 @@ def decoder_case(pkg: Package, session: Any, s: dict[str, np.ndarray]) -> Case |
 
 
 def generation_prompt(s: dict[str, np.ndarray]) -> tuple[Any, np.ndarray] | None:
-    from stages.lib.generate import Prompt
+    from stages.lib.hostside.generate import Prompt
 
     if "generated" not in s or "input_ids" not in s:
         return None

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.generate import Prompt
+from stages.lib.hostside.generate import Prompt
 from stages.lib.runtime.errors import PackageError, UsageError
 
 # Qwen2-VL / Qwen2.5-VL's template (images and text; videos are not wired in this runtime).

@@ -2,7 +2,7 @@
 
 ``onnxruntime`` (the package's ONNX on the CPU), ``tensorrt_rtx`` (TensorRT-RTX engines) and
 ``tensorrt`` (full TensorRT 10/11 engines). Each backend module imports its bindings only when
-opened. :func:`open_pipeline` binds ``stages.lib.generate.OrtPipeline`` to any backend's
+opened. :func:`open_pipeline` binds ``stages.lib.hostside.generate.OrtPipeline`` to any backend's
 sessions, so the host code between the graphs (image-feature merge, M-RoPE, KV cache) is the
 one the build verified, whichever backend runs the graphs.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from stages.lib.generate import OrtPipeline
+    from stages.lib.hostside.generate import OrtPipeline
     from stages.lib.runtime.compat import Compatibility
     from stages.lib.runtime.package import Package
 
@@ -76,8 +76,8 @@ def pipeline_over(decoder: GraphSession, embed: GraphSession, spec: Any, vision:
                   vision_spec: Any = None) -> OrtPipeline:
     """An ``OrtPipeline`` whose graphs are the given sessions (any backend's), not files it opens.
 
-    The loop itself is ``stages.lib.generate``'s, one copy for the build's parity and the device.
+    The loop itself is ``stages.lib.hostside.generate``'s, one copy for the build's parity and the device.
     """
-    from stages.lib.generate import OrtPipeline
+    from stages.lib.hostside.generate import OrtPipeline
 
     return OrtPipeline.from_sessions(decoder, embed, spec, vision, vision_spec)

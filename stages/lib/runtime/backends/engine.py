@@ -4,7 +4,7 @@
 ``set_input_shape`` per input, output shapes from ``get_tensor_shape``, ``set_tensor_address``
 for every IO tensor, ``execute_async_v3`` on a driver stream (TensorRT 10 and 11 share exactly
 this API; 11 removed the binding-index and v2 calls, which are not used). It looks like an
-onnxruntime session (``get_inputs``/``get_outputs``/``run``), so ``stages.lib.generate.OrtPipeline``
+onnxruntime session (``get_inputs``/``get_outputs``/``run``), so ``stages.lib.hostside.generate.OrtPipeline``
 drives engines with the same host code it drives ONNX graphs with.
 
 The objects are typed against ``tensorrt-stubs`` (full TensorRT); the RTX bindings expose the
@@ -141,7 +141,7 @@ class EngineBackend:
     """A package's engines on one GPU: one runtime, one driver context, a session per graph."""
 
     def __init__(self, name: str, trt: Any, pkg: Any, device_index: int = 0):
-        from stages.lib.trt_backend import make_logger
+        from stages.lib.trt.backend import make_logger
 
         self.name, self.trt, self.pkg = name, trt, pkg
         self.log: list[str] = []

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.lib.decoder_export import dynamic_axes
 from stages.lib.dtypes import ONNX_DTYPES
+from stages.lib.export.decoder import dynamic_axes
 
 
 def _scope(node: Any) -> tuple[str, str]:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import StageError
 from pipeline.targets import sm_int
 from pipeline.worker import AnonPeak, peak_rss_mb
-from stages.lib import trt_timing_cache
 from stages.lib.dtypes import ONNX_LOW_PRECISION
-from stages.lib.trt_backend import Backend, local_gpu_sms, make_logger, make_progress_monitor
+from stages.lib.trt import timing_cache as trt_timing_cache
+from stages.lib.trt.backend import Backend, local_gpu_sms, make_logger, make_progress_monitor
 
 if TYPE_CHECKING:
     import tensorrt

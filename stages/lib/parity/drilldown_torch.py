@@ -1,6 +1,6 @@
 """The PyTorch side of the verify stage's drill-down: which module outputs to capture, per graph.
 
-``stages.lib.drilldown`` finds each block's output in the ONNX graph and compares it with
+``stages.lib.parity.drilldown`` finds each block's output in the ONNX graph and compares it with
 captured PyTorch outputs; which modules those are depends on the model: a CNN backbone's stages,
 a ViT's patch embedding and blocks (Qwen2.5-VL's window reordering of patches tried both ways),
 or the decoder's layers fed the reference's merged embeddings and deepstack maps. That knowledge
@@ -23,8 +23,8 @@ def drilldown_graph(ctx: StageContext, graph: str, path: Path, specs: Any, sampl
     jump, and the plot ``drilldown_<graph>.png`` in the stage's output folder."""
     import torch
 
-    from stages.lib import drilldown as dd
-    from stages.lib.verify_feeds import decoder_feeds, vision_feeds
+    from stages.lib.parity import drilldown as dd
+    from stages.lib.parity.feeds import decoder_feeds, vision_feeds
 
     if graph == "vision" and specs.vision is None:  # CNN: one point per stage of the backbone
         backbone = getattr(model, "resnet", None) or getattr(model, "convnext", None) or model

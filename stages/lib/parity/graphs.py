@@ -2,16 +2,16 @@
 
 Graphs run in onnxruntime on CPU with graph optimizations *off* (docs/FIELD_NOTES.md §3: with them on, ORT
 fuses Q/DQ into integer kernels that reject FP8 and round differently from TensorRT), block by
-block through the segment runner (stages/lib/segments.py): a whole-graph CPU session of a 7-8B
+block through the segment runner (stages/lib/segments/runner.py): a whole-graph CPU session of a 7-8B
 decoder holds ~2x its weights and grows per run, past a 24 GB machine; a graph without cuts
 (vision, small graphs) runs as one segment. The numbers are ours (stages/lib/metrics).
 
-The decoder is fed the *reference* merged embeddings (the feeds: ``stages.lib.verify_feeds``),
+The decoder is fed the *reference* merged embeddings (the feeds: ``stages.lib.parity.feeds``),
 so its figures isolate the decoder. The same pass carries the reference's greedy tokens after
 the prompt (teacher forcing, positions as the decode loop gives them): causal attention leaves
 the prompt's logits unchanged, and the argmax at each position that predicts a generated token
 is the teacher-forced token agreement, for one prefill's cost at any size. The free-running greedy generation chains the graphs under
-test end to end (stages/lib/generate.py) in whole-graph sessions, so it runs only for graphs
+test end to end (stages/lib/hostside/generate.py) in whole-graph sessions, so it runs only for graphs
 under ``FREE_RUN_LIMIT``; above it the engine check on a GPU host generates.
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.stage import StageError
-from stages.lib.drilldown import fit_feeds
-from stages.lib.metrics import Parity, compare, topk_agreement, worst
-from stages.lib.verify_feeds import Specs, decoder_feeds, vision_feeds
+from stages.lib.parity.drilldown import fit_feeds
+from stages.lib.parity.feeds import Specs, decoder_feeds, vision_feeds
+from stages.lib.parity.metrics import Parity, compare, topk_agreement, worst
 
 # FP16-equivalent weight bytes (2 x parameters) of vision + embed + decoder under which the
 # free-running generation runs in whole-graph CPU sessions. Those peak at ~2.2x the bytes
@@ -43,7 +43,7 @@ def run_graph(path: Path, feeds: Sequence[dict[str, np.ndarray]], on_sample: Cal
               report: Report | None = None) -> None:
     """Every feed through the graph segment-major (its own cuts unless ``cuts``; [] = whole):
     ``on_sample(i, outputs)`` once per sample, with the ``expose``d values (None: graph outputs)."""
-    from stages.lib.segments import graph_inputs, run_segmented
+    from stages.lib.segments.runner import graph_inputs, run_segmented
 
     got: list[dict[str, np.ndarray]] = [{} for _ in feeds]
     last: list[int] = []
@@ -117,7 +117,7 @@ def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]
 def embed_tokens(embed: Path, samples: list[dict[str, np.ndarray]], n: int) -> list[np.ndarray]:
     """Embeddings [1, n - 1, H] of each sample's first n - 1 reference tokens: the tokens fed
     back after the prompt so the n positions from the prompt's last one predict all n."""
-    from stages.lib.segments import run_whole
+    from stages.lib.segments.runner import run_whole
 
     ids = np.stack([s["generated"][: n - 1] for s in samples]).astype(np.int64)
     out = next(iter(run_whole(embed, fit_feeds(embed, {"input_ids": ids})).values()))
@@ -169,7 +169,7 @@ def _output_names(path: Path) -> list[str]:
 def measure_generation(vision: Path | None, decoder: Path, embed: Path, specs: Specs,
                        samples: list[dict[str, np.ndarray]], n: int) -> Measured:
     """Greedy generation through vision -> merge -> decoder (KV cache), vs ``model.generate``."""
-    from stages.lib import generate as gen
+    from stages.lib.hostside import generate as gen
 
     # ORT's default optimizations fuse Q/DQ into integer kernels that reject FP8 at load time
     # (docs/FIELD_NOTES.md §3): the graphs under test run without them.
@@ -201,7 +201,7 @@ def embed_graph(quantize: Path, specs: Specs, workdir: Path) -> tuple[Path, str]
         return quantize / "embed.onnx", "quantize/embed.onnx"
     from safetensors import safe_open
 
-    from stages.lib.decoder_export import export_embed_graph
+    from stages.lib.export.decoder import export_embed_graph
 
     if specs.path is None:
         raise StageError(f"no embed.onnx in {quantize} and no checkpoint to take the embedding table from")

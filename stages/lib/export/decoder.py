@@ -189,7 +189,7 @@ def export_decoder_graph(
     """
     import torch
 
-    from stages.lib.segment_cuts import cuts_from_name_scopes, write_cuts
+    from stages.lib.segments.cuts import cuts_from_name_scopes, write_cuts
 
     dims = decoder_dims(model.config.text_config)
     t0 = time.perf_counter()

@@ -78,7 +78,7 @@ def released_config(name: str, text_layers: int | None = None, vision_blocks: in
     widths: the released layout at another size (a deep, narrow model for export-time benches)."""
     import transformers
 
-    from stages.lib.tiny_checkpoints import SPECIAL_TOKENS
+    from stages.lib.checkpoints.tiny import SPECIAL_TOKENS
 
     if name not in RELEASED:
         raise StageError(f"unknown released model {name!r}; known: {', '.join(RELEASED)}")
@@ -125,7 +125,7 @@ def _shapes(config: Any, family: str) -> list[tuple[str, tuple[int, ...]]]:
     """Every persistent tensor the model saves, with its shape (built on meta: no memory)."""
     import torch
 
-    from stages.lib.checkpoints import model_class
+    from stages.lib.checkpoints.local import model_class
 
     with torch.device("meta"):
         model = model_class(family)._from_config(config, dtype=torch.bfloat16)
@@ -163,7 +163,7 @@ def write_random_checkpoint(name: str, out_dir: Path, text_layers: int | None = 
     import torch
     from safetensors.torch import save_file
 
-    from stages.lib.tiny_checkpoints import _image_processor, _tiny_tokenizer
+    from stages.lib.checkpoints.tiny import _image_processor, _tiny_tokenizer
 
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors.index.json").is_file():

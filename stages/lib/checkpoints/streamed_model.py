@@ -56,8 +56,8 @@ def _canonical(name: str) -> str:
 
 
 def _index(path: Path) -> dict[str, _Loc]:
-    from stages.lib import safetensors_check as st
-    from stages.lib.checkpoints import weight_files
+    from stages.lib.checkpoints import safetensors_check as st
+    from stages.lib.checkpoints.local import weight_files
 
     locs: dict[str, _Loc] = {}
     for shard in weight_files(path):
@@ -197,8 +197,8 @@ def load_streamed(path: str | Path, dtype: str = "fp32", trust_remote_code: bool
     all 5.8 GB beside export_decoder's ORT sessions peaked at 17.3 GB.)"""
     import torch
 
-    from stages.lib.checkpoints import detect_family, model_class, validate_checkpoint
-    from stages.lib.hf_load import load_config_hf
+    from stages.lib.checkpoints.hf_load import load_config_hf
+    from stages.lib.checkpoints.local import detect_family, model_class, validate_checkpoint
 
     path = Path(path)
     family = detect_family(path)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
-from stages.lib.stamp_clone import clone_node
+from stages.lib.export.stamp_clone import clone_node
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -40,7 +40,7 @@ def template_blocks(kinds: list[str], taps: list[int]) -> list[int]:
 
 
 def _groups(graph: ir.Graph) -> dict[int, list[ir.Node]]:
-    from stages.lib.segment_cuts import layer_of
+    from stages.lib.segments.cuts import layer_of
 
     groups: dict[int, list[ir.Node]] = {}
     for node in graph:  # graph order: topological

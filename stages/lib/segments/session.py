@@ -1,6 +1,6 @@
 """onnxruntime's session interface over the block runner, for code written against a session.
 
-The generation loop (``stages.lib.generate.OrtPipeline``) and the export parity cases call
+The generation loop (``stages.lib.hostside.generate.OrtPipeline``) and the export parity cases call
 ``get_inputs`` / ``get_outputs`` / ``run`` on a decoder session. Over a decoder too big to open
 whole (an FP16 graph's CPU session holds ~2x its weights), ``SegmentedSession`` answers the same
 calls by running each request through ``segments.run_whole``: one transformer block's session at
@@ -30,7 +30,7 @@ class SegmentedSession:
         import onnx
 
         from stages.lib.dtypes import ort_type
-        from stages.lib.segments import InputSpec, graph_inputs
+        from stages.lib.segments.runner import InputSpec, graph_inputs
 
         self.path = Path(path)
         self.optimization = optimization
@@ -48,7 +48,7 @@ class SegmentedSession:
         return list(self._outputs)
 
     def run(self, names: Sequence[str] | None, feed: Mapping[str, Any]) -> list[Any]:
-        from stages.lib.segments import run_whole
+        from stages.lib.segments.runner import run_whole
 
         want = list(names) if names else [o.name for o in self._outputs]
         out = run_whole(self.path, feed, want, optimization=self.optimization)
@@ -57,7 +57,7 @@ class SegmentedSession:
     def run_many(self, names: Sequence[str] | None, feeds: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         """Several independent calls in one segment-major pass: each block's session is built
         once for all of them, not once per call (what makes many calls affordable at 8 B)."""
-        from stages.lib.segments import run_segmented
+        from stages.lib.segments.runner import run_segmented
 
         want = list(names) if names else [o.name for o in self._outputs]
         got: list[dict[str, Any]] = [{} for _ in feeds]

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
-from stages.lib.lazy_weights import param_pattern
-from stages.lib.stamp_clone import clone_node
+from stages.lib.export.lazy_weights import param_pattern
+from stages.lib.export.stamp_clone import clone_node
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -131,7 +131,7 @@ def _block(graph: ir.Graph, last: int) -> tuple[list[ir.Node], dict[str, ir.Valu
     the batch size it may take from any input, e.g. ``Shape(past_key_values.<last>.key)``, which
     layer 0 then shares): cloned per layer, each stamped layer reads only its own past.
     """
-    from stages.lib.segment_cuts import layer_of
+    from stages.lib.segments.cuts import layer_of
 
     inputs = {v.name: v for v in graph.inputs}
     past = {kv: inputs[f"past_key_values.{last}.{kv}"] for kv in ("key", "value")}
@@ -160,8 +160,8 @@ def stamp_layers(model: ir.Model, n_layers: int, n_deepstack: int) -> list[str]:
     """
     import onnx_ir as ir
 
-    from stages.lib.decoder_export import io_names
-    from stages.lib.segment_cuts import cuts_from_name_scopes
+    from stages.lib.export.decoder import io_names
+    from stages.lib.segments.cuts import cuts_from_name_scopes
 
     graph = model.graph
     cuts = cuts_from_name_scopes(model)
@@ -238,11 +238,11 @@ def export_stamped(ckpt: Path, family: str, n_deepstack: int, out_path: Path, dt
     like ``decoder_export.export_decoder_graph`` (``layers`` is the checkpoint's depth)."""
     import gc
 
-    from stages.lib import decoder_export as dx
-    from stages.lib import lazy_weights as lw
-    from stages.lib.checkpoints import load_config_hf
-    from stages.lib.decoder_load import template_decoder
-    from stages.lib.segment_cuts import write_cuts
+    from stages.lib.checkpoints.local import load_config_hf
+    from stages.lib.export import decoder as dx
+    from stages.lib.export import lazy_weights as lw
+    from stages.lib.export.decoder_load import template_decoder
+    from stages.lib.segments.cuts import write_cuts
 
     t0 = time.perf_counter()
     config = load_config_hf(ckpt, trust_remote_code)

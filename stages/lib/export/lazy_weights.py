@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
-from stages.lib import safetensors_check as st
+from stages.lib.checkpoints import safetensors_check as st
 from stages.lib.dtypes import torch_dtype, torch_of_safetensors
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def checkpoint_tensors(path: str | Path, prefixes: tuple[str, ...], canonical: A
 
     Headers only (``safetensors_check.read_header``, which validates them): no tensor data.
     """
-    from stages.lib.checkpoints import weight_files
+    from stages.lib.checkpoints.local import weight_files
 
     refs: dict[str, TensorRef] = {}
     for shard in weight_files(path):
@@ -152,7 +152,7 @@ def param_pattern(path: str) -> str:
 
 
 def _decoder_tensors(ckpt: Path) -> dict[str, TensorRef]:
-    from stages.lib.decoder_load import _PREFIXES, _canonical
+    from stages.lib.export.decoder_load import _PREFIXES, _canonical
 
     return checkpoint_tensors(ckpt, _PREFIXES, _canonical)
 
@@ -238,7 +238,7 @@ def export_embed_lazy(ckpt: Path, dtype: str, out_path: Path, opset: int) -> Non
     import onnx
     import onnx_ir as ir
 
-    from stages.lib.decoder_export import EXTERNAL_DATA_BYTES
+    from stages.lib.export.decoder import EXTERNAL_DATA_BYTES
 
     refs = _decoder_tensors(ckpt)
     ref = refs.get(_EMBED)

@@ -10,7 +10,7 @@
    (no scope at all) inherit their producers' block.
 2. Run the graph once in onnxruntime with all graph optimizations off (docs/FIELD_NOTES.md §3: ORT's Q/DQ
    fusions change rounding and reject FP8), those tensors exposed, block by block through the
-   segment runner (stages/lib/segments.py): a whole-graph session of a 7-8B decoder does not fit
+   segment runner (stages/lib/segments/runner.py): a whole-graph session of a 7-8B decoder does not fit
    a 24 GB machine; a graph without cuts runs as one segment.
 3. Capture the same points in PyTorch with forward hooks on the model's block modules.
 4. Compare per block (stages/lib/metrics) and name the first block where the error jumps:
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.dtypes import ORT_FLOATS
-from stages.lib.metrics import compare
+from stages.lib.parity.metrics import compare
 
 if TYPE_CHECKING:
     import onnx
@@ -47,7 +47,7 @@ def fit_feeds(graph: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     """Feeds as the graph declares them: float arrays cast to the input's float type (an FP16
     graph takes FP16), a lone image tensor renamed to a lone input (BYO graphs), extras dropped.
     ``graph``: a session (``get_inputs``), its input list, or a model path (read without weights)."""
-    from stages.lib.segments import graph_inputs
+    from stages.lib.segments.runner import graph_inputs
 
     ins = graph.get_inputs() if hasattr(graph, "get_inputs") else graph if isinstance(graph, list) else \
         graph_inputs(graph)
@@ -127,7 +127,7 @@ def block_outputs(model: onnx.ModelProto, kind: str) -> dict[int, str]:
 
 def run_marked(model_path: Path, feeds: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
     """Run the graph once, segment by segment, and return the tensors ``names``."""
-    from stages.lib.segments import run_whole
+    from stages.lib.segments.runner import run_whole
 
     return run_whole(model_path, fit_feeds(model_path, feeds), list(names))
 

@@ -30,7 +30,7 @@ class Specs:
 
 
 def load_specs(checkpoint: Path, trust_remote_code: bool = False) -> Specs:
-    from stages.lib.checkpoints import (
+    from stages.lib.checkpoints.local import (
         BYO_FAMILY,
         VISION_ONLY_FAMILIES,
         checkpoint_family,
@@ -69,7 +69,7 @@ def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray],
 
     from stages.lib.dtypes import ORT_NUMPY
     from stages.lib.hostside import text as host
-    from stages.lib.segments import graph_inputs
+    from stages.lib.segments.runner import graph_inputs
 
     inputs = graph_inputs(path)
     if "inputs_embeds" not in {i.name for i in inputs}:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.lib.metrics import compare, worst
-from stages.lib.trt_backend import Backend, local_gpu_sms
+from stages.lib.parity.metrics import compare, worst
+from stages.lib.trt.backend import Backend, local_gpu_sms
 
 
 def heldout_path(folder: Path, graph: str) -> Path:
@@ -44,7 +44,7 @@ def run_parity(backend: Backend, engine_path: Path, heldout: Path) -> dict[str, 
     import numpy as np
     import torch
 
-    from stages.lib.trt_backend import make_logger
+    from stages.lib.trt.backend import make_logger
 
     trt = backend.trt
     log: list[str] = []

@@ -30,7 +30,7 @@ def checkpoint_reads(*roles: str, plus: Callable[[BuildConfig], list[Path]] | No
         files = plus(cfg) if plus is not None else []
         if cfg.model.checkpoint is None:
             return files
-        from stages.lib.checkpoints import checkpoint_files
+        from stages.lib.checkpoints.local import checkpoint_files
 
         return [*files, *checkpoint_files(cfg.model.checkpoint, roles=tuple(roles))]
 

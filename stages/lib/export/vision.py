@@ -1,5 +1,5 @@
 """The export half of the ``export_vision`` stage: the encoder to ``vision.onnx`` and its io spec.
-The parity half (onnxruntime vs PyTorch, the gates, ``vision.json``) is ``stages.lib.vision_parity``.
+The parity half (onnxruntime vs PyTorch, the gates, ``vision.json``) is ``stages.lib.parity.vision``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _export(visual: Any, family: str, args: tuple[Any, ...], names: list[str], o
     """
     import torch
 
-    from stages.lib import vision_stamp as vs
+    from stages.lib.export import vision_stamp as vs
     from stages.lib.patches import vision as pv
 
     external = weight_bytes > EXTERNAL_DATA_BYTES
@@ -166,7 +166,7 @@ def export_graph(out: Path, path: Path, family: str, p: dict[str, Any], report: 
     import onnx
     import torch
 
-    from stages.lib import checkpoints as ck
+    from stages.lib.checkpoints import local as ck
     from stages.lib.hostside import vision as hv
     from stages.lib.patches import vision as pv
 
@@ -222,7 +222,7 @@ def _export_child(out: Path, path: Path, family: str, p: dict[str, Any]) -> tupl
 def export(ctx: StageContext, path: Path, family: str) -> dict[str, Any]:
     """``export_graph`` for the stage: in a child process for a big tower; the facts plus the
     export's peak RSS (``export_rss``, bytes, before any parity reference loads) and ``notes``."""
-    from stages.lib.streamed_model import stored_bytes
+    from stages.lib.checkpoints.streamed_model import stored_bytes
 
     p = ctx.params
     notes: list[str] = []

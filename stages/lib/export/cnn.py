@@ -61,7 +61,7 @@ def _load(model_path: Path, trust_remote_code: bool = False) -> Any:
     (offline, safetensors only, remote code only when model.trust_remote_code allows it)."""
     from transformers import AutoModel, AutoModelForImageClassification
 
-    from stages.lib.checkpoints import from_pretrained, load_config_hf, validate_checkpoint
+    from stages.lib.checkpoints.local import from_pretrained, load_config_hf, validate_checkpoint
 
     validate_checkpoint(model_path)
     cfg = load_config_hf(model_path, trust_remote_code)
@@ -93,8 +93,8 @@ def _parity(onnx_path: Path, tower: Any, sizes: list[list[int]], seed: int, np_d
     import numpy as np
     import torch
 
-    from stages.lib.metrics import compare, worst
     from stages.lib.ortsession import ort_session
+    from stages.lib.parity.metrics import compare, worst
 
     sess = ort_session(onnx_path)
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageError
-from stages.lib.checkpoints import VLM_FAMILIES, model_class
+from stages.lib.checkpoints.local import VLM_FAMILIES, model_class
 from stages.lib.dtypes import torch_dtype
 
 SPECIAL_TOKENS = (

@@ -8,7 +8,7 @@ pipeline does: every sample through segment k, then segment k+1. Peak memory is 
 session plus the activations carried across the cut.
 
 Which nodes, inputs, outputs and initializers each segment holds is the plan
-(``stages.lib.segment_plan``, from the graph structure alone). Each segment's model gets its own
+(``stages.lib.segments.plan``, from the graph structure alone). Each segment's model gets its own
 initializers, read when it is built: inline under the proto limit, else copied beside a
 temporary copy of the segment (ORT refuses external data outside the model's folder).
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib.dtypes import ort_type
-from stages.lib.segment_plan import Plan, Segment, plan
+from stages.lib.segments.plan import Plan, Segment, plan
 
 if TYPE_CHECKING:
     import onnx

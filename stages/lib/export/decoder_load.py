@@ -41,7 +41,7 @@ def _meta_model(path: Path, dtype: str, trust_remote_code: bool, layers: int | N
     """(model on the meta device with the vision tower dropped, its config)."""
     import torch
 
-    from stages.lib.checkpoints import detect_family, load_config_hf, model_class, validate_checkpoint
+    from stages.lib.checkpoints.local import detect_family, load_config_hf, model_class, validate_checkpoint
 
     family = detect_family(path)
     validate_checkpoint(path)
@@ -86,7 +86,7 @@ def load_decoder(path: str | Path, dtype: str = "fp32", trust_remote_code: bool 
     ``model.model.visual`` is None: this object serves the decoder export, not inference.
     ``layers``: build and read only the first that many text layers (embed, norm, lm_head whole).
     """
-    from stages.lib.checkpoints import read_safetensors
+    from stages.lib.checkpoints.local import read_safetensors
 
     path = Path(path)
     model, config = _meta_model(path, dtype, trust_remote_code, layers)

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import StageError
-from stages.lib import safetensors_check as st
+from stages.lib.checkpoints import safetensors_check as st
 
 # ROLES, file_role and the hf_load loaders are re-exported: stages import the checkpoint API from here
-from stages.lib.ckpt_files import ROLES, checkpoint_files, file_role, read_config  # noqa: F401
-from stages.lib.dtypes import torch_dtype, torch_of_safetensors
-from stages.lib.hf_load import (  # noqa: F401
+from stages.lib.checkpoints.files import ROLES, checkpoint_files, file_role, read_config  # noqa: F401
+from stages.lib.checkpoints.hf_load import (  # noqa: F401
     check_remote_code,
     from_pretrained,
     hf_kwargs,
@@ -27,6 +26,7 @@ from stages.lib.hf_load import (  # noqa: F401
     load_processor,
     load_tokenizer,
 )
+from stages.lib.dtypes import torch_dtype, torch_of_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,7 @@ VLM_FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
-# Vision-only families (a CNN backbone exported by stages/lib/cnn_export.py).
+# Vision-only families (a CNN backbone exported by stages/lib/export/cnn.py).
 VISION_ONLY_FAMILIES: dict[str, str] = {"resnet": "ResNetForImageClassification"}
 FAMILIES = {**VLM_FAMILIES, **VISION_ONLY_FAMILIES}
 # model.vision_onnx alone: the user's ONNX is the model, there is no checkpoint folder

@@ -3,11 +3,11 @@
 Segment k holds the nodes that are ancestors of cut k and in no earlier segment; the last holds
 every remaining node. Each segment records the values it reads (graph inputs and values of
 earlier segments), the values it makes that a later segment or the caller needs, and the
-initializers it uses, so the runner (``stages.lib.segments``) can build one segment's model at a
+initializers it uses, so the runner (``stages.lib.segments.runner``) can build one segment's model at a
 time and drop every value no later segment reads. Only the graph structure is read
 (``load_external_data=False``): planning a 16 GB graph costs no weight bytes. Outer-scope values
 an If/Loop body reads count as inputs of its node. The cuts default to the model's own
-(``model_cuts``: the exporter's record, else torch's name scopes, ``stages.lib.segment_cuts``).
+(``model_cuts``: the exporter's record, else torch's name scopes, ``stages.lib.segments.cuts``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def model_cuts(proto: onnx.ModelProto) -> list[str]:
     """The recorded cut list, else the one torch's name scopes give ([]: run whole)."""
     import onnx_ir as ir
 
-    from stages.lib.segment_cuts import cuts_from_name_scopes, read_cuts
+    from stages.lib.segments.cuts import cuts_from_name_scopes, read_cuts
 
     return read_cuts(proto) or cuts_from_name_scopes(ir.from_proto(proto))
 

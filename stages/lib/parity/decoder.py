@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.generate import OrtPipeline, Prompt, token_agreement, torch_generate
 from stages.lib.hostside import text as host
-from stages.lib.metrics import Parity, compare, topk_agreement, worst
+from stages.lib.hostside.generate import OrtPipeline, Prompt, token_agreement, torch_generate
+from stages.lib.parity.metrics import Parity, compare, topk_agreement, worst
 
 
 @dataclass
@@ -198,7 +198,7 @@ def run_parity(pipe: OrtPipeline, model: Any, image_processor: Any, *, image_siz
     """
     import torch
 
-    from stages.lib.streamed_model import release_blocks
+    from stages.lib.checkpoints.streamed_model import release_blocks
 
     rng = np.random.default_rng(seed)
     errors: dict[str, str] = {}

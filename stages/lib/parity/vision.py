@@ -2,7 +2,7 @@
 *unpatched* FP32 PyTorch encoder on the verify image sizes (not the export sample's), one at a
 time and all at once; the worst figures gated; ``vision.json`` written with the io spec and them.
 
-A BF16 export runs its parity through ``stages.lib.bf16_widen`` (onnxruntime's CPU provider has
+A BF16 export runs its parity through ``stages.lib.export.bf16_widen`` (onnxruntime's CPU provider has
 no BF16 kernels).
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 from pipeline.stage import StageContext, StageResult
 from pipeline.worker import peak_rss_mb
-from stages.lib.metrics import Parity, compare, export_gate, gate_checks, worst
-from stages.lib.vision_export import images_at, io_spec
+from stages.lib.export.vision import images_at, io_spec
+from stages.lib.parity.metrics import Parity, compare, export_gate, gate_checks, worst
 
 
 def run_parity(onnx_path: Path, reference: Any, spec: Any, image_proc: Any, params: dict[str, Any],
@@ -48,7 +48,7 @@ def run_parity(onnx_path: Path, reference: Any, spec: Any, image_proc: Any, para
     if params["dtype"] == "bf16":
         import tempfile
 
-        from stages.lib.bf16_widen import bf16_as_fp32
+        from stages.lib.export.bf16_widen import bf16_as_fp32
 
         with tempfile.TemporaryDirectory() as tmp:  # never beside the outputs: not an artefact
             sess = ort_session(bf16_as_fp32(onnx_path, Path(tmp) / "vision_fp32.onnx"))
@@ -75,7 +75,7 @@ def verify(ctx: StageContext, path: Path, family: str, f: dict[str, Any]) -> Sta
     gates go back in the result (a miss fails the node in the worker)."""
     import torch
 
-    from stages.lib import checkpoints as ck
+    from stages.lib.checkpoints import local as ck
 
     p = ctx.params
     ctx.report("parity in onnxruntime", 0.6)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import StageError
-from stages.lib.ckpt_files import read_config
+from stages.lib.checkpoints.files import read_config
 
 # files whose "auto_map" makes transformers import code from the checkpoint folder, by what reads them
 _PROCESSOR_MAPS = ("preprocessor_config.json", "processor_config.json")

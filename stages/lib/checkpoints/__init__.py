@@ -1,0 +1,1 @@
+"""Local Hugging Face checkpoints: files and roles, the one loader (trust_remote_code decided here), tiny and released-shape generators, streamed models."""
