@@ -176,7 +176,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     doc = write_report(run_dir, header, states)
     from pipeline.report_html import write_html_report
 
-    write_html_report(run_dir, doc, store.root)
+    write_html_report(run_dir, doc)
     _latest(run_dir)
     if args.json:
         print(json.dumps(doc, indent=2, default=str))

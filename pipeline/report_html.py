@@ -1,10 +1,11 @@
-"""A self-contained ``report.html`` per run, from ``report.json`` (and the cache for details).
+"""A self-contained ``report.html`` per run, from ``report.json`` alone.
 
 Self-contained: inline CSS, figures as base64 PNG data URIs, no scripts, no external resources:
-it opens from a mail attachment or an air-gapped share. Sections: result, stage timings and
-cache hits, the parity table (every graph x precision x target: pass / fail / not-run, a
-comparison that did not run is never shown as passed), per-block error plots (drill-down), the
-engine precision summary and the layers kept in high precision.
+it opens from a mail attachment or an air-gapped share. Generic: the result, the stage timings
+and cache hits, then the sections the stages declare (``Stage.report_sections``) filled with the
+tables and figures their results carry (``StageResult.report``); this module knows no stage and
+reads no stage's files. A node that declared a section and ended without filling it gets a
+not-run row there, so a check that did not run is never shown as passed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ th{background:#f1f3f8}td.n{text-align:right;font-variant-numeric:tabular-nums}
 figure{display:inline-block;margin:8px 16px 8px 0}figcaption{font-size:12px;color:#445}img{max-width:100%}
 code{background:#f3f4f7;padding:0 3px}.scroll{overflow-x:auto}
 """
-FIGS = ("cosine", "rel_l2", "max_abs", "norm_ratio", "top1", "top5", "tokens", "tokens_prefix")
 
 
 def _num(v: Any, key: str = "") -> str:
@@ -51,62 +51,6 @@ def _table(head: list[str], rows: list[list[str]], classes: list[str] | None = N
     return f"<div class='scroll'><table><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
-def _dict(v: Any) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
-def _cached_file(cache: Path | None, node: dict[str, Any], name: str, problems: list[str] | None = None) -> Any:
-    """A JSON output of a node from the cache (None when absent: the report still renders).
-
-    The entry may have vanished (gc, fsck quarantine) or been damaged since the build: what
-    could not be read is added to ``problems`` (one line each) instead of raising. A file
-    missing from a node that never committed one (failed, or not among its outputs) is not news.
-    """
-    if cache is None or not node.get("key"):
-        return None
-    entry = cache / str(node["key"])
-    f = entry / "out" / name
-    expected = node.get("status") in ("ran", "cached") and name in _dict(node.get("outputs"))
-    where = f"{node.get('id')}: {name}"
-    try:
-        doc = json.loads(f.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        if expected and problems is not None:
-            gone = "cache entry is gone" if not entry.is_dir() else "missing from its cache entry"
-            problems.append(f"{where}: {gone} ({entry}); removed or quarantined since the build?")
-        return None
-    except OSError as e:
-        if problems is not None:
-            problems.append(f"{where}: cannot read {f} ({e.strerror or e})")
-        return None
-    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-        if problems is not None:
-            problems.append(f"{where}: damaged, not valid JSON ({str(e).splitlines()[0][:160]}): {f}")
-        return None
-    if not isinstance(doc, dict):
-        if problems is not None:
-            problems.append(f"{where}: damaged, a JSON {type(doc).__name__} where an object was expected: {f}")
-        return None
-    return doc
-
-
-def parity_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every verify row of the run; a verify node that produced none becomes one not-run row."""
-    out = []
-    for n in doc.get("nodes", []):
-        if n.get("stage") != "verify":
-            continue
-        rows = (n.get("metrics") or {}).get("rows") or {}
-        for key, r in rows.items():
-            graph, runtime = key.rsplit(".", 1)
-            out.append({"target": n.get("target"), "graph": graph, "runtime": runtime, **r})
-        if not rows:
-            why = n.get("error") or n.get("reason") or n.get("status")
-            out.append({"target": n.get("target"), "graph": "(all)", "runtime": "-", "precision": "-",
-                        "status": "not-run", "reason": f"verify node {n.get('status')}: {why}"})
-    return out
-
-
 def _timings(doc: dict[str, Any]) -> str:
     from pipeline.plots import timings_png
 
@@ -126,89 +70,77 @@ def _timings(doc: dict[str, Any]) -> str:
     return head + _table(["node", "status", "seconds", "built (cached)", "peak RSS MB", "key", "note"], rows, cls) + fig
 
 
-def _parity(doc: dict[str, Any]) -> str:
-    rows = parity_rows(doc)
-    if not rows:
-        return "<p class='muted'>No verify node in this run: parity was not checked.</p>"
-    head = "".join(f"<th>{escape(c)}</th>" for c in ["target", "graph", "runtime", "precision", "status", *FIGS])
-    body = []
-    for r in rows:
-        ids = "".join(f"<td>{escape(str(r.get(k)))}</td>" for k in ("target", "graph", "runtime", "precision", "status"))
-        if r["status"] == "not-run":  # no figures: the reason spans their columns
-            figs = f"<td colspan='{len(FIGS)}'>{escape(str(r.get('reason') or 'not run'))}</td>"
-        else:
-            figs = "".join(f"<td class='n'>{_num(r.get(f), f)}</td>" for f in FIGS)
-        body.append(f"<tr class='{escape(str(r['status']))}'>{ids}{figs}</tr>")
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "not-run", "ungated")}
-    note = f"<p>{counts['pass']} passed, {counts['fail']} failed, {counts['not-run']} not run " \
-           f"(a comparison that did not run is not a pass), {counts['ungated']} measured with no gate set " \
-           "(add one under <code>gates:</code> to enforce it).</p>"
-    return note + f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+def _parts(doc: dict[str, Any]) -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """{section title: [(node, part)]} in node order: what the stages put in their results."""
+    out: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for n in doc.get("nodes", []):
+        for part in n.get("report") or []:
+            if isinstance(part, dict) and part.get("section"):
+                out.setdefault(str(part["section"]), []).append((n, part))
+    return out
 
 
-def _drilldowns(doc: dict[str, Any]) -> str:
+def section_titles(doc: dict[str, Any]) -> dict[str, str]:
+    """{title: text when empty}: every section a node of the run declares or fills, in order."""
+    titles: dict[str, str] = {}
+    for n in doc.get("nodes", []):
+        for title, empty in (tuple(x) for x in n.get("sections") or []):
+            titles.setdefault(str(title), str(empty))
+        for part in n.get("report") or []:
+            if isinstance(part, dict) and part.get("section"):
+                titles.setdefault(str(part["section"]), "")
+    return titles
+
+
+def _cell(v: Any, column: str) -> str:
+    return f"<td class='n'>{_num(v, column)}</td>" if isinstance(v, int | float) and not isinstance(v, bool) \
+        else f"<td>{escape('' if v is None else str(v))}</td>"
+
+
+def _render_section(doc: dict[str, Any], title: str, empty: str) -> str:
+    """One section: the tables of every node that filled it as one table (node first), a row
+    for each node that declared it and ended without filling it, then the figures."""
     from pipeline.plots import block_errors_png
 
-    parts = []
-    for n in (x for x in doc.get("nodes", []) if x.get("stage") == "verify"):
-        for graph, d in ((n.get("metrics") or {}).get("drilldown") or {}).items():
-            title = f"{graph} on {n.get('target')}: error per block vs PyTorch"
-            png = block_errors_png(d.get("blocks") or [], title, d.get("jump_block"))
-            cap = escape(f"{n['id']} / {graph}: {d.get('why')}")
-            parts.append(f"<figure>{_img(png, title)}<figcaption>{cap}</figcaption></figure>")
-    return "".join(parts) or "<p class='muted'>No drill-down ran (all gates met and verify.drilldown is not 'always').</p>"
-
-
-def _engines(doc: dict[str, Any], cache: Path | None, problems: list[str] | None = None) -> str:
-    rows = []
+    parts = _parts(doc).get(title, [])
+    tables = [(n, t) for n, t in parts if t.get("kind") == "table"]
+    columns = ["node", *(str(c) for c in tables[0][1].get("columns", []))] if tables else ["node", "note"]
+    body, statuses = [], []
+    for n, t in tables:
+        status = list(t.get("status") or [])
+        for i, row in enumerate(t.get("rows") or []):
+            cls = str(status[i]) if i < len(status) else ""
+            statuses.append(cls)
+            cells = _cell(n.get("id"), "node") + "".join(_cell(v, c) for v, c in zip(row, columns[1:], strict=False))
+            body.append(f"<tr class='{escape(cls)}'>{cells}</tr>")
+    filled = {id(n) for n, _ in parts}
     for n in doc.get("nodes", []):
-        if n.get("stage") != "engine":
+        declared = any(str(x[0]) == title for x in n.get("sections") or [])
+        if declared and id(n) not in filled:
+            what = f"{n.get('stage')} node {n.get('status')}: {n.get('error') or n.get('reason') or ''}".strip()
+            statuses.append("not-run")
+            body.append(f"<tr class='not-run'>{_cell(n.get('id'), 'node')}"
+                        f"<td colspan='{len(columns) - 1}'>{escape(what)}</td></tr>")
+    figures = []
+    for n, f in parts:
+        if f.get("kind") != "figure":
             continue
-        for graph, m in (n.get("metrics") or {}).items():
-            if not isinstance(m, dict):
-                continue
-            layers = _cached_file(cache, n, f"{graph}.layers.json", problems) or {}
-            prec = ", ".join(f"{k}: {v}" for k, v in sorted(_dict(layers.get("gemm_conv_precisions")).items()))
-            mha = ", ".join(f"{k}: {v}" for k, v in sorted(_dict(layers.get("mha_precisions")).items()))
-            rows.append([escape(str(n.get("target"))), escape(graph), escape(str(m.get("precision"))),
-                         _num(m.get("layers")), _num(m.get("fused_mha")), _num(m.get("low_precision_gemm_share")),
-                         escape(prec), escape(mha), _num(m.get("bytes")), _num(m.get("build_seconds")), escape(str(m.get("parity")))])
-        if not (n.get("metrics") or {}):
-            rows.append([escape(str(n.get("target"))), "-", "-", "", "", "", "", "", "", "",
-                         escape(f"engine node {n.get('status')}: {n.get('error') or n.get('reason') or ''}")])
-    if not rows:
-        return "<p class='muted'>No engine node in this run.</p>"
-    head = ["target", "graph", "precision", "layers", "fused MHA", "low-precision GEMM share",
-            "GEMM/conv layer precisions", "fused MHA precisions", "bytes", "build s", "engine parity"]
-    return _table(head, rows)
-
-
-def _kept(doc: dict[str, Any], cache: Path | None, problems: list[str] | None = None) -> str:
-    rows = []
-    for n in doc.get("nodes", []):
-        if n.get("stage") != "quantize":
-            continue
-        seen = len(problems) if problems is not None else 0
-        q = _cached_file(cache, n, "quantize.json", problems) or {}
-        unread = problems is not None and len(problems) > seen
-        for graph, m in (n.get("metrics") or {}).items():
-            if not isinstance(m, dict):
-                continue
-            kept = _dict(q.get(graph)).get("kept_high_precision")
-            kept = [k for k in kept if isinstance(k, dict)] if isinstance(kept, list) else None
-            if kept:
-                for k in kept:
-                    what = k.get("node") or k.get("group") or "?"
-                    rows.append([escape(str(n["id"])), escape(graph), escape(str(m.get("precision"))),
-                                 f"<code>{escape(str(what))}</code>", escape(str(k.get("why", "")))])
-            else:
-                count = m.get("kept")
-                why = "could not be read, see below" if unread else "not in the cache"
-                detail = "none" if count == 0 else f"{count} (details: quantize.json {why})"
-                rows.append([escape(str(n["id"])), escape(graph), escape(str(m.get("precision"))), escape(detail), ""])
-    if not rows:
-        return "<p class='muted'>No quantize node in this run.</p>"
-    return _table(["node", "graph", "precision", "kept high-precision", "why"], rows)
+        png = block_errors_png(list(f.get("points") or []), str(f.get("title", "")), f.get("mark"))
+        figures.append(f"<figure>{_img(png, str(f.get('title', '')))}<figcaption>"
+                       f"{escape(str(n.get('id')) + ' / ' + str(f.get('caption', '')))}</figcaption></figure>")
+    if not body and not figures:
+        return f"<p class='muted'>{escape(empty or 'Nothing in this run.')}</p>"
+    html = ""
+    if any(statuses):
+        counts = {k: statuses.count(k) for k in ("pass", "fail", "not-run", "ungated")}
+        html += (f"<p>{counts['pass']} passed, {counts['fail']} failed, {counts['not-run']} not run (a check that "
+                 f"did not run is not a pass), {counts['ungated']} measured with no gate set.</p>")
+    if body:
+        head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+        html += f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    notes = dict.fromkeys(str(t.get("note")) for _, t in tables if t.get("note"))
+    html += "".join(f"<p class='muted'>{escape(x)}</p>" for x in notes)
+    return html + "".join(figures)
 
 
 def _section(fn: Any, *args: Any) -> str:
@@ -219,21 +151,15 @@ def _section(fn: Any, *args: Any) -> str:
         return f"<p class='fail'>This section could not be rendered ({escape(type(e).__name__)}: {escape(str(e)[:300])}).</p>"
 
 
-def render_html(doc: dict[str, Any], cache: Path | None = None) -> str:
+def render_html(doc: dict[str, Any]) -> str:
     tool = ", ".join(f"{k} {v}" for k, v in (doc.get("toolchain") or {}).items())
     result = str(doc.get("result", ""))
-    problems: list[str] = []  # what could not be read from the cache: listed, never a traceback
-    sections = [
-        ("Stage timings and cache hits", _section(_timings, doc)),
-        ("Parity against PyTorch", _section(_parity, doc)),
-        ("Per-block error (drill-down)", _section(_drilldowns, doc)),
-        ("Engine precision summary", _section(_engines, doc, cache, problems)),
-        ("Layers kept in high precision", _section(_kept, doc, cache, problems)),
-    ]
-    if problems:
-        items = "".join(f"<li>{escape(p)}</li>" for p in problems)
-        sections.append(("Not read from the cache", "<p class='fail'>These details were missing or damaged when "
-                         "the report was written; the tables above omit them.</p>" f"<ul>{items}</ul>"))
+    gates = [g for n in doc.get("nodes", []) for g in n.get("gates") or [] if isinstance(g, dict)]
+    missed = sum(not g.get("passed") for g in gates)
+    checked = (f"{len(gates)} parity gates checked, {missed} missed" if gates
+               else "no parity gate was checked in this run")
+    sections = [("Stage timings and cache hits", _section(_timings, doc))]
+    sections += [(t, _section(_render_section, doc, t, empty)) for t, empty in section_titles(doc).items()]
     body = "".join(f"<h2>{escape(t)}</h2>{html}" for t, html in sections)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -241,14 +167,13 @@ def render_html(doc: dict[str, Any], cache: Path | None = None) -> str:
         f"<h1>vlmforge build report: {escape(str(doc.get('config_name', '')))}</h1>"
         f"<p>result: <span class='{'pass' if result == 'ok' else 'fail'}'>{escape(result)}</span> · "
         f"config <code>{escape(str(doc.get('config', '')))}</code> · started {escape(str(doc.get('started', '')))} · "
-        f"{_num(doc.get('wall_seconds'))} s wall</p><p class='muted'>toolchain: {escape(tool)}</p>"
+        f"{_num(doc.get('wall_seconds'))} s wall · {escape(checked)}</p><p class='muted'>toolchain: {escape(tool)}</p>"
         f"{body}</body></html>\n"
     )
 
 
-def write_html_report(run_dir: Path, doc: dict[str, Any] | None = None, cache: Path | None = None) -> Path:
-    """Write ``run_dir/report.html``. ``cache`` defaults to ``<artifacts>/cache`` (run_dir is
-    ``<artifacts>/runs/<config>/<stamp>``); missing cache entries only shorten the details."""
+def write_html_report(run_dir: Path, doc: dict[str, Any] | None = None) -> Path:
+    """Write ``run_dir/report.html`` from ``doc`` (default: the folder's ``report.json``)."""
     from pipeline.errors import OutputError
     from pipeline.fsutil import atomic_write_text
 
@@ -261,10 +186,8 @@ def write_html_report(run_dir: Path, doc: dict[str, Any] | None = None, cache: P
             raise OutputError(f"{src}: cannot read ({e.strerror or e})") from None
         except ValueError as e:
             raise OutputError(f"{src}: not valid JSON ({str(e).splitlines()[0][:160]})") from None
-    if cache is None and len(run_dir.resolve().parents) >= 3:
-        cache = run_dir.resolve().parents[2] / "cache"
     out = run_dir / "report.html"
     # atomic (pipeline.fsutil): a full disk is one line and exit 1, the previous report.html
     # stays; mode 0644, a report is for sharing
-    atomic_write_text(out, render_html(doc, cache if cache is not None and cache.is_dir() else None))
+    atomic_write_text(out, render_html(doc))
     return out

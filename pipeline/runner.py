@@ -47,6 +47,8 @@ class NodeState:
             "metrics": m.get("metrics", self.failed_result.get("metrics", {})),
             "gates": m.get("gates", self.failed_result.get("gates", [])),
             "notes": m.get("notes", self.failed_result.get("notes", [])),
+            "report": m.get("report", self.failed_result.get("report", [])),
+            "sections": [list(x) for x in n.stage.report_sections],
             "error": self.error,
             "needs_host": self.needs_host,
             "evicted": self.evicted and self.status == "evicted",
@@ -221,4 +223,4 @@ def _finish(s: NodeState, res: NodeOutcome) -> None:
             s.seconds, s.peak_rss_mb = t.get("seconds", s.seconds), t.get("peak_rss_mb", s.peak_rss_mb)
     else:
         s.status, s.error = "failed", res.error or "failed"
-        s.failed_result = {"metrics": res.metrics, "gates": res.gates, "notes": res.notes}
+        s.failed_result = {"metrics": res.metrics, "gates": res.gates, "notes": res.notes, "report": res.report}

@@ -50,6 +50,10 @@ class Stage:
     # Declares that the node cannot run on this machine (e.g. full TensorRT without a GPU);
     # returns the reason or None. Shown by `plan`; the node still runs and fails clearly.
     needs_host: Callable[[BuildConfig, TargetSpec | None], str | None] | None = None
+    # Sections this stage fills in the HTML report, as (title, what the section says when no
+    # node filled it). A node of this stage that ended with nothing for a section (failed,
+    # skipped) gets a row there saying why: a check that did not run never looks like a pass.
+    report_sections: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,42 @@ def missed_message(checks: Iterable[GateCheck], head: str = "parity gate missed"
     return " ".join(line.splitlines())
 
 
+@dataclass(frozen=True)
+class ReportTable:
+    """Rows a stage adds to a section of the HTML report. The rows of every node with the same
+    section title make one table (the node's id first); cells are JSON scalars."""
+
+    section: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    status: tuple[str, ...] = ()  # per row, when rows are checks: pass | fail | not-run | ungated
+    note: str = ""  # one paragraph under the table (what the figures mean, how to gate them)
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """A per-block error plot (cosine, rel_l2, max_abs per block) in a section of the report."""
+
+    section: str
+    title: str
+    caption: str
+    points: tuple[dict[str, Any], ...]  # {"block": i, "cosine": ..., "rel_l2": ..., "max_abs": ...}
+    mark: int | None = None  # the block where the error jumps
+
+
+def report_dicts(parts: Iterable[ReportTable | ReportFigure]) -> list[dict[str, Any]]:
+    """The JSON form kept in the manifest and report.json ("kind" says which part it is)."""
+    from dataclasses import asdict
+
+    return [{"kind": "table" if isinstance(p, ReportTable) else "figure", **asdict(p)} for p in parts]
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # JSON-able; lands in manifest + report
     gates: list[GateCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # human remarks for the report
+    report: list[ReportTable | ReportFigure] = field(default_factory=list)  # report sections' content
 
 
 class StageError(Exception):

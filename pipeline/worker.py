@@ -48,6 +48,7 @@ class NodeOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)  # of a failed node, for the report
     gates: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    report: list[dict[str, Any]] = field(default_factory=list)
 
 
 def status_kb(key: str) -> int | None:
@@ -160,7 +161,7 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
     from filelock import FileLock
 
     from pipeline.cache import CacheStore
-    from pipeline.stage import GateFailed, StageContext, StageError, missed_message
+    from pipeline.stage import GateFailed, StageContext, StageError, missed_message, report_dicts
 
     store = CacheStore(Path(spec.cache_root))
     lock = store.lock_path(spec.key)
@@ -213,13 +214,15 @@ def execute(spec: NodeSpec, progress: Any = lambda msg, frac=None: None) -> Node
                 "metrics": result.metrics,
                 "gates": [g.__dict__ for g in result.gates],
                 "notes": result.notes,
+                "report": report_dicts(result.report),
                 "timings": {**timing(), "started": started, "finished": time.time()},
             }
             manifest = store.commit(spec.key, tmp, manifest, replace=spec.force)
         except GateFailed as e:
             store.abort(tmp)
             r = e.result
-            return ended("failed", error=str(e), metrics=r.metrics, notes=r.notes, gates=[g.__dict__ for g in r.gates])
+            return ended("failed", error=str(e), metrics=r.metrics, notes=r.notes, gates=[g.__dict__ for g in r.gates],
+                         report=report_dicts(r.report))
         except StageError as e:
             store.abort(tmp)
             return ended("failed", error=str(e))

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stage import Stage, StageContext, StageError, StageResult
+from pipeline.stage import ReportTable, Stage, StageContext, StageError, StageResult
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -103,6 +103,7 @@ def run(ctx: StageContext) -> StageResult:
         timing_cache_dir=trt_timing_cache.default_dir() if e["timing_cache"] else None,
     )
     result = StageResult()
+    rows: list[tuple[Any, ...]] = []  # the report's engine table
     for i, (g, precision, quant) in enumerate(plan):
         ctx.report(f"{g}: profile", i / len(plan))
         spec = _io_spec(src, g)
@@ -149,12 +150,27 @@ def run(ctx: StageContext) -> StageResult:
             "builder_anon_mb": round(built.builder_anon_mb, 1), "anon_before_build_mb": round(built.anon_before_mb, 1),
             "parity": parity["status"],
         }
+        rows.append((target["name"], g, precision, summary.layers, summary.fused_mha, summary.low_precision_share,
+                     _counts(summary.gemm_conv_precisions), _counts(summary.mha_precisions), built.bytes,
+                     round(built.seconds, 3), parity["status"]))
+    result.report.append(ReportTable(SECTION, COLUMNS, tuple(rows)))
     return result
+
+
+def _counts(by_precision: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(by_precision.items()))
+
+
+SECTION = "Engine precision summary"
+COLUMNS = ("target", "graph", "precision", "layers", "fused MHA", "low-precision GEMM share",
+           "GEMM/conv layer precisions", "fused MHA precisions", "bytes", "build s", "engine parity")
 
 
 STAGE = Stage(
     name="engine",
-    version="2",  # 2: BYO image inputs profiled by position (batch 1..max_images, H/W = resize)
+    # 2: BYO image inputs profiled by position (batch 1..max_images, H/W = resize); 3: the report's
+    # engine table comes from the result
+    version="3",
     run=run,
     params=params,
     deps=("quantize",),
@@ -164,4 +180,5 @@ STAGE = Stage(
     toolchain=("tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu13-libs", "tensorrt", "onnx"),
     description="TensorRT / TensorRT-RTX engines per target, with layer reports and sidecars",
     needs_host=needs_host,
+    report_sections=((SECTION, "No engine was built in this run."),),
 )

@@ -29,7 +29,16 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult, missed_message
+from pipeline.stage import (
+    GateCheck,
+    GateFailed,
+    ReportTable,
+    Stage,
+    StageContext,
+    StageError,
+    StageResult,
+    missed_message,
+)
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 from stages.lib.dtypes import UNQUANTIZED
 
@@ -39,6 +48,7 @@ if TYPE_CHECKING:
 
 GRAPHS = ("vision", "decoder")
 IO_SPECS = ("vision.json", "decoder.json")
+KEPT = "Layers kept in high precision"  # the build report's section
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -52,22 +62,6 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "gates": {p: cfg.gates[p].model_dump(mode="json") for p in set(prec.values()) if p in cfg.gates},
         "trust_remote_code": cfg.model.trust_remote_code,
     }
-
-
-# "gate" budgets aim this much inside the gate's cosine: the search scores calibration inputs
-# against the unquantized graph, the gate held-out inputs against the PyTorch reference (whose
-# own export error and unseen inputs the search does not see). 0.8: a 0.99 gate searches to 0.992.
-GATE_MARGIN = 0.8
-
-
-def search_budget(setting: float | str | None, gate: dict[str, Any]) -> float | None:
-    """The cosine the mixed-precision fallback must reach, from ``quantize.<graph>.accuracy_budget``
-    and the graph's quantize gate; None: no fallback ("off" / null)."""
-    if setting is None or setting == "off":
-        return None
-    if setting == "gate":
-        return 1.0 - (1.0 - float(gate["cosine"])) * GATE_MARGIN
-    return float(setting)
 
 
 def _graph_outputs(names: list[str], graph: str) -> list[str]:
@@ -140,7 +134,7 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
                           "inputs": "calibration" if search is not feeds else "held-out"}
         else:
             first = candidate(recipe, "full")
-        budget = search_budget(gq.get("accuracy_budget"), gate)
+        budget = sensitivity.search_budget(gq.get("accuracy_budget"), gate)
         if budget is not None and first[2] < budget:  # it falls back, so this one is not the result:
             shutil.rmtree(first[1].parent)  # its disk goes before the walk writes its own candidates
         built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src,
@@ -262,7 +256,7 @@ def _run(ctx: StageContext) -> StageResult:
             metrics[g]["weights_share"] = round(report[g]["weights"]["share"], 4)
             metrics[g]["kept"] = len(report[g]["kept_high_precision"])
     metrics["seconds"] = round(time.time() - t0, 2)
-    result = StageResult(metrics=metrics, gates=gates, notes=notes)
+    result = StageResult(metrics=metrics, gates=gates, notes=notes, report=[_kept_table(report, graphs)])
     missed = missed_message(gates, head="quantize gate missed", hint="keep layers high precision: "
                             "quantize.<graph>.keep_high_precision, or a higher quantize.<graph>.accuracy_budget")
     if missed:  # raised here, not left to the worker, for the hint: what to change
@@ -270,9 +264,18 @@ def _run(ctx: StageContext) -> StageResult:
     return result
 
 
+def _kept_table(report: dict[str, Any], graphs: tuple[str, ...]) -> ReportTable:
+    """Per graph, every layer the rules or the mixed-precision walk kept high precision, and why."""
+    rows = [(g, report[g].get("precision"), k.get("node") or k.get("group") or "?", k.get("why", ""))
+            for g in graphs for k in report[g].get("kept_high_precision") or [{"node": "none"}]]
+    return ReportTable(KEPT, ("graph", "precision", "kept high-precision", "why"), tuple(rows))
+
+
 STAGE = Stage(
     name="quantize",
-    version="5",  # 5: ranked at blocks past a scoring cost (vision too), the walk predicts k; 4: budget "gate"
+    # 4: budget "gate"; 5: ranked at blocks past a scoring cost (vision too), the walk predicts k;
+    # 6: the report's kept-layers table comes from the result
+    version="6",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),
@@ -283,4 +286,5 @@ STAGE = Stage(
     key_uses_target=False,
     toolchain=("onnx", "onnxruntime", "onnx-ir", "numpy", "ml-dtypes"),
     description="explicit Q/DQ graphs (int8/fp8/int4-weight) with calibrated scales and mixed precision",
+    report_sections=((KEPT, "No graph was quantized in this run."),),
 )

@@ -32,7 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.stage import GateCheck, GateFailed, Stage, StageContext, StageError, StageResult, missed_message
+from pipeline.stage import (
+    GateCheck,
+    GateFailed,
+    ReportFigure,
+    ReportTable,
+    Stage,
+    StageContext,
+    StageError,
+    StageResult,
+    missed_message,
+)
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 
 if TYPE_CHECKING:
@@ -233,7 +243,8 @@ def _run(ctx: StageContext) -> StageResult:
                                  "blocks": [{k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")}
                                             for b in d["blocks"]]} for g, d in drill.items()}}
     gen_notes = [r["reason"] for r in rows if r["graph"] == "generation" and r["status"] != "not-run" and r["reason"]]
-    result = StageResult(metrics=metrics, gates=checks, notes=[*not_run, *gen_notes, *drill_notes])
+    result = StageResult(metrics=metrics, gates=checks, notes=[*not_run, *gen_notes, *drill_notes],
+                         report=_report(p["target"], rows, drill))
     for g, d in drill.items():
         result.notes.append(f"drill-down {g}: {d['jump'].get('why')}")
     # raised here, not left to the worker: the line names the target and where the error jumps
@@ -244,11 +255,31 @@ def _run(ctx: StageContext) -> StageResult:
     return result
 
 
+PARITY, DRILLDOWN = "Parity against PyTorch", "Per-block error (drill-down)"
+FIGURES = ("cosine", "rel_l2", "max_abs", "norm_ratio", "top1", "top5", "tokens", "tokens_prefix")
+
+
+def _report(target: str, rows: list[dict[str, Any]], drill: dict[str, Any]) -> list[ReportTable | ReportFigure]:
+    """The parity table (every graph x runtime: pass / fail / not-run / ungated) and one error
+    plot per drilled-down graph, for the build report."""
+    table = ReportTable(
+        PARITY, ("target", "graph", "runtime", "precision", "status", *FIGURES, "note"),
+        tuple((target, r["graph"], r["runtime"], r["precision"], r["status"],
+               *((r.get("figures") or {}).get(f) for f in FIGURES), r.get("reason") or "") for r in rows),
+        status=tuple(r["status"] for r in rows),
+        note="A figure measured with no gate set is 'ungated': add a threshold under gates: to enforce it.")
+    figures = [ReportFigure(DRILLDOWN, f"{g} on {target}: error per block vs PyTorch", f"{g}: {d['jump'].get('why')}",
+                            tuple({k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")} for b in d["blocks"]),
+                            d["jump"].get("block")) for g, d in drill.items()]
+    return [table, *figures]
+
+
 STAGE = Stage(
     name="verify",
     # 4: bring-your-own ONNX (reference = the FP32 graph; no drill-down); 5: graphs run block by
-    # block (segments), teacher-forced token agreement, free-running only under FREE_RUN_LIMIT
-    version="5",
+    # block (segments), teacher-forced token agreement, free-running only under FREE_RUN_LIMIT;
+    # 6: the report's parity table and drill-down plots come from the result
+    version="6",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),
@@ -257,4 +288,6 @@ STAGE = Stage(
     per_target=True,
     toolchain=("onnxruntime", "onnx", "onnx-ir", "torch", "transformers", "matplotlib"),
     description="parity of the quantized graphs (and engines where they run) against the PyTorch reference",
+    report_sections=((PARITY, "No comparison ran."),
+                     (DRILLDOWN, "No drill-down ran (all gates met and verify.drilldown is not 'always').")),
 )

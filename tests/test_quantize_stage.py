@@ -145,7 +145,7 @@ def test_gate_failure_is_raised(upstream, tmp_path):
 def test_default_budget_falls_back_to_meet_the_gate(upstream, tmp_path):
     """By default the fallback aims inside the gate: a gate the fully quantized graph misses is met
     by keeping the most harmful groups high precision, and the report says which."""
-    from stages.quantize import search_budget
+    from stages.lib.qdq.sensitivity import search_budget
 
     gate = 0.9999
     cfg = _cfg(precision={"vision": "fp16", "decoder": "int8"}, gates={"int8": {"cosine": gate, "norm_ratio": None}})

@@ -1,11 +1,11 @@
 """Faults around the report writers: a full disk (injected, and a real full tmpfs) gives one line
-and exit 1, leaves no temp file and keeps the previous report / lock file; a cache entry that
-vanished or was damaged after the build shortens report.html, it never breaks it."""
+and exit 1, leaves no temp file and keeps the previous report / lock file; report.html needs
+report.json alone (a cache entry that vanished since the build takes nothing from it), and a part
+it cannot make sense of costs its section, never the report."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import stat
@@ -120,7 +120,7 @@ def test_make_readonly(tmp_path: Path) -> None:
 def _write_all_reports(run: Path, lock: Path, notes: str = "") -> None:
     header = {"config": "c.yaml", "config_name": "c", "result": "ok", "notes": [notes] if notes else []}
     doc = write_report(run, header, [])
-    write_html_report(run, doc, cache=None)
+    write_html_report(run, doc)
     write_lock(lock, Path("c.yaml"), [])
     save_png(run / "timings.png", b"\x89PNG" + notes.encode())
 
@@ -215,81 +215,48 @@ def test_cli_build_on_a_full_disk_is_one_line_and_exit_1(cli: Any) -> None:
         assert _snapshot(latest, art / "locks") == before, f"{name}: the previous report or lock changed"
 
 
-# --- report.html with cache entries that vanished or were damaged after the build -------------------
+# --- report.html from report.json alone; damaged parts cost one section ---------------------------
 
 
-def _doc_with_outputs() -> dict[str, Any]:
+def test_html_needs_no_cache_entry(tmp_path: Path) -> None:
+    """Everything the sections show travels in report.json: with the artifacts' cache emptied
+    (gc, quarantine) the report is the same page."""
+    run = tmp_path / "artifacts" / "runs" / "default" / "1"
+    run.mkdir(parents=True)
+    (tmp_path / "artifacts" / "cache").mkdir()
+    page = write_html_report(run, sample_doc()).read_text()
+    assert page == render_html(sample_doc())
+    assert "lm_head_MatMul" in page and "fp8: 10" in page and "could not be rendered" not in page
+
+
+def test_html_parts_of_the_wrong_shape_render() -> None:
     doc = sample_doc()
-    for n in doc["nodes"]:
-        if n["id"] == "quantize@rtx4090":
-            n["outputs"] = {"quantize.json": {"sha256": "0", "bytes": 1}}
-        if n["id"] == "engine@rtx4090":
-            n["outputs"] = {"vision.layers.json": {"sha256": "0", "bytes": 1}}
-    return doc
-
-
-def _entry(cache: Path, key: str) -> Path:
-    out = cache / key / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-@pytest.mark.parametrize("damage, expect", [
-    ("entry_gone", "cache entry is gone"),
-    ("file_gone", "missing from its cache entry"),
-    ("bad_json", "damaged, not valid JSON"),
-    ("not_utf8", "damaged, not valid JSON"),
-    ("json_list", "damaged, a JSON list where an object was expected"),
-    ("folder_in_place", "cannot read"),
-])
-def test_html_notes_what_it_could_not_read_from_the_cache(tmp_path: Path, damage: str, expect: str) -> None:
-    cache = tmp_path / "cache"
-    q, e = _entry(cache, "quantize@rtx4090-key"), _entry(cache, "engine@rtx4090-key")
-    (e / "vision.layers.json").write_text(json.dumps({"gemm_conv_precisions": {"fp8": 10}}))
-    if damage == "entry_gone":
-        shutil.rmtree(q.parent)
-    elif damage == "bad_json":
-        (q / "quantize.json").write_text('{"decoder": {"kept_high_precision": [')
-    elif damage == "not_utf8":
-        (q / "quantize.json").write_bytes(b"\xff\xfe\x00garbage")
-    elif damage == "json_list":
-        (q / "quantize.json").write_text("[1, 2]")
-    elif damage == "folder_in_place":
-        (q / "quantize.json").mkdir()
-    html = render_html(_doc_with_outputs(), cache)
-    assert "Not read from the cache" in html and expect in html and "quantize@rtx4090: quantize.json" in html
-    assert "1 (details: quantize.json could not be read, see below)" in html
-    assert "fp8: 10" in html, "the readable entry must still be shown"
-    assert "could not be rendered" not in html and "Traceback" not in html
-
-
-def test_html_wrong_shapes_in_cache_files_render(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    (_entry(cache, "quantize@rtx4090-key") / "quantize.json").write_text(json.dumps(
-        {"decoder": {"kept_high_precision": ["junk", 3, {"group": "lm_head", "why": "pattern"}]}, "vision": [1]}))
-    (_entry(cache, "engine@rtx4090-key") / "vision.layers.json").write_text(json.dumps(
-        {"gemm_conv_precisions": [1, 2], "mha_precisions": "fp8"}))
-    html = render_html(_doc_with_outputs(), cache)
-    assert "lm_head" in html and "could not be rendered" not in html and "Not read from the cache" not in html
-
-
-def test_html_failed_node_without_entry_is_not_a_problem_and_report_still_written(tmp_path: Path) -> None:
-    doc = _doc_with_outputs()
-    doc["nodes"].append(_node("engine@rtx3090", "engine", "rtx3090", "failed",
-                              {"vision": {"precision": "fp8"}}, error="build failed"))
-    run = tmp_path / "runs" / "default" / "1"
-    (tmp_path / "cache").mkdir()
-    page = write_html_report(run, doc)  # the default cache: <artifacts>/cache, every entry gone
-    html = page.read_text()
-    assert html.count("cache entry is gone") == 2 and "engine@rtx3090: vision.layers.json" not in html
-
-
-def test_html_section_that_cannot_render_costs_only_that_section(tmp_path: Path) -> None:
-    doc = sample_doc()
-    doc["nodes"][3]["metrics"]["rows"] = {"no-dot-in-key": {}}  # parity_rows cannot split it
+    quantize = doc["nodes"][1]
+    quantize["report"] += [{"kind": "table", "section": "Layers kept in high precision", "columns": ["graph"],
+                            "rows": [["vision", "extra", "cells"], []], "status": "junk"}, "junk", 3, {"no": "section"}]
     html = render_html(doc)
-    assert "This section could not be rendered (ValueError" in html
-    assert "Engine precision summary" in html and "engine@rtx4090" in html
+    assert "lm_head_MatMul" in html and "could not be rendered" not in html
+
+
+def test_html_section_that_cannot_render_costs_only_that_section() -> None:
+    doc = sample_doc()
+    verify = doc["nodes"][3]
+    for part in verify["report"]:
+        if part["kind"] == "figure":
+            part["points"] = 5  # not a list of points: the section cannot draw it
+    html = render_html(doc)
+    assert "This section could not be rendered" in html
+    assert "Engine precision summary" in html and "engine@rtx4090" in html and "lm_head_MatMul" in html
+
+
+def test_html_failed_node_that_declared_a_section_gets_a_not_run_row() -> None:
+    from stages import engine
+
+    doc = sample_doc()
+    doc["nodes"].append(_node("engine@rtx3090", "engine", "rtx3090", "failed", [], error="build failed",
+                              sections=engine.STAGE.report_sections))
+    section = render_html(doc).split("<h2>Engine precision summary</h2>")[1].split("<h2>")[0]
+    assert "<tr class='not-run'>" in section and "engine node failed: build failed" in section
 
 
 def test_write_html_report_unreadable_report_json_is_one_line(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.report_html import parity_rows, render_html, write_html_report
+from pipeline.report_html import render_html, section_titles, write_html_report
+from pipeline.stage import ReportTable, report_dicts
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -32,64 +33,75 @@ addEventListener('load',function(){[].forEach.call(document.images,function(i){i
 document.body.setAttribute('data-probe',errs.length?errs.join('|'):'clean')});})();</script>"""
 
 
-def _node(id_: str, stage: str, target: str | None, status: str, metrics: dict[str, Any], **kw: Any) -> dict[str, Any]:
+def _node(id_: str, stage: str, target: str | None, status: str, report: list[Any], **kw: Any) -> dict[str, Any]:
     return {"id": id_, "stage": stage, "target": target, "key": kw.get("key", id_ + "-key"), "cached": status == "cached",
             "status": status, "reason": "", "seconds": kw.get("seconds", 1.0), "peak_rss_mb": 100.0, "outputs": {},
-            "metrics": metrics, "gates": [], "notes": [], "error": kw.get("error"), "built_seconds": kw.get("built")}
+            "metrics": kw.get("metrics", {}), "gates": kw.get("gates", []), "notes": [], "error": kw.get("error"),
+            "built_seconds": kw.get("built"), "report": report_dicts(report), "sections": [list(x) for x in kw.get("sections", ())]}
+
+
+def _verify_parts(target: str) -> list[Any]:
+    """What the verify stage reports: its own table builder over a row of each status."""
+    from stages.verify import _report
+
+    rows = [
+        {"graph": "vision", "runtime": "onnxruntime", "precision": "fp8", "status": "pass", "reason": "",
+         "figures": {"cosine": 0.9991, "rel_l2": 0.04, "max_abs": 0.2, "norm_ratio": 0.01}},
+        {"graph": "decoder", "runtime": "onnxruntime", "precision": "fp8", "status": "fail", "reason": "",
+         "figures": {"cosine": 0.95, "rel_l2": 0.3, "max_abs": 2.0, "top1": 0.7, "top5": 0.9}},
+        {"graph": "generation", "runtime": "onnxruntime", "precision": "vision:fp8+decoder:fp8", "status": "fail",
+         "reason": "", "figures": {"tokens": 0.5}},
+        {"graph": "vision", "runtime": "tensorrt", "precision": "fp8", "status": "not-run",
+         "reason": "engine comparison not run: no CUDA GPU on this host"},
+    ]
+    blocks = [{"block": i, "cosine": 1 - 10.0 ** (-6 + 3 * (i >= 2)), "rel_l2": 1e-3 * (1 + 40 * (i >= 2)),
+               "max_abs": 0.01 * (i + 1)} for i in range(4)]
+    return _report(target, rows, {"decoder": {"jump": {"block": 2, "why": "rel-L2 rises at block 2"}, "blocks": blocks}})
 
 
 def sample_doc() -> dict[str, Any]:
-    blocks = [{"block": i, "cosine": 1 - 10.0 ** (-6 + 3 * (i >= 2)), "rel_l2": 1e-3 * (1 + 40 * (i >= 2)),
-               "max_abs": 0.01 * (i + 1)} for i in range(4)]
-    rows = {
-        "vision.onnxruntime": {"precision": "fp8", "status": "pass", "cosine": 0.9991, "rel_l2": 0.04, "max_abs": 0.2,
-                               "norm_ratio": 0.01, "finite": True},
-        "decoder.onnxruntime": {"precision": "fp8", "status": "fail", "cosine": 0.95, "rel_l2": 0.3, "max_abs": 2.0,
-                                "norm_ratio": 0.2, "finite": True, "top1": 0.7, "top5": 0.9},
-        "generation.onnxruntime": {"precision": "vision:fp8+decoder:fp8", "status": "fail", "tokens": 0.5},
-        "vision.tensorrt": {"precision": "fp8", "status": "not-run",
-                            "reason": "engine comparison not run: no CUDA GPU on this host"},
-    }
-    verify = {"rows": rows, "passed": False, "drilldown": {"decoder": {"jump_block": 2, "why": "rel-L2 rises at block 2",
-                                                                       "blocks": blocks}}}
+    from stages import engine, quantize, verify
+
+    kept = ReportTable(quantize.KEPT, ("graph", "precision", "kept high-precision", "why"),
+                       (("vision", "fp8", "none", ""), ("decoder", "fp8", "lm_head_MatMul", "pattern *lm_head*")))
+    eng = ReportTable(engine.SECTION, engine.COLUMNS, (("rtx4090", "vision", "fp8", 12, 2, 1.0, "fp8: 10", "", 1000, 2.0,
+                                                         "not run: no CUDA GPU"),))
+    gates = [{"name": "decoder.fp8.cosine", "value": 0.95, "threshold": 0.99, "op": ">=", "passed": False}]
     return {
         "config": "/x/default.yaml", "config_name": "default <b>&", "started": "2026-11-21T09:00:00",
         "wall_seconds": 3.5, "result": "failed", "toolchain": {"torch": "2.13.0"}, "summary": {},
         "nodes": [
-            _node("checkpoint", "checkpoint", None, "cached", {}, built=4.0),
-            _node("quantize@rtx4090", "quantize", "rtx4090", "ran",
-                  {"vision": {"precision": "fp8", "kept": 0}, "decoder": {"precision": "fp8", "kept": 1}}),
-            _node("engine@rtx4090", "engine", "rtx4090", "ran",
-                  {"vision": {"precision": "fp8", "layers": 12, "fused_mha": 2, "low_precision_gemm_share": 1.0,
-                              "bytes": 1000, "build_seconds": 2.0, "parity": "not run: no CUDA GPU"}}),
-            _node("verify@rtx4090", "verify", "rtx4090", "failed", verify, error="parity gate missed"),
-            _node("verify@rtx3090", "verify", "rtx3090", "skipped", {}, key=None, error="engine@rtx3090 failed"),
+            _node("checkpoint", "checkpoint", None, "cached", [], built=4.0),
+            _node("quantize@rtx4090", "quantize", "rtx4090", "ran", [kept], sections=quantize.STAGE.report_sections),
+            _node("engine@rtx4090", "engine", "rtx4090", "ran", [eng], sections=engine.STAGE.report_sections),
+            _node("verify@rtx4090", "verify", "rtx4090", "failed", _verify_parts("rtx4090"), error="parity gate missed",
+                  sections=verify.STAGE.report_sections, gates=gates),
+            _node("verify@rtx3090", "verify", "rtx3090", "skipped", [], key=None, error="engine@rtx3090 failed",
+                  sections=verify.STAGE.report_sections),
         ],
     }
 
 
-def test_parity_rows_cover_every_row_and_never_promote_not_run() -> None:
-    rows = parity_rows(sample_doc())
-    assert {(r["target"], r["graph"], r["runtime"], r["status"]) for r in rows} == {
-        ("rtx4090", "vision", "onnxruntime", "pass"), ("rtx4090", "decoder", "onnxruntime", "fail"),
-        ("rtx4090", "generation", "onnxruntime", "fail"), ("rtx4090", "vision", "tensorrt", "not-run"),
-        ("rtx3090", "(all)", "-", "not-run")}
+def test_sections_come_from_the_stages_and_a_check_that_did_not_run_is_not_a_pass() -> None:
+    doc = sample_doc()
+    assert list(section_titles(doc)) == ["Layers kept in high precision", "Engine precision summary",
+                                         "Parity against PyTorch", "Per-block error (drill-down)"]
+    html = render_html(doc)
+    parity = html.split("<h2>Parity against PyTorch</h2>")[1].split("<h2>")[0]
+    # the four rows of verify@rtx4090, and one not-run row for the verify node that never ran
+    assert len(re.findall(r"<tr class='pass'>", parity)) == 1 and len(re.findall(r"<tr class='fail'>", parity)) == 2
+    assert len(re.findall(r"<tr class='not-run'>", parity)) == 2 and "verify node skipped: engine@rtx3090 failed" in parity
+    assert "1 passed, 2 failed, 2 not run" in parity
+    assert "1 parity gates checked, 1 missed" in html
 
 
 def test_html_is_self_contained_and_escaped(tmp_path: Path) -> None:
-    doc = sample_doc()
-    # the cache supplies details (kept layers) when the entry is there
-    q = tmp_path / "cache" / "quantize@rtx4090-key" / "out"
-    q.mkdir(parents=True)
-    (q / "quantize.json").write_text(json.dumps({"decoder": {"kept_high_precision": [{"node": "lm_head_MatMul",
-                                                                                       "why": "pattern *lm_head*"}]}}))
-    html = render_html(doc, tmp_path / "cache")
+    html = render_html(sample_doc())
     assert "default &lt;b&gt;&amp;" in html and "<b>&" not in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html), "external resource in report.html"
     assert "<script" not in html
     assert html.count("data:image/png;base64,") == 2  # timings + one drill-down figure
-    assert "lm_head_MatMul" in html and "engine comparison not run: no CUDA GPU" in html
-    assert len(re.findall(r"<tr class=.not-run.>", html)) == 2 and len(re.findall(r"<tr class=.fail.>", html)) == 2
+    assert "lm_head_MatMul" in html and "engine comparison not run: no CUDA GPU" in html and "fp8: 10" in html
 
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -148,4 +160,8 @@ def test_html_from_a_real_build_report(cli: Any) -> None:
     doc = json.loads((run / "report.json").read_text())
     assert all(escape_id in html for escape_id in (n["id"] for n in doc["nodes"]))
     assert f"{len(doc['nodes'])} cache hits" in html
-    assert "No verify node in this run" in html  # fake stages: parity honestly not checked
+    # the fake final stage's table went worker -> manifest -> report.json -> html, cached too
+    fake = html.split("<h2>Fake figures</h2>")[1].split("<h2>")[0]
+    finals = [n for n in doc["nodes"] if n["stage"] == "final"]
+    assert finals and all(n["report"] for n in finals if n["status"] in ("ran", "cached"))
+    assert len(re.findall(r"<tr class='(?:pass|fail)'>", fake)) == sum(n["status"] in ("ran", "cached") for n in finals)

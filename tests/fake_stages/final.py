@@ -1,4 +1,6 @@
-from pipeline.stage import GateCheck, Stage, StageContext, StageError, StageResult
+from pipeline.stage import GateCheck, ReportTable, Stage, StageContext, StageError, StageResult
+
+SECTION = "Fake figures"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -8,9 +10,10 @@ def run(ctx: StageContext) -> StageResult:
     body = (ctx.inputs["middle"] / "part1.txt").read_text() + f"target={ctx.target['name']}\n"
     (ctx.out / "final.bin").write_text(body)
     g = GateCheck.check("fake.cosine", ctx.params["cos"], 0.99)
-    return StageResult(metrics={"bytes": len(body)}, gates=[g])
+    table = ReportTable(SECTION, ("target", "cosine"), ((ctx.target["name"], g.value),), status=("pass",) if g.passed else ("fail",))
+    return StageResult(metrics={"bytes": len(body)}, gates=[g], report=[table])
 
 
 STAGE = Stage(name="final", version="1", run=run, deps=("middle",), per_target=True,
               params=lambda cfg, t: {"ws": cfg.engine.workspace_mb, "cos": cfg.gates["int8"].cosine + 0.001},
-              outputs=("final.bin",), deliver=("final.bin",))
+              outputs=("final.bin",), deliver=("final.bin",), report_sections=((SECTION, "No final node ran."),))

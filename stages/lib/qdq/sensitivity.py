@@ -220,3 +220,19 @@ def fallback_walk(losses: Sequence[float], budget: float, cos_none: float, score
         tried[n] = score(n)
         return n, tried
     return hi, tried
+
+
+# "gate" budgets aim this much inside the gate's cosine: the search scores calibration inputs
+# against the unquantized graph, the gate held-out inputs against the PyTorch reference (whose
+# own export error and unseen inputs the search does not see). 0.8: a 0.99 gate searches to 0.992.
+GATE_MARGIN = 0.8
+
+
+def search_budget(setting: float | str | None, gate: dict[str, Any]) -> float | None:
+    """The cosine the mixed-precision fallback must reach, from ``quantize.<graph>.accuracy_budget``
+    and the graph's quantize gate; None: no fallback ("off" / null)."""
+    if setting is None or setting == "off":
+        return None
+    if setting == "gate":
+        return 1.0 - (1.0 - float(gate["cosine"])) * GATE_MARGIN
+    return float(setting)
