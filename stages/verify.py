@@ -244,7 +244,7 @@ def _run(ctx: StageContext) -> StageResult:
                                             for b in d["blocks"]]} for g, d in drill.items()}}
     gen_notes = [r["reason"] for r in rows if r["graph"] == "generation" and r["status"] != "not-run" and r["reason"]]
     result = StageResult(metrics=metrics, gates=checks, notes=[*not_run, *gen_notes, *drill_notes],
-                         report=_report(p["target"], rows, drill))
+                         report=report_parts(p["target"], rows, drill))
     for g, d in drill.items():
         result.notes.append(f"drill-down {g}: {d['jump'].get('why')}")
     # raised here, not left to the worker: the line names the target and where the error jumps
@@ -259,7 +259,7 @@ PARITY, DRILLDOWN = "Parity against PyTorch", "Per-block error (drill-down)"
 FIGURES = ("cosine", "rel_l2", "max_abs", "norm_ratio", "top1", "top5", "tokens", "tokens_prefix")
 
 
-def _report(target: str, rows: list[dict[str, Any]], drill: dict[str, Any]) -> list[ReportTable | ReportFigure]:
+def report_parts(target: str, rows: list[dict[str, Any]], drill: dict[str, Any]) -> list[ReportTable | ReportFigure]:
     """The parity table (every graph x runtime: pass / fail / not-run / ungated) and one error
     plot per drilled-down graph, for the build report."""
     table = ReportTable(

@@ -42,7 +42,7 @@ def _node(id_: str, stage: str, target: str | None, status: str, report: list[An
 
 def _verify_parts(target: str) -> list[Any]:
     """What the verify stage reports: its own table builder over a row of each status."""
-    from stages.verify import _report
+    from stages.verify import report_parts
 
     rows = [
         {"graph": "vision", "runtime": "onnxruntime", "precision": "fp8", "status": "pass", "reason": "",
@@ -56,7 +56,7 @@ def _verify_parts(target: str) -> list[Any]:
     ]
     blocks = [{"block": i, "cosine": 1 - 10.0 ** (-6 + 3 * (i >= 2)), "rel_l2": 1e-3 * (1 + 40 * (i >= 2)),
                "max_abs": 0.01 * (i + 1)} for i in range(4)]
-    return _report(target, rows, {"decoder": {"jump": {"block": 2, "why": "rel-L2 rises at block 2"}, "blocks": blocks}})
+    return report_parts(target, rows, {"decoder": {"jump": {"block": 2, "why": "rel-L2 rises at block 2"}, "blocks": blocks}})
 
 
 def sample_doc() -> dict[str, Any]:
