@@ -194,7 +194,7 @@ def _decoder(ctx: StageContext, path: Path, col: Any, feeds: list[dict[str, np.n
 
 STAGE = Stage(
     name="calibrate",
-    version="3",
+    version="4",  # 4: kept decoder feeds in the graph's own dtypes (one prefill_feeds builds them)
     run=_run,
     params=_params,
     deps=("fuse", "checkpoint"),

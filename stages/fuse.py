@@ -151,7 +151,9 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
-    version="5",  # 5: the before/after check runs block by block (4: graphs saved whole in their own folder)
+    # 6: Conv→[BN]→Add without an activation tagged as a partition (placement reads the tags);
+    # 5: the before/after check runs block by block (4: graphs saved whole in their own folder)
+    version="6",
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),
