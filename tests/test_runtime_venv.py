@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from stages.lib.runtime import archive
-from tests.test_runtime import PROMPT, REPO, model_path, shared_package
+from tests.runtime_package import PROMPT, REPO, model_path, shared_package
 
 NEW_TOKENS = 16
 

@@ -28,7 +28,7 @@ from stages.lib.reference_io import load_reference
 from stages.lib.segments import runner as S
 from stages.lib.segments.plan import plan
 from tests import qdq_stage_fixtures as F
-from tests.test_segments import _export
+from tests.segments_decoder import _export
 
 DEFAULT: dict[str, Any] = {"name": "t", "model": {"generate": "tiny", "family": "qwen2_5_vl"}, "targets": ["rtx4090"]}
 N = 16  # the default verify.generate_tokens

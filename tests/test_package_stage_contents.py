@@ -1,10 +1,9 @@
 """package@T: one deterministic archive per target (format: stages/lib/packaging/layout.py).
 
-Fast tests run the stage on hand-made build folders in the documented formats (engine sidecars,
-io specs, reference.npz, a checkpoint's tokenizer files). The slow ones build the tiny default
-for one target through the real CLI (``--until package``) and check what a device gets: the
-delivered tar, runtime.json against the ONNX graphs, the probe set through onnx/ under the
-package's own gates, and a second build that runs nothing.
+The stage runs on hand-made build folders in the documented formats (tests/package_folders.py:
+engine sidecars, io specs, reference.npz, a checkpoint's tokenizer files): the layout and the
+manifest's digests, a normalised tar, runtime.json, the probe set with its gates, the variants
+(no onnx/, weight-stripped engines, vision-only and bring-your-own models) and the refusals.
 """
 
 from __future__ import annotations
@@ -15,109 +14,28 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from pipeline.config import BuildConfig
-from pipeline.stage import StageContext, StageError, StageResult
+from pipeline.stage import StageError
 from pipeline.targets import load_catalog
 from stages.lib.packaging import check_archive, layout, load_probe, read_member, write_tar
 from stages.lib.packaging.archive import Member
 from stages.lib.runtime.archive import extract  # the one safe extractor (the device side)
 from stages.package import STAGE
-from tests.conftest import Cli
-
-TARGET = "rtx4090"
-GRAPHS = ("vision", "embed", "decoder")
-TOKENIZER = ("chat_template.jinja", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-             "tokenizer_config.json")
-
-
-def _cfg(**over: Any) -> BuildConfig:
-    return BuildConfig.model_validate({"name": "pk", "model": {"generate": "tiny", "family": "qwen2_5_vl"},
-                                       "targets": [TARGET], **over})
-
-
-def _write(path: Path, doc: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(doc if isinstance(doc, bytes) else json.dumps(doc, indent=1).encode())
-    return path
-
-
-def _checkpoint(root: Path, family: str = "qwen2_5_vl") -> Path:
-    ck = root / "checkpoint"
-    _write(ck / "checkpoint.json", {"path": "model", "family": family})
-    m = ck / "model"
-    _write(m / "config.json", {
-        "model_type": family, "image_token_id": 510, "video_token_id": 511, "vision_start_token_id": 508,
-        "vision_end_token_id": 509, "text_config": {"bos_token_id": 505, "eos_token_id": 507, "pad_token_id": 505,
-                                                    "rope_parameters": {"mrope_section": [2, 3, 3], "rope_theta": 1e6,
-                                                                        "rope_type": "default"}}})
-    added = [{"id": i, "content": c, "special": True} for i, c in
-             [(0, "<unk>"), (505, "<|endoftext|>"), (507, "<|im_end|>"), (508, "<|vision_start|>"),
-              (509, "<|vision_end|>"), (510, "<|image_pad|>"), (511, "<|video_pad|>")]]
-    _write(m / "tokenizer.json", {"added_tokens": added, "model": {"type": "WordLevel", "vocab": {"a": 1, "b": 2}}})
-    _write(m / "tokenizer_config.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"})
-    _write(m / "chat_template.jinja", b"{% for m in messages %}{{ m.content }}{% endfor %}")
-    _write(m / "preprocessor_config.json", {"patch_size": 14, "merge_size": 2, "image_mean": [0.5] * 3})
-    _write(m / "generation_config.json", {"eos_token_id": [507, 505], "do_sample": False})
-    _write(m / "model.safetensors", b"weights: never packaged")
-    return ck
-
-
-def _spec(names: list[str]) -> dict[str, Any]:
-    return {"inputs": [{"name": n, "dtype": "float16", "shape": ["batch", "seq", 64]} for n in names],
-            "outputs": [{"name": "out", "dtype": "float16", "shape": ["batch", 64]}], "dtype": "fp16", "opset": 19}
-
-
-def _build(root: Path, graphs: tuple[str, ...] = GRAPHS, applied: tuple[str, ...] = (),
-           target: str = TARGET) -> dict[str, Path]:
-    """Hand-made engine@T / quantize@T / checkpoint / reference / verify@T folders."""
-    q, e, ref, ver = root / "quantize", root / "engine", root / "reference", root / "verify"
-    for d in (q, e, ref, ver):
-        d.mkdir(parents=True)
-    vision = {**_spec(["pixel_values", "rotary_cos"]), "profile": {"patches": {"min": 16, "max": 2048}},
-              "spec": {"family": "qwen2_5_vl", "patch_size": 14, "merge_size": 2}}
-    _write(q / "vision.json", vision)
-    if "decoder" in graphs:
-        _write(q / "decoder.json", {**_spec(["inputs_embeds", "attention_mask", "position_ids"]),
-                                    "host": {"family": "qwen2_5_vl", "image_token_id": 510, "video_token_id": 511,
-                                             "spatial_merge_size": 2, "tokens_per_second": 4.0, "deepstack_layers": 0},
-                                    "embed": _spec(["input_ids"])})
-    _write(q / "quantize.json", {g: {"precision": "fp8" if g != "embed" else "fp16"} for g in graphs})
-    for g in graphs:
-        _write(q / f"{g}.onnx", f"onnx bytes of {g}".encode())
-        engine = f"engine bytes of {g} for {target}".encode() * 50
-        _write(e / f"{g}.engine", engine)
-        _write(e / f"{g}.layers.json", {"layers": 3})
-        _write(e / f"{g}.engine.json", {"graph": g, "target": target, "sm": "8.9", "builder": "tensorrt-rtx",
-                                        "builder_version": "1.7.1.116", "precision": "fp8",
-                                        "sha256": hashlib.sha256(engine).hexdigest(),
-                                        "options": {"applied": ["compute_capability=SM89", *applied]}})
-    arrays = {"s0.pixel_values": np.arange(12, dtype=np.float32).reshape(2, 6),
-              "s0.image_grid_thw": np.array([[1, 2, 2]]), "s0.vision_features": np.ones((1, 64), np.float32),
-              "s1.input_ids": np.array([[1, 2, 510]]), "s1.logits": np.zeros((1, 3, 8), np.float32),
-              "s1.generated": np.array([3, 4]), "s1.deepstack.0": np.zeros((1, 4), np.float32)}
-    np.savez(ref / "reference.npz", **arrays)  # type: ignore[arg-type]
-    _write(ref / "reference.json", {"family": "qwen2_5_vl", "samples": [{"seq_len": 0}, {"seq_len": 3}]})
-    _write(ver / "verify.json", {"target": target, "passed": True, "rows": [{"graph": "vision", "status": "pass"}]})
-    return {"engine": e, "quantize": q, "checkpoint": _checkpoint(root), "reference": ref, "verify": ver}
-
-
-def _run(inputs: dict[str, Path], out: Path, cfg: BuildConfig | None = None,
-         **params: Any) -> tuple[StageResult, Path]:
-    t = load_catalog()[TARGET]
-    out.mkdir(parents=True)
-    ctx = StageContext(node_id=f"package@{TARGET}", params={**STAGE.params(cfg or _cfg(), t), **params},
-                       inputs=inputs, out=out, target=t.model_dump(), external=[])
-    return STAGE.run(ctx), out
-
-
-def _names(tar: Path) -> list[str]:
-    with tarfile.open(tar) as tf:
-        return tf.getnames()
+from tests.package_folders import (
+    GRAPHS,
+    TARGET,
+    TOKENIZER,
+    _build,
+    _cfg,
+    _checkpoint,
+    _names,
+    _run,
+    _spec,
+    _write,
+)
 
 
 @pytest.fixture
@@ -289,72 +207,3 @@ def test_archive_checks_and_member_paths(tmp_path: Path) -> None:
     problems = check_archive(t)
     assert any("top/link: not a plain file" in p for p in problems)
     assert "x: in the tar, not in the manifest" in problems
-
-
-# --- the real stages, through the CLI, on the tiny default (slow) -------------------------------
-
-REAL = ("stages.checkpoint,stages.export_vision,stages.export_decoder,stages.fuse,stages.calibrate,"
-        "stages.reference,stages.quantize,stages.engine,stages.verify,stages.package")
-DEFAULT_YAML = f"""
-name: pk
-model: {{generate: tiny, family: qwen2_5_vl, seed: 0}}
-targets: [{TARGET}]
-"""
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    cli = Cli(tmp_path_factory.mktemp("pkg-cli"), stages=REAL)
-    cfg = cli.config(DEFAULT_YAML, "pk.yaml")
-    doc = cli.json("build", str(cfg), "--until", "package", "-j", "1")
-    return {"cli": cli, "cfg": cfg, "doc": doc, "out": cli.tmp / "artifacts" / "out" / "pk"}
-
-
-@pytest.mark.slow
-def test_cli_builds_delivers_and_caches_the_package(real: dict[str, Any]) -> None:
-    cli, doc = real["cli"], real["doc"]
-    node = next(n for n in doc["nodes"] if n["id"] == f"package@{TARGET}")
-    delivered = cli.tmp / "artifacts" / "packages" / f"pk-{TARGET}-{node['key'][:16]}.tar"
-    assert doc["delivered"] == [str(delivered)] and not delivered.stat().st_mode & 0o222
-    assert delivered.read_bytes() == (real["out"] / f"package@{TARGET}" / "package.tar").read_bytes()
-    assert check_archive(delivered) == []
-    again = cli.json("build", str(real["cfg"]), "--until", "package")
-    assert all(n["cached"] for n in again["nodes"]) and again["delivered"] == [str(delivered)]
-
-
-@pytest.mark.slow
-def test_real_package_runs_its_probe_through_onnx(real: dict[str, Any], tmp_path: Path) -> None:
-    from stages.lib.hostside import generate as gen
-    from stages.lib.parity.metrics import compare
-    from stages.lib.qdq.graphio import session
-
-    out = real["out"]
-    pkg = extract(out / f"package@{TARGET}" / "package.tar", tmp_path / "x")
-    m = json.loads((pkg / "manifest.json").read_text())
-    assert m["graphs"] == list(GRAPHS) and m["parity"]["passed"] is True and m["precision"]["vision"] == "fp8"
-    r = json.loads((pkg / "runtime.json").read_text())
-    assert r["rope"]["mrope_section"] == [2, 3, 3] and r["special_tokens"]["image_token"] == r["text"]["image_token_id"]
-    for g in GRAPHS:  # runtime.json names the graphs' real inputs, and the engines' sidecars agree
-        names = [i.name for i in session(pkg / "onnx" / f"{g}.onnx").get_inputs()]
-        assert [i["name"] for i in r["graphs"][g]["inputs"]] == names, g
-        car = json.loads((pkg / "engines" / f"{g}.engine.json").read_text())
-        assert [i["name"] for i in car["inputs"]] == names
-    # the package alone (no transformers): vision features of the probe within the build's own gate
-    pipe = gen.OrtPipeline.from_folder(pkg / "onnx", pkg / "onnx", optimization="none")  # Q/DQ FP8: ORT fusions off
-    probe, gates = load_probe(pkg / "probe/probe.npz"), json.loads((pkg / "probe/probe.json").read_text())["gates"]
-    for s in probe:
-        feats, _ = pipe.visual_features(gen.Prompt(s["input_ids"], pixel_values=s["pixel_values"],
-                                                   image_grid_thw=s["image_grid_thw"]))
-        assert compare(np.asarray(feats, np.float32), s["vision_features"]).cosine >= gates["vision"]["gate"]["cosine"]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(pkg / "tokenizer")
-    assert tok.convert_tokens_to_ids("<|image_pad|>") == r["special_tokens"]["image_token"]
-    # the stage function on the same folders: same bytes as the CLI's; the --no-onnx variant
-    inputs = {d: out / (f"{d}@{TARGET}" if d in ("engine", "quantize", "verify") else d) for d in STAGE.deps}
-    cfg = BuildConfig.model_validate({"name": "pk", "model": {"generate": "tiny", "family": "qwen2_5_vl"},
-                                      "targets": [TARGET]})
-    _, again = _run(inputs, tmp_path / "again", cfg=cfg)
-    assert (again / "package.tar").read_bytes() == (out / f"package@{TARGET}" / "package.tar").read_bytes()
-    _, lean = _run(inputs, tmp_path / "lean", cfg=cfg, onnx=False)
-    assert not any("/onnx/" in n for n in _names(lean / "package.tar")) and check_archive(lean / "package.tar") == []
