@@ -52,7 +52,7 @@ def _table(head: list[str], rows: list[list[str]], classes: list[str] | None = N
 
 
 def _timings(doc: dict[str, Any]) -> str:
-    from pipeline.plots import timings_png
+    from pipeline.plots import timings_svg
 
     nodes = doc.get("nodes", [])
     rows, cls = [], []
@@ -66,7 +66,7 @@ def _timings(doc: dict[str, Any]) -> str:
     hits = sum(n["status"] == "cached" for n in nodes)
     head = f"<p>{len(nodes)} nodes: {hits} cache hits, {sum(n['status'] == 'ran' for n in nodes)} ran, " \
            f"{sum(n['status'] in ('failed', 'skipped') for n in nodes)} failed/skipped.</p>"
-    fig = _img(timings_png(nodes), "seconds per node") if nodes else ""
+    fig = f"<figure>{timings_svg(nodes)}</figure>" if nodes else ""
     return head + _table(["node", "status", "seconds", "built (cached)", "peak RSS MB", "key", "note"], rows, cls) + fig
 
 

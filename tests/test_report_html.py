@@ -100,7 +100,7 @@ def test_html_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert "default &lt;b&gt;&amp;" in html and "<b>&" not in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html), "external resource in report.html"
     assert "<script" not in html
-    assert html.count("data:image/png;base64,") == 2  # timings + one drill-down figure
+    assert html.count("data:image/png;base64,") == 1 and html.count("<svg") == 1  # drill-down; timings (SVG)
     assert "lm_head_MatMul" in html and "engine comparison not run: no CUDA GPU" in html and "fp8: 10" in html
 
 
