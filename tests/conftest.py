@@ -46,3 +46,42 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path)
+
+
+# Fixtures shared by the split test modules (runtime_*, input_faults_*): defined once here, where
+# pytest finds them for every module; a module that defines its own fixture of the same name wins.
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's device package, built once per session (tests.runtime_package)."""
+    from tests.runtime_package import shared_package
+
+    return shared_package(tmp_path_factory)
+
+
+@pytest.fixture
+def unpacked(package: Path, tmp_path: Path) -> Path:
+    from stages.lib.runtime import archive
+
+    return archive.extract(package, tmp_path / "x")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.runtime_package import photo
+
+    return photo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated Qwen2-VL checkpoint (the input-fault tests damage copies of it)."""
+    from stages.lib.checkpoints.tiny import generate_tiny
+
+    return generate_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
+
+
+@pytest.fixture
+def copy(tiny: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny, tmp_path / "ck"))

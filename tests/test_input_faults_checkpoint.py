@@ -14,19 +14,7 @@ from pathlib import Path
 import pytest
 
 from stages.lib.checkpoints import local as ck
-from stages.lib.checkpoints.tiny import generate_tiny
 from tests.input_faults_common import _refused
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
-
-
-@pytest.fixture
-def copy(tiny: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny, tmp_path / "ck"))
-
 
 # --- roles ---------------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ folder, and a shard cut while it is streamed."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -15,19 +14,7 @@ import pytest
 from pipeline.stage import StageError
 from stages.lib.checkpoints import local as ck
 from stages.lib.checkpoints import safetensors_check as st
-from stages.lib.checkpoints.tiny import generate_tiny
 from tests.input_faults_common import _refused
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny") / "qwen2_vl", seed=0)
-
-
-@pytest.fixture
-def copy(tiny: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny, tmp_path / "ck"))
-
 
 # --- safetensors ---------------------------------------------------------------------------
 

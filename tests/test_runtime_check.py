@@ -20,18 +20,7 @@ import pytest
 
 from stages.lib.runtime import archive, check_package
 from stages.lib.runtime.errors import PackageError
-from tests.runtime_package import REPO, cli, shared_package
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_package(tmp_path_factory)
-
-
-@pytest.fixture
-def unpacked(package: Path, tmp_path: Path) -> Path:
-    return archive.extract(package, tmp_path / "x")
-
+from tests.runtime_package import REPO, cli
 
 # --- safe extraction ----------------------------------------------------------------------------
 

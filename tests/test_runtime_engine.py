@@ -16,25 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stages.lib.runtime import archive, check_package, compat, opened
+from stages.lib.runtime import check_package, compat, opened
 from stages.lib.runtime.errors import IncompatibleError, PackageError
-from tests.runtime_package import PROMPT, cli, photo, shared_package
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_package(tmp_path_factory)
-
-
-@pytest.fixture
-def unpacked(package: Path, tmp_path: Path) -> Path:
-    return archive.extract(package, tmp_path / "x")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return photo(tmp_path_factory)
-
+from tests.runtime_package import PROMPT, cli
 
 # --- device compatibility ---------------------------------------------------------------------
 

@@ -17,24 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib.runtime import archive, opened
-from tests.runtime_package import PROMPT, REPO, cli, model_path, photo, shared_package
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_package(tmp_path_factory)
-
-
-@pytest.fixture
-def unpacked(package: Path, tmp_path: Path) -> Path:
-    return archive.extract(package, tmp_path / "x")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return photo(tmp_path_factory)
-
+from stages.lib.runtime import opened
+from tests.runtime_package import PROMPT, REPO, cli, model_path
 
 # --- generate -----------------------------------------------------------------------------------
 
