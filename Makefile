@@ -7,14 +7,14 @@ TARGET  ?=
 JOBS    ?= 2
 TARGET_ARGS := $(foreach t,$(TARGET),--target $(t))
 
-.PHONY: setup engines package plan test test-all test-scale lint clean
+.PHONY: setup engines farm package plan test test-all test-scale lint clean
 
 $(BIN)/vlmforge: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
 	# torch first, by the exact pin that resolves to the CPU build (any other pulls CUDA wheels)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -c constraints.txt -e '.[toolchain,dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[toolchain,farm,dev]'
 	# type stubs for the full-TensorRT path; --no-deps: its `tensorrt` dependency is a stub
 	# package that downloads from a host outside the registries and cannot install here
 	$(BIN)/pip install --no-deps tensorrt-stubs==10.13.0.35.1
@@ -24,6 +24,10 @@ setup: $(BIN)/vlmforge
 
 engines: setup
 	$(BIN)/vlmforge build $(CONFIG) $(TARGET_ARGS) -j $(JOBS)
+
+# the build farm on this machine: a local Ray cluster (a head and 2 workers) builds CONFIG, then stops
+farm: setup
+	$(BIN)/python -m pipeline.farm_cluster --workers 2 -- build $(CONFIG) $(TARGET_ARGS)
 
 # one device archive per target: artifacts/packages/<config>-<target>-<key16>.tar
 package: setup

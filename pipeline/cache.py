@@ -7,7 +7,14 @@ folder, which nothing trusts. An entry is used only if its manifest has the expe
 every output matches its recorded size and digest; a damaged entry is moved to `.corrupt/` (kept
 for inspection, never used) and rebuilt.
 
-Locks (all die with their process): builders of one key serialise on `.locks/<key>.lock`;
+Correct without locks (a build farm shares this folder over NFS, where POSIX locks are not to be
+relied on): an entry is named by its content's key, is whole before it gets its name, and its
+manifest is written last; a second writer of the same key finds the name taken, checks the
+entry there and discards its own copy. Temp folders and pin files carry the host's name
+(``pipeline.liveness``), so gc on one host never judges another host's by pid.
+
+Locks (all die with their process) only save duplicate work and guard local swaps: builders of
+one key serialise on `.locks/<key>.lock`;
 a worker reading an entry holds `.locks/<key>.rw` shared, and a `--force` rebuild swaps the entry
 only under it exclusively, so an entry never vanishes under a reader; `.locks/gc.lock` is held
 shared while a build pins a key and looks it up, exclusively while gc decides what to delete.
@@ -35,7 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.hashing import SHA256_HEX, HashMemo, hash_tree
-from pipeline.liveness import pin_file_name
+from pipeline.liveness import pin_file_name, tmp_name
 from pipeline.locks import flocked, shared_many
 
 MANIFEST = "manifest.json"
@@ -186,7 +193,7 @@ class CacheStore:
 
     # -- writing -------------------------------------------------------------------------
     def begin(self, key: str) -> Path:
-        tmp = self.root / ".tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp = self.root / ".tmp" / tmp_name(key)
         (tmp / "out").mkdir(parents=True)
         return tmp
 

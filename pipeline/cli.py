@@ -8,6 +8,7 @@ commands (show, gc, fsck) in ``pipeline.cli_cache``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -35,7 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     b = config_cmd("build", "build the config's graph (cached nodes are reused)")
     b.add_argument("--until", metavar="STAGE", help="stop after this stage (and what it needs)")
     b.add_argument("--force", action="append", default=[], metavar="STAGE", help="re-run this stage's nodes")
-    b.add_argument("-j", "--jobs", type=int, default=1, help="nodes run in parallel (default 1)")
+    b.add_argument("-j", "--jobs", type=int, default=None,
+                   help="nodes run at once (default 1 locally; with --executor ray, as many as the cluster's resources allow)")
+    b.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: a process per node on this machine; ray: a Ray task per node on a cluster")
+    b.add_argument("--address", metavar="ADDR", help="with --executor ray: the cluster to join (default: RAY_ADDRESS, "
+                                                    "else Ray on this machine alone)")
+    b.add_argument("--node", action="append", default=[], metavar="ID",
+                   help="run only this node (repeatable); its inputs must be in the (shared) cache")
     s = sub.add_parser("show", help="print a cache entry's manifest")
     s.add_argument("key", help="cache key (a unique prefix is enough)")
     g = sub.add_parser("gc", help="remove cache entries no lock file references, and stale temp folders")
@@ -95,7 +103,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], Any, Path]:
     for name in forced:
         if name not in known:
             raise ConfigError(f"--force: no stage named {name!r} (stages: {', '.join(known)})")
-    nodes = select(nodes, args.target, getattr(args, "until", None))
+    nodes = select(nodes, args.target, getattr(args, "until", None), getattr(args, "node", None) or ())
     _preflight(cfg, nodes)
     store = CacheStore(artifacts_root() / "cache")
     return cfg, nodes, store, config_path
@@ -119,8 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg, nodes, store, _ = _load(args)
     states = Planner(cfg, nodes, store).plan()
-    rows = [{k: v for k, v in s.as_dict().items() if k in ("id", "stage", "target", "key", "cached", "reason", "needs_host")}
-            for s in states]
+    keep = ("id", "stage", "target", "deps", "key", "cached", "reason", "needs_host", "resources")
+    rows = [{k: v for k, v in {**s.as_dict(), "deps": list(s.node.deps)}.items() if k in keep} for s in states]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -141,24 +149,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     import datetime
     import time
 
+    from pipeline.errors import ConfigError
     from pipeline.hashing import toolchain_versions
     from pipeline.progress import Progress
     from pipeline.publish import deliver, publish
     from pipeline.report import write_lock, write_report
     from pipeline.runner import Planner, build
 
-    if args.jobs < 1:
-        from pipeline.errors import ConfigError
-
+    if args.jobs is not None and args.jobs < 1:
         raise ConfigError("-j/--jobs: expected a positive number of parallel nodes")
+    if args.address and args.executor != "ray":
+        raise ConfigError("--address: only with --executor ray")
     cfg, nodes, store, config_path = _load(args)
+    jobs = args.jobs if args.jobs is not None or args.executor == "ray" else 1
     t0 = time.time()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = artifacts_root() / "runs" / cfg.name / f"{stamp}-{os.getpid()}"
     planner = Planner(cfg, nodes, store, force=frozenset(args.force))
-    with store.pinning():  # a concurrent `vlmforge gc` keeps what this build found or made
+    # --json: stdout carries the report alone; what libraries print meanwhile (Ray's notices of a
+    # worker that died) goes to stderr
+    chatter = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with store.pinning(), chatter:  # pins: a concurrent `vlmforge gc` keeps what this build found or made
+        pool = _executor(args)
         with Progress(list(planner.states.values()), enabled=not args.json) as prog:
-            states = build(planner, args.jobs, run_dir, on_event=prog.event, on_progress=prog.message)
+            states = build(planner, jobs, run_dir, on_event=prog.event, on_progress=prog.message, pool=pool,
+                           only=frozenset(args.node) if args.node else None)
         # the lock file first: once it names the keys, gc keeps them without our pins
         write_lock(artifacts_root() / "locks" / f"{cfg.name}.lock", config_path, states)
     cache_out = {s.node.id: store.out_dir(s.key) for s in states if s.key}
@@ -169,6 +184,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "config": str(config_path), "config_name": cfg.name, "run_dir": str(run_dir),
         "started": datetime.datetime.fromtimestamp(t0).isoformat(timespec="seconds"),
         "wall_seconds": round(time.time() - t0, 3), "result": "failed" if failed else "ok",
+        "executor": args.executor + (f" ({args.address})" if args.address else ""),
         "toolchain": toolchain_versions(("torch", "transformers", "onnx", "onnxruntime", "tensorrt-rtx-cu13-bindings")),
         "notes": view_notes,
         "delivered": [str(p) for p in delivered],
@@ -193,6 +209,22 @@ def cmd_build(args: argparse.Namespace) -> int:
             if s.status == "failed":
                 c.print(f"[bold red]FAILED[/] {s.node.id}: {s.error}", highlight=False)
     return 1 if failed else 0
+
+
+def _executor(args: argparse.Namespace) -> Any:
+    """None: the runner's local process pool. Ray only when asked (its import costs seconds)."""
+    if args.executor != "ray":
+        return None
+    from pipeline.errors import ConfigError
+
+    try:
+        from pipeline.farm import RayPool
+    except ImportError as e:
+        raise ConfigError(f"--executor ray: Ray is not installed ({e}); pip install 'vlmforge[farm]'") from None
+    try:
+        return RayPool(args.address)
+    except ConnectionError as e:
+        raise ConfigError(f"--executor ray: cannot reach the cluster at {args.address or 'RAY_ADDRESS'} ({e})") from None
 
 
 def _latest(run_dir: Path) -> None:

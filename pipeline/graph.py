@@ -79,16 +79,30 @@ def _toposort(nodes: dict[str, Node]) -> list[Node]:
     return order
 
 
-def select(nodes: list[Node], targets: Iterable[str] = (), until: str | None = None) -> list[Node]:
-    """Restrict to some targets and/or to a stage and everything it needs."""
+def select(nodes: list[Node], targets: Iterable[str] = (), until: str | None = None,
+           only: Iterable[str] = ()) -> list[Node]:
+    """Restrict to some targets and/or to a stage (or ``only`` these node ids) and everything
+    they need."""
     by_id = {n.id: n for n in nodes}
     wanted = set(targets)
     keep = [n for n in nodes if n.target is None or not wanted or n.target.name in wanted]
+    roots: list[str] | None = None
     if until is not None:
         if until not in {n.stage.name for n in nodes}:
             raise ConfigError(f"--until: no stage named {until!r} (stages: {', '.join(stage_names(nodes))})")
+        roots = [n.id for n in keep if n.stage.name == until]
+    only = list(only)
+    if only and until is not None:
+        raise ConfigError("--node and --until: use one (--node names the nodes to run)")
+    if only:
+        kept = {n.id for n in keep}
+        unknown = [i for i in only if i not in kept]
+        if unknown:
+            raise ConfigError(f"--node: no node {unknown[0]!r} in this build (nodes: {', '.join(sorted(kept))})")
+        roots = only
+    if roots is not None:
         need: set[str] = set()
-        stack = [n.id for n in keep if n.stage.name == until]
+        stack = list(roots)
         while stack:
             nid = stack.pop()
             if nid not in need:

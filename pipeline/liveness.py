@@ -5,13 +5,40 @@ its pid can be reused by a later process. A process is named by its pid *and* it
 so a pin file's name carries both (``pin_file_name``) and a temp folder, named by pid, counts
 only if its process started before the folder was made. The cache store names its pin files
 here and gc judges them here, so neither has to import the other.
+
+On a build farm the cache is shared by several hosts, and a pid means nothing on another host:
+pin files and temp folders carry the host's name too, and one left by another host is judged
+by age alone (kept for ``FOREIGN_GRACE_S``: a build on another host may still be using it).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import time
 import uuid
 from pathlib import Path
+
+FOREIGN_GRACE_S = 24 * 3600.0
+
+
+def host_tag() -> str:
+    """This host's name as one dot-free token (names here are split on dots)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
+def _foreign(name: str, parts_before: int) -> bool:
+    """Does a ``.``-separated name carry another host's tag after its first fields?"""
+    parts = name.split(".")
+    return len(parts) > parts_before and parts[parts_before] != host_tag()
+
+
+def _young(p: Path) -> bool:
+    try:
+        return time.time() - p.stat().st_mtime < FOREIGN_GRACE_S
+    except FileNotFoundError:
+        return False
 
 
 def proc_start(pid: int) -> float | None:
@@ -31,12 +58,19 @@ def proc_start(pid: int) -> float | None:
 
 
 def pin_file_name() -> str:
-    """``<pid>.<start time in ms>.<rand>.json``: a pid reused by a later process does not match."""
+    """``<pid>.<start time in ms>.<rand>.<host>.json``: a pid reused by a later process does not match."""
     start = proc_start(os.getpid()) or 0.0
-    return f"{os.getpid()}.{int(start * 1000)}.{uuid.uuid4().hex[:8]}.json"
+    return f"{os.getpid()}.{int(start * 1000)}.{uuid.uuid4().hex[:8]}.{host_tag()}.json"
+
+
+def tmp_name(key: str) -> str:
+    """A builder's temp folder name: ``<key>.<pid>.<rand>.<host>`` (judged by ``tmp_alive``)."""
+    return f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{host_tag()}"
 
 
 def pin_alive(p: Path) -> bool:
+    if p.name.count(".") >= 4 and _foreign(p.name, 3):
+        return _young(p)
     try:
         pid, start_ms = (int(x) for x in p.name.split(".")[:2])
     except ValueError:
@@ -48,6 +82,8 @@ def pin_alive(p: Path) -> bool:
 def tmp_alive(tmp: Path) -> bool:
     """Is the builder that owns this temp folder still running? A killed builder can linger as
     a zombie (no reaper in a container) and its pid can be reused later: neither counts."""
+    if _foreign(tmp.name, 3):
+        return _young(tmp)
     try:
         start = proc_start(int(tmp.name.split(".")[1]))
     except (IndexError, ValueError):

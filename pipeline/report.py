@@ -81,12 +81,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"- config: `{doc.get('config')}`",
         f"- started: {doc.get('started')}, wall seconds: {doc.get('wall_seconds')}",
         f"- result: **{doc.get('result')}** ({', '.join(f'{k}: {v}' for k, v in doc['summary'].items())})",
+        f"- executor: {doc.get('executor', 'local')}",
         f"- toolchain: {', '.join(f'{k} {v}' for k, v in doc.get('toolchain', {}).items())}",
         "",
         "## Nodes",
         "",
-        "| node | status | seconds | peak RSS MB | key | outputs | note |",
-        "|---|---|---:|---:|---|---|---|",
+        "| node | status | seconds | peak RSS MB | worker | key | outputs | note |",
+        "|---|---|---:|---:|---|---|---|---|",
     ]
     for n in doc["nodes"]:
         # the largest outputs first (engines, graphs), so the table names what matters
@@ -94,13 +95,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
         outs = ", ".join(f"{k} ({v['bytes']:,} B)" for k, v in ranked[:6])
         if len(ranked) > 6:
             outs += f", +{len(ranked) - 6} more"
-        note = n["error"] or n["reason"] or ""
+        note = " ".join(x for x in (n["error"] or n["reason"] or "", n.get("retried") or "") if x)
         if n["status"] == "cached" and n.get("built_seconds") is not None:
             note = f"cache hit (built in {n['built_seconds']:.1f} s, {n['built_peak_rss_mb'] or 0:.0f} MB) {note}".strip()
         rss = "" if n["peak_rss_mb"] is None else f"{n['peak_rss_mb']:.0f}"
         status = "cached" if n["status"] == "cached" else n["status"]
         lines.append(
-            f"| {n['id']} | {status} | {n['seconds']:.2f} | {rss} | `{(n['key'] or '-')[:12]}` | {outs} | {note} |"
+            f"| {n['id']} | {status} | {n['seconds']:.2f} | {rss} | {n.get('worker') or ''} | `{(n['key'] or '-')[:12]}` "
+            f"| {outs} | {note} |"
         )
     for n in doc["nodes"]:
         if not (n["metrics"] or n["gates"] or n["notes"]):

@@ -60,14 +60,15 @@ def _timings(doc: dict[str, Any]) -> str:
         built = n.get("built_seconds")
         rows.append([escape(str(n["id"])), escape(str(n["status"])), _num(n.get("seconds")),
                      _num(built) if n.get("status") == "cached" else "", _num(n.get("peak_rss_mb")),
-                     f"<code>{escape(str(n.get('key') or '-')[:12])}</code>",
-                     escape(str(n.get("error") or n.get("reason") or ""))[:300]])
+                     escape(str(n.get("worker") or "")), f"<code>{escape(str(n.get('key') or '-')[:12])}</code>",
+                     escape(" ".join(x for x in (str(n.get("error") or n.get("reason") or ""), n.get("retried") or "")
+                                     if x))[:500]])
         cls.append(str(n["status"]))
     hits = sum(n["status"] == "cached" for n in nodes)
     head = f"<p>{len(nodes)} nodes: {hits} cache hits, {sum(n['status'] == 'ran' for n in nodes)} ran, " \
            f"{sum(n['status'] in ('failed', 'skipped') for n in nodes)} failed/skipped.</p>"
     fig = f"<figure>{timings_svg(nodes)}</figure>" if nodes else ""
-    return head + _table(["node", "status", "seconds", "built (cached)", "peak RSS MB", "key", "note"], rows, cls) + fig
+    return head + _table(["node", "status", "seconds", "built (cached)", "peak RSS MB", "worker", "key", "note"], rows, cls) + fig
 
 
 def _parts(doc: dict[str, Any]) -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
@@ -167,7 +168,7 @@ def render_html(doc: dict[str, Any]) -> str:
         f"<h1>vlmforge build report: {escape(str(doc.get('config_name', '')))}</h1>"
         f"<p>result: <span class='{'pass' if result == 'ok' else 'fail'}'>{escape(result)}</span> · "
         f"config <code>{escape(str(doc.get('config', '')))}</code> · started {escape(str(doc.get('started', '')))} · "
-        f"{_num(doc.get('wall_seconds'))} s wall · {escape(checked)}</p><p class='muted'>toolchain: {escape(tool)}</p>"
+        f"{_num(doc.get('wall_seconds'))} s wall · executor {escape(str(doc.get('executor', 'local')))} · {escape(checked)}</p><p class='muted'>toolchain: {escape(tool)}</p>"
         f"{body}</body></html>\n"
     )
 

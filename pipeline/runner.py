@@ -11,6 +11,7 @@ from pipeline.cache import CacheStore
 from pipeline.config import BuildConfig
 from pipeline.graph import Node
 from pipeline.keys import cache_key, key_material, node_params
+from pipeline.resources import DEFAULT, NodeResources
 from pipeline.worker import NodeOutcome, NodeSpec
 
 
@@ -29,6 +30,16 @@ class NodeState:
     failed_result: dict[str, Any] = field(default_factory=dict)
     needs_host: str | None = None
     evicted: bool = False  # its entry's outputs were removed; the manifest still keys dependants
+    resources: NodeResources = DEFAULT
+    worker: str = ""  # which machine/process ran it (host:pid, or the Ray node)
+    attempts: tuple[dict[str, Any], ...] = ()  # earlier tries whose worker died (the executor retried)
+
+    def retried(self) -> str:
+        """The report's line on the tries whose worker died (empty when the first try ended it)."""
+        if not self.attempts:
+            return ""
+        died = "; ".join(f"try {i} on {a.get('worker', '?')} died" for i, a in enumerate(self.attempts, 1))
+        return f"retried by the executor: {died}; try {len(self.attempts) + 1} on {self.worker or '?'} ended it"
 
     def as_dict(self) -> dict[str, Any]:
         n = self.node
@@ -51,6 +62,10 @@ class NodeState:
             "sections": [list(x) for x in n.stage.report_sections],
             "error": self.error,
             "needs_host": self.needs_host,
+            "resources": self.resources.as_dict(),
+            "worker": self.worker,
+            "attempts": [dict(a) for a in self.attempts],
+            "retried": self.retried(),
             "evicted": self.evicted and self.status == "evicted",
             # for a cached node: what building it cost when it ran
             "built_seconds": (m.get("timings") or {}).get("seconds"),
@@ -66,6 +81,9 @@ class Planner:
     def __init__(self, cfg: BuildConfig, nodes: list[Node], store: CacheStore, force: frozenset[str] = frozenset()):
         self.cfg, self.nodes, self.store, self.force = cfg, nodes, store, set(force)
         self.states = {n.id: NodeState(n) for n in nodes}
+        for n in nodes:
+            if n.stage.resources is not None:
+                self.states[n.id].resources = n.stage.resources(cfg, n.target)
 
     def dep_outputs(self, node: Node) -> dict[str, dict[str, Any]] | None:
         out = {}
@@ -131,13 +149,18 @@ def unneeded_evicted(planner: Planner) -> set[str]:
 
 def build(
     planner: Planner,
-    jobs: int,
+    jobs: int | None,
     run_dir: Path,
     on_event: Callable[[NodeState], None] = lambda s: None,
     on_progress: ProgressFn = lambda nid, msg, frac: None,
+    pool: Any = None,
+    only: frozenset[str] | None = None,
 ) -> list[NodeState]:
-    """Run every node that is not cached, each in its own process; a failed or killed node
-    skips its dependants only, and every other node still completes."""
+    """Run every node that is not cached, each in its own process (``pool``: the local process
+    pool by default, or ``pipeline.farm.RayPool``); a failed or killed node skips its dependants
+    only, and every other node still completes. ``only``: run just these nodes; every other node
+    is an input that must already be in the cache. ``jobs``: nodes at once (None: no limit, the
+    executor's resources decide)."""
     import multiprocessing as mp
 
     from pipeline.workers import WorkerPool
@@ -146,7 +169,13 @@ def build(
     todo = list(planner.nodes)
     planner.plan()  # every key now: whether an evicted entry is read depends on its dependants
     stay_evicted = unneeded_evicted(planner)
-    pool = WorkerPool(mp.get_context("spawn"))
+    pool = pool if pool is not None else WorkerPool(mp.get_context("spawn"))
+    to_run = [states[n.id] for n in todo if not states[n.id].cached and n.id not in stay_evicted]
+    blocked = dict(pool.unplaceable(to_run))
+    if only is not None:
+        blocked.update(_missing_inputs(to_run, only))
+    if blocked:  # fail now, in seconds: nothing would ever run them
+        return _refuse(planner, blocked, on_event)
     try:
         while todo or pool.running:
             progressed = False
@@ -166,7 +195,7 @@ def build(
                     continue
                 if not all(states[d].status in ("cached", "ran", "evicted") for d in n.deps):
                     continue
-                if len(pool.running) >= jobs:
+                if jobs is not None and len(pool.running) >= jobs:
                     break
                 planner.refresh(n)
                 todo.remove(n)
@@ -188,6 +217,29 @@ def build(
         pool.stop()
         planner.store.memo.save()
     return [states[n.id] for n in planner.nodes]
+
+
+def _missing_inputs(to_run: list[NodeState], only: frozenset[str]) -> dict[str, str]:
+    """``--node``: an input that would have to be built is an error, named where it is keyed (its
+    own inputs are there: the first missing one on each path); the rest are skipped."""
+    asked = ", ".join(sorted(only))
+    return {s.node.id: f"input {s.node.id} is not in the cache ({s.reason or 'not built'}); --node runs only "
+                       f"{asked}: build {s.node.id} first" for s in to_run if s.node.id not in only and s.key is not None}
+
+
+def _refuse(planner: Planner, blocked: dict[str, str], on_event: Callable[[NodeState], None]) -> list[NodeState]:
+    first = next(iter(blocked))
+    for n in planner.nodes:
+        s = planner.states[n.id]
+        if n.id in blocked:
+            s.status, s.error = "failed", blocked[n.id]
+        elif s.cached:
+            s.status = "cached"
+        else:
+            s.status, s.reason = "skipped", f"not started: {first} cannot run ({len(blocked)} node(s) cannot)"
+        on_event(s)
+    planner.store.memo.save()
+    return [planner.states[n.id] for n in planner.nodes]
 
 
 def _spec(planner: Planner, n: Node, s: NodeState, run_dir: Path) -> NodeSpec:
@@ -212,6 +264,7 @@ def _spec(planner: Planner, n: Node, s: NodeState, run_dir: Path) -> NodeSpec:
 def _finish(s: NodeState, res: NodeOutcome) -> None:
     s.seconds = res.seconds
     s.peak_rss_mb = res.peak_rss_mb
+    s.worker, s.attempts = res.worker, res.attempts
     if res.status in ("ran", "cached") and res.manifest is not None:
         s.manifest, s.evicted = res.manifest, False
         s.status = res.status

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
+    from pipeline.resources import NodeResources
     from pipeline.targets import TargetSpec
 
 ParamsFn = Callable[["BuildConfig", "TargetSpec | None"], dict[str, Any]]
 ExternalFn = Callable[["BuildConfig"], list[Path]]
+ResourcesFn = Callable[["BuildConfig", "TargetSpec | None"], "NodeResources"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class Stage:
     # node filled it). A node of this stage that ended with nothing for a section (failed,
     # skipped) gets a row there saying why: a check that did not run never looks like a pass.
     report_sections: tuple[tuple[str, str], ...] = ()
+    # What one node needs from the machine that runs it (CPUs, expected peak memory, hardware a
+    # worker must advertise): cheap, from headers and sizes. Shown by `plan --json`, reserved by
+    # the Ray executor. None: one CPU, no memory reservation.
+    resources: ResourcesFn | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class NodeOutcome:
     gates: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     report: list[dict[str, Any]] = field(default_factory=list)
+    worker: str = ""  # who ran it: ``host:pid`` (and the Ray node, on a farm)
+    attempts: tuple[dict[str, Any], ...] = ()  # earlier tries of this node whose worker died
 
 
 def status_kb(key: str) -> int | None:
@@ -116,7 +118,7 @@ class AnonPeak:
         self._stop.set()
 
 
-def _redirect(log: Path) -> None:
+def redirect_output(log: Path) -> None:
     """The stage's own prints and library warnings go to the node log, not the live display."""
     log.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -128,7 +130,7 @@ def _redirect(log: Path) -> None:
 
 def main(spec: NodeSpec, conn: Any) -> None:
     """Process entry point: run the node, send progress and then its outcome over ``conn``."""
-    _redirect(Path(spec.log))
+    redirect_output(Path(spec.log))
 
     def progress(msg: str, frac: float | None = None) -> None:
         print(f"[progress] {msg}", flush=True)
@@ -137,15 +139,30 @@ def main(spec: NodeSpec, conn: Any) -> None:
         except (OSError, ValueError):  # a gone parent display must not fail the node
             pass
 
+    outcome = run_logged(spec, progress)
+    try:
+        conn.send(("outcome", outcome))
+    finally:
+        conn.close()
+
+
+def whoami() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_logged(spec: NodeSpec, progress: Any, worker: str = "") -> NodeOutcome:
+    """``execute`` that always returns an outcome, stamped with who ran it (the one place the
+    local pool's processes and a farm's tasks share)."""
+    import dataclasses
+
     try:
         outcome = execute(spec, progress)
     except BaseException as e:  # noqa: BLE001 - never die without telling the parent why
         traceback.print_exc()
         outcome = NodeOutcome("failed", error=f"{type(e).__name__}: {e} (traceback in {spec.log})")
-    try:
-        conn.send(("outcome", outcome))
-    finally:
-        conn.close()
+    return dataclasses.replace(outcome, worker=worker or whoami())
 
 
 def _changed_externals(spec: NodeSpec, memo: Any) -> str | None:

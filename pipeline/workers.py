@@ -30,6 +30,10 @@ class WorkerPool:
         self.ctx = ctx
         self.running: dict[Any, tuple[Any, Any, Any]] = {}  # process -> (state, conn, outcome)
 
+    def unplaceable(self, states: list[Any]) -> dict[str, str]:
+        """This machine runs whatever it is given (a node that needs another host says so itself)."""
+        return {}
+
     def start(self, state: Any, spec: NodeSpec) -> None:
         from pipeline import worker
 

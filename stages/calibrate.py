@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -194,6 +195,7 @@ def _decoder(ctx: StageContext, path: Path, col: Any, feeds: list[dict[str, np.n
 
 STAGE = Stage(
     name="calibrate",
+    resources=node_resources("calibrate"),
     version="4",  # 4: kept decoder feeds in the graph's own dtypes (one prefill_feeds builds them)
     run=_run,
     params=_params,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -93,6 +94,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="checkpoint",
+    resources=node_resources("checkpoint"),
     version="3",  # 3: the tiny Qwen3-VL has three deepstack layers (2: {"path": null} for BYO ONNX)
     run=_run,
     params=_params,

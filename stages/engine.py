@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import ReportTable, Stage, StageContext, StageError, StageResult
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -168,6 +169,7 @@ COLUMNS = ("target", "graph", "precision", "layers", "fused MHA", "low-precision
 
 STAGE = Stage(
     name="engine",
+    resources=node_resources("engine", gpu=True),
     # 2: BYO image inputs profiled by position (batch 1..max_images, H/W = resize); 3: the report's
     # engine table comes from the result
     version="3",

@@ -33,6 +33,7 @@ from pipeline.stage import GateFailed, Stage, StageContext, StageError, StageRes
 from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoints.reads import checkpoint_reads
 from stages.lib.parity.metrics import export_gate, gate_checks
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -271,6 +272,7 @@ def _vision_spec(vision_dir: Path, family: str) -> Any:
 
 STAGE = Stage(
     name="export_decoder",
+    resources=node_resources("export_decoder"),
     # 3: {absent} decoder.json for a bring-your-own vision ONNX (family byo); 4: stamped export by
     # default (decoder_export), the residual cut list recorded in decoder.onnx; 5: above 2 GiB
     # the parity cases run in one block-by-block pass, generation teacher-forced in it

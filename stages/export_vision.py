@@ -30,6 +30,7 @@ from pipeline.stage import Stage, StageContext, StageError, StageResult
 from pipeline.worker import peak_rss_mb
 from stages.lib.checkpoints.reads import checkpoint_reads
 from stages.lib.parity.metrics import Parity, export_gate, gate_checks
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -102,6 +103,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="export_vision",
+    resources=node_resources("export_vision"),
     version="5",  # 5: blocks stamped (vision_stamp); 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
     run=_run,
     params=_params,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import Stage, StageContext, StageError, StageResult
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -151,6 +152,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="fuse",
+    resources=node_resources("fuse"),
     # 6: Conv→[BN]→Add without an activation tagged as a partition (placement reads the tags);
     # 5: the before/after check runs block by block (4: graphs saved whole in their own folder)
     version="6",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import Stage, StageContext, StageResult
 from stages.lib.checkpoints.reads import checkpoint_reads
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -67,6 +68,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="package",
+    resources=node_resources("package"),
     version="1",
     run=_run,
     params=_params,

@@ -41,6 +41,7 @@ from pipeline.stage import (
 )
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 from stages.lib.dtypes import UNQUANTIZED
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -273,6 +274,7 @@ def _kept_table(report: dict[str, Any], graphs: tuple[str, ...]) -> ReportTable:
 
 STAGE = Stage(
     name="quantize",
+    resources=node_resources("quantize"),
     # 4: budget "gate"; 5: ranked at blocks past a scoring cost (vision too), the walk predicts k;
     # 6: the report's kept-layers table comes from the result
     version="6",

@@ -31,6 +31,7 @@ from pipeline.stage import Stage, StageContext, StageError, StageResult
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 from stages.lib.qdq.calibset import synthetic_image
 from stages.lib.reference_io import META, NPZ, save_reference
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -251,6 +252,7 @@ def _run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(
     name="reference",
+    resources=node_resources("reference"),
     version="4",  # 4: VLM reference streamed block by block (3: bring-your-own ONNX reference)
     run=_run,
     params=_params,

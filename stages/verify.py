@@ -44,6 +44,7 @@ from pipeline.stage import (
     missed_message,
 )
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
+from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
@@ -276,6 +277,7 @@ def report_parts(target: str, rows: list[dict[str, Any]], drill: dict[str, Any])
 
 STAGE = Stage(
     name="verify",
+    resources=node_resources("verify", gpu=True),
     # 4: bring-your-own ONNX (reference = the FP32 graph; no drill-down); 5: graphs run block by
     # block (segments), teacher-forced token agreement, free-running only under FREE_RUN_LIMIT;
     # 6: the report's parity table and drill-down plots come from the result

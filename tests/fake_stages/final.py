@@ -1,4 +1,6 @@
+from pipeline.resources import NodeResources
 from pipeline.stage import GateCheck, ReportTable, Stage, StageContext, StageError, StageResult
+from stages.lib.sizing import gpu_resource
 
 SECTION = "Fake figures"
 
@@ -16,4 +18,5 @@ def run(ctx: StageContext) -> StageResult:
 
 STAGE = Stage(name="final", version="1", run=run, deps=("middle",), per_target=True,
               params=lambda cfg, t: {"ws": cfg.engine.workspace_mb, "cos": cfg.gates["int8"].cosine + 0.001},
-              outputs=("final.bin",), deliver=("final.bin",), report_sections=((SECTION, "No final node ran."),))
+              outputs=("final.bin",), deliver=("final.bin",), report_sections=((SECTION, "No final node ran."),),
+              resources=lambda cfg, t: NodeResources(custom=gpu_resource(t)))  # a full-TensorRT target: its GPU
