@@ -17,6 +17,7 @@ path on every host); its commit protocol needs no lock to stay correct (``pipeli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,8 +61,6 @@ def run_task(spec: NodeSpec) -> NodeOutcome:
     earlier = _record_attempt(_attempts_file(spec), who)
     redirect_output(Path(spec.log))
     outcome = run_logged(spec, lambda msg, frac=None: print(f"[progress] {msg}", flush=True), worker=who)
-    import dataclasses
-
     return dataclasses.replace(outcome, attempts=tuple(earlier))
 
 
