@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.resources import Worker, unplaceable
-from pipeline.worker import NodeOutcome, NodeSpec
+from pipeline.worker import PROGRESS_MARK, NodeOutcome, NodeSpec
 
 RETRIES = 2  # a node whose worker dies is tried again this many times, elsewhere if Ray can
 FORWARDED_ENV = ("PYTHONPATH", "VLMFORGE_")  # what a worker must see as the driver does
@@ -60,8 +60,23 @@ def run_task(spec: NodeSpec) -> NodeOutcome:
     who = f"{whoami()} on ray node {ray.get_runtime_context().get_node_id()[:8]}"
     earlier = _record_attempt(_attempts_file(spec), who)
     redirect_output(Path(spec.log))
-    outcome = run_logged(spec, lambda msg, frac=None: print(f"[progress] {msg}", flush=True), worker=who)
+    outcome = run_logged(spec, lambda msg, frac=None: print(f"{PROGRESS_MARK}{msg}", flush=True), worker=who)
     return dataclasses.replace(outcome, attempts=tuple(earlier))
+
+
+def read_progress(log: Path, offset: int) -> tuple[list[str], int]:
+    """Progress lines a task has written to its node log since ``offset``, and the new offset: a
+    Ray task has no pipe back to the driver, but its log is on the shared artifacts folder.
+    Only whole lines count (a line being written is read next time)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1
+    lines = chunk[:end].decode("utf-8", "replace").splitlines()
+    return [x[len(PROGRESS_MARK):] for x in lines if x.startswith(PROGRESS_MARK)], offset + end
 
 
 def _driver_env() -> dict[str, str]:
@@ -86,6 +101,7 @@ class RayPool:
                      runtime_env={"env_vars": _driver_env()}, configure_logging=False)
         self._remote = ray.remote(max_calls=1, max_retries=RETRIES, retry_exceptions=False)(run_task)
         self.running: dict[Any, tuple[Any, NodeSpec]] = {}
+        self._log_offsets: dict[str, int] = {}
 
     def workers(self) -> list[Worker]:
         return [Worker(f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}", dict(n["Resources"]))
@@ -110,6 +126,10 @@ class RayPool:
     def poll(self, timeout: float, on_progress: Any) -> list[tuple[Any, NodeOutcome]]:
         refs = list(self.running)
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for _, spec in self.running.values():  # what the running nodes have said so far
+            msgs, self._log_offsets[spec.node_id] = read_progress(Path(spec.log), self._log_offsets.get(spec.node_id, 0))
+            for msg in msgs[-1:]:
+                on_progress(spec.node_id, msg, None)
         done = []
         for ref in ready:
             state, spec = self.running.pop(ref)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+PROGRESS_MARK = "[progress] "  # a progress line in a node's log (a farm's driver reads them there)
+
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -133,7 +135,7 @@ def main(spec: NodeSpec, conn: Any) -> None:
     redirect_output(Path(spec.log))
 
     def progress(msg: str, frac: float | None = None) -> None:
-        print(f"[progress] {msg}", flush=True)
+        print(f"{PROGRESS_MARK}{msg}", flush=True)
         try:
             conn.send(("progress", msg, frac))
         except (OSError, ValueError):  # a gone parent display must not fail the node

@@ -172,3 +172,16 @@ def test_make_farm_helper_runs_a_command_on_a_fresh_cluster(tmp_path: Path) -> N
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "head + 2 workers" in r.stderr and "ok: 4 ran" in r.stderr
+
+
+def test_a_farm_driver_reads_progress_from_node_logs_whole_lines_only(tmp_path: Path) -> None:
+    from pipeline.farm import read_progress
+
+    log = tmp_path / "middle.log"
+    assert read_progress(log, 0) == ([], 0)  # not started yet
+    log.write_text("some library warning\n[progress] writing half\n[progress] hashing")
+    msgs, off = read_progress(log, 0)
+    assert msgs == ["writing half"] and off == len("some library warning\n[progress] writing half\n")
+    with open(log, "a") as f:
+        f.write(" outputs\n")
+    assert read_progress(log, off) == (["hashing outputs"], log.stat().st_size)

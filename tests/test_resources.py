@@ -36,3 +36,4 @@ def test_the_right_hardware_on_too_small_a_worker_names_the_whole_need() -> None
 
 def test_no_workers_at_all() -> None:
     assert unplaceable("source", NodeResources(), []) == "source needs one worker with 1 CPU; the cluster offers: no workers"
+
