@@ -104,7 +104,7 @@ def _run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="export_vision",
     resources=node_resources("export_vision"),
-    version="5",  # 5: blocks stamped (vision_stamp); 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
+    version="6",  # 6: BYO graphs below opset 19 upgraded at import; 5: blocks stamped (vision_stamp); 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
     run=_run,
     params=_params,
     deps=("checkpoint",),
@@ -137,8 +137,13 @@ def bring_your_own(ctx: StageContext) -> StageResult:
     if src["input_name"] not in inputs:
         raise StageError(f"model.vision_onnx.input_name {src['input_name']!r} is not an input of {src['path']} "
                          f"(inputs: {', '.join(inputs)})")
+    from stages.lib.export.opset import TARGET_OPSET, upgrade
+
     dst = ctx.out / "vision.onnx"
-    if has_external(model):  # whole in our folder, whatever the user's data file is called
+    upgraded_from = upgrade(Path(src["path"]), dst)  # an old opset: upgraded here, never failing later
+    if upgraded_from is not None:
+        model = onnx.load(str(dst), load_external_data=False)
+    elif has_external(model):  # whole in our folder, whatever the user's data file is called
         graphio.save(ir.load(src["path"]), dst)
     else:
         shutil.copyfile(src["path"], dst)  # self-contained: the user's bytes, unchanged
@@ -158,6 +163,17 @@ def bring_your_own(ctx: StageContext) -> StageResult:
     outs = sess.run(None, feeds)
     if not all(np.isfinite(o).all() for o in outs if np.issubdtype(o.dtype, np.floating)):
         raise StageError(f"{src['path']} produces non-finite outputs on a normalised random image")
+    notes = [f"bring-your-own ONNX {src['path']}: parity reference is the graph itself"]
+    if upgraded_from is not None:  # the converted graph must compute what the user's computes
+        from stages.lib.parity.metrics import compare
+
+        orig = ort_session(Path(src["path"])).run(None, feeds)
+        worst = min(compare(a, b).cosine for a, b in zip(outs, orig, strict=True))
+        if not worst >= 0.99999:
+            raise StageError(f"{src['path']}: upgraded from opset {upgraded_from} to {TARGET_OPSET}, the graph's outputs "
+                             f"changed (cosine {worst:.6f} vs the original); re-export it at opset >= {TARGET_OPSET}")
+        notes.append(f"upgraded from opset {upgraded_from} to {TARGET_OPSET} (onnx version converter; outputs match the "
+                     f"original at cosine {worst:.6f}); the reference runs the original file")
 
     def shape(v: Any) -> list[Any]:
         return [d if isinstance(d, int) else str(d) for d in v.shape]
@@ -172,5 +188,6 @@ def bring_your_own(ctx: StageContext) -> StageResult:
         "parity": {"reference": "itself in onnxruntime fp32", "output_shapes": [list(o.shape) for o in outs]},
     }, indent=2))
     return StageResult(metrics={"export_seconds": round(time.perf_counter() - t0, 3), "onnx_bytes": dst.stat().st_size,
+                                "opset_upgraded_from": upgraded_from,
                                 "peak_rss_bytes": round(peak_rss_mb() * 2**20), "cosine": 1.0, "dtype": "fp32", "family": "byo"},
-                       notes=[f"bring-your-own ONNX {src['path']}: parity reference is the graph itself"])
+                       notes=notes)

@@ -13,9 +13,10 @@ from tests.conftest import Cli
 TARGETS = {"rtx3090": "int8", "rtx4090": "fp8"}  # precision best: rtx3090 has no FP8
 
 
-def _tiny_cnn(path: Path) -> None:
+def _tiny_cnn(path: Path, opset: int = 19) -> None:
     """A small conv net (conv-bn-relu stages, pooled features, a classifier), FP32, NCHW input
-    ``image`` with a dynamic batch, as a user's own exporter would write it."""
+    ``image`` with a dynamic batch, as a user's own exporter would write it. Its pooled features
+    are squeezed (not flattened): below opset 13 Squeeze takes its axes as an attribute."""
     import torch
 
     torch.manual_seed(0)
@@ -26,12 +27,11 @@ def _tiny_cnn(path: Path) -> None:
             super().__init__()
             self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                                       nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                      nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten())
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
             self.head = nn.Linear(32, 10)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            f = self.body(x)
+            f = self.body(x).squeeze(-1).squeeze(-1)
             return f, self.head(f)
 
     net = Net().eval()
@@ -41,7 +41,7 @@ def _tiny_cnn(path: Path) -> None:
             m.running_var.uniform_(0.5, 1.5)
     torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), input_names=["image"],
                       output_names=["features", "logits"], dynamic_axes={"image": {0: "batch"}},
-                      opset_version=19, dynamo=False)
+                      opset_version=opset, dynamo=False)
 
 
 CONFIG = """
@@ -114,3 +114,31 @@ def test_byo_onnx_builds_end_to_end(tmp_path: Path) -> None:
     plan = {n["id"]: n for n in cli.json("plan", str(cfg))}  # type: ignore[union-attr]
     assert not plan["export_vision"]["cached"] and not plan["reference"]["cached"]
     assert plan["checkpoint"]["cached"]  # no checkpoint: nothing of it changed
+
+
+def test_an_old_opset_graph_is_upgraded_at_import_and_quantizes(tmp_path: Path) -> None:
+    """An opset-12 graph (Squeeze with an axes attribute) once passed export and failed in
+    quantize; it is upgraded to 19 where it enters, proven equal to the original, and builds."""
+    import onnx
+
+    import stages
+
+    _tiny_cnn(tmp_path / "net.onnx", opset=12)
+    src = onnx.load(str(tmp_path / "net.onnx"))
+    assert src.opset_import[0].version == 12 and any(a.name == "axes" for n in src.graph.node if n.op_type == "Squeeze"
+                                                     for a in n.attribute)
+    cli = Cli(tmp_path, stages=",".join(stages.STAGE_MODULES))
+    r = cli("build", str(cli.config(CONFIG, name="byo.yaml")), "--until", "quantize", "-j", "2", "--json", timeout=900)
+    nodes = {n["id"]: n for n in json.loads(r.stdout)["nodes"]}
+    assert all(n["status"] == "ran" for n in nodes.values()), {k: (n["status"], n["error"]) for k, n in nodes.items()}
+    ev = nodes["export_vision"]
+    assert ev["metrics"]["opset_upgraded_from"] == 12
+    assert any("upgraded from opset 12 to 19" in x for x in ev["notes"])
+    out = tmp_path / "artifacts" / "out" / "byo"
+    up = onnx.load(str(out / "export_vision" / "vision.onnx"))
+    assert up.opset_import[0].version == 19
+    assert all(len(n.input) == 2 and not n.attribute for n in up.graph.node if n.op_type == "Squeeze")
+    assert (tmp_path / "net.onnx").read_bytes() == src.SerializeToString()  # the user's file is untouched
+    for target, prec in TARGETS.items():
+        q = json.loads((out / f"quantize@{target}" / "quantize.json").read_text())
+        assert q["vision"]["precision"] == prec and q["vision"]["parity"]["vs_reference"]["cosine"] >= 0.99
