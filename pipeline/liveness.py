@@ -69,7 +69,7 @@ def tmp_name(key: str) -> str:
 
 
 def pin_alive(p: Path) -> bool:
-    if p.name.count(".") >= 4 and _foreign(p.name, 3):
+    if _foreign(p.stem, 3):  # the stem: an old name without a host ends in ".json" there
         return _young(p)
     try:
         pid, start_ms = (int(x) for x in p.name.split(".")[:2])

@@ -95,7 +95,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         outs = ", ".join(f"{k} ({v['bytes']:,} B)" for k, v in ranked[:6])
         if len(ranked) > 6:
             outs += f", +{len(ranked) - 6} more"
-        note = " ".join(x for x in (n["error"] or n["reason"] or "", n.get("retried") or "") if x)
+        note = n["error"] or n["reason"] or ""
         if n["status"] == "cached" and n.get("built_seconds") is not None:
             note = f"cache hit (built in {n['built_seconds']:.1f} s, {n['built_peak_rss_mb'] or 0:.0f} MB) {note}".strip()
         rss = "" if n["peak_rss_mb"] is None else f"{n['peak_rss_mb']:.0f}"

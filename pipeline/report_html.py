@@ -61,8 +61,7 @@ def _timings(doc: dict[str, Any]) -> str:
         rows.append([escape(str(n["id"])), escape(str(n["status"])), _num(n.get("seconds")),
                      _num(built) if n.get("status") == "cached" else "", _num(n.get("peak_rss_mb")),
                      escape(str(n.get("worker") or "")), f"<code>{escape(str(n.get('key') or '-')[:12])}</code>",
-                     escape(" ".join(x for x in (str(n.get("error") or n.get("reason") or ""), n.get("retried") or "")
-                                     if x))[:500]])
+                     escape(str(n.get("error") or n.get("reason") or ""))[:300]])
         cls.append(str(n["status"]))
     hits = sum(n["status"] == "cached" for n in nodes)
     head = f"<p>{len(nodes)} nodes: {hits} cache hits, {sum(n['status'] == 'ran' for n in nodes)} ran, " \

@@ -13,6 +13,7 @@ from pipeline.graph import Node
 from pipeline.keys import cache_key, key_material, node_params
 from pipeline.resources import DEFAULT, NodeResources
 from pipeline.worker import NodeOutcome, NodeSpec
+from pipeline.workers import Executor
 
 
 @dataclass
@@ -153,7 +154,7 @@ def build(
     run_dir: Path,
     on_event: Callable[[NodeState], None] = lambda s: None,
     on_progress: ProgressFn = lambda nid, msg, frac: None,
-    pool: Any = None,
+    pool: Executor | None = None,
     only: frozenset[str] | None = None,
 ) -> list[NodeState]:
     """Run every node that is not cached, each in its own process (``pool``: the local process
@@ -171,12 +172,12 @@ def build(
     stay_evicted = unneeded_evicted(planner)
     pool = pool if pool is not None else WorkerPool(mp.get_context("spawn"))
     to_run = [states[n.id] for n in todo if not states[n.id].cached and n.id not in stay_evicted]
-    blocked = dict(pool.unplaceable(to_run))
-    if only is not None:
-        blocked.update(_missing_inputs(to_run, only))
-    if blocked:  # fail now, in seconds: nothing would ever run them
-        return _refuse(planner, blocked, on_event)
     try:
+        blocked = dict(pool.unplaceable(to_run))
+        if only is not None:
+            blocked.update(_missing_inputs(to_run, only))
+        if blocked:  # fail now, in seconds: nothing would ever run them
+            return _refuse(planner, blocked, on_event)
         while todo or pool.running:
             progressed = False
             for n in list(todo):
@@ -238,7 +239,6 @@ def _refuse(planner: Planner, blocked: dict[str, str], on_event: Callable[[NodeS
         else:
             s.status, s.reason = "skipped", f"not started: {first} cannot run ({len(blocked)} node(s) cannot)"
         on_event(s)
-    planner.store.memo.save()
     return [planner.states[n.id] for n in planner.nodes]
 
 
@@ -265,6 +265,8 @@ def _finish(s: NodeState, res: NodeOutcome) -> None:
     s.seconds = res.seconds
     s.peak_rss_mb = res.peak_rss_mb
     s.worker, s.attempts = res.worker, res.attempts
+    if res.attempts:  # the report's note column says who retried what
+        s.reason = "; ".join(x for x in (s.reason, s.retried()) if x)
     if res.status in ("ran", "cached") and res.manifest is not None:
         s.manifest, s.evicted = res.manifest, False
         s.status = res.status

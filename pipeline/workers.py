@@ -9,9 +9,28 @@ from __future__ import annotations
 
 import signal
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.worker import NodeOutcome, NodeSpec
+
+
+class Executor(Protocol):
+    """What the runner needs of an executor: this module's ``WorkerPool`` (a process per node on
+    this machine) or ``pipeline.farm.RayPool`` (a Ray task per node on a cluster)."""
+
+    running: Any  # the nodes started and not yet collected (only its size is read)
+
+    def unplaceable(self, states: list[Any]) -> dict[str, str]:
+        """node id -> one line, for the nodes this executor can never run (checked before any starts)."""
+        ...
+
+    def start(self, state: Any, spec: NodeSpec) -> None: ...
+
+    def poll(self, timeout: float, on_progress: Any) -> list[tuple[Any, NodeOutcome]]:
+        """Wait up to ``timeout``; return the nodes that finished, with their outcomes."""
+        ...
+
+    def stop(self) -> None: ...
 
 
 def _death(exitcode: int | None) -> str:
