@@ -69,7 +69,7 @@ def _run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="package",
     resources=node_resources("package"),
-    version="1",
+    version="2",  # 2: probe.json says what a decisive position must clear (noise); generated_margin probed
     run=_run,
     params=_params,
     deps=("engine", "quantize", "checkpoint", "reference", "verify"),

@@ -2,7 +2,8 @@
 
 Per graph: the placement rules of `stages.lib.qdq.rules`, calibrated ranges from `calibrate`,
 `keep_high_precision` patterns and the sensitivity fallback (`accuracy_budget`, on by default:
-the most harmful layer groups stay high precision until the graph meets its gate). Parity is
+the most harmful layer groups stay high precision until the graph meets its gate, cosine and
+decisive next tokens); INT8 tries SmoothQuant and INT4 AWQ, each kept where it measures better. Parity is
 measured on the `reference` stage's held-out set (never the calibration set) against both the
 unquantized graph and PyTorch, in onnxruntime with optimizations disabled. `key_uses_target` is
 False: targets resolving to the same precisions share one cache entry.
@@ -32,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from pipeline.stage import (
     GateCheck,
     GateFailed,
-    ReportTable,
     Stage,
     StageContext,
     StageError,
@@ -41,6 +41,7 @@ from pipeline.stage import (
 )
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
 from stages.lib.dtypes import UNQUANTIZED
+from stages.lib.qdq.report import KEPT, kept_layers, kept_table
 from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 GRAPHS = ("vision", "decoder")
 IO_SPECS = ("vision.json", "decoder.json")
-KEPT = "Layers kept in high precision"  # the build report's section
 
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
@@ -66,19 +66,21 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
 
 
 def _graph_outputs(names: list[str], graph: str) -> list[str]:
+    """What candidates are scored on: the logits; the image features (first) and Qwen3-VL's
+    deepstack maps, which the decoder reads too."""
     if graph == "decoder":
         return ["logits"] if "logits" in names else names[:1]
-    return [n for n in names if not n.startswith("present")][:1]
+    first = [n for n in names if not n.startswith("present")][:1]
+    return first + [n for n in names if n.startswith("deepstack") and n not in first]
 
 
 def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any], feeds: list[dict[str, Any]],
                     torch_samples: list[dict[str, Any]]) -> tuple[dict[str, Any], list[GateCheck]]:
-    from dataclasses import replace
 
     import onnx_ir as ir
 
-    from stages.lib.parity.metrics import gate_checks
-    from stages.lib.qdq import graphio, heldout, sensitivity
+    from stages.lib.parity.metrics import export_noise, gate_checks
+    from stages.lib.qdq import graphio, heldout, objectives, sensitivity
     from stages.lib.qdq.recipe import Calib, Recipe, build, weight_share
     from stages.lib.qdq.rules import rules_for
 
@@ -94,10 +96,13 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     recipe = Recipe(mode, keep=tuple(gq["keep_high_precision"]), attention=attention,
                     int4_block=int(gq["int4_block"]))
     # Rank layers on calibration samples; the held-out set grades the result only.
-    search = heldout.load_feeds(ctx.inputs["calibrate"] / f"feeds_{graph}.npz") or feeds
+    kept_feeds = heldout.load_feeds(ctx.inputs["calibrate"] / f"feeds_{graph}.npz")
+    calibration = bool(kept_feeds)
+    # input_ids ride along in the decoder's for the vision objective; not a graph input
+    search = [{k: v for k, v in f.items() if k != "input_ids"} for f in kept_feeds] if calibration else feeds
     work = ctx.out / f".{graph}-candidates"  # as big as the graph each: beside the output, not in /tmp
     values = None
-    if search is feeds:
+    if not calibration:
         search_refs = refs
     elif _cuts(src):  # block by block: keep what a segment hands on, for ranking groups at their block
         from stages.lib.qdq.block_scores import reference_pass
@@ -105,7 +110,10 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         search_refs, values = reference_pass(src, search, outputs)
     else:
         search_refs = _run_all(graph, src, search, outputs)
-    ev = sensitivity.Evaluator(search, search_refs, outputs, workdir=work, values=values)
+    budget = sensitivity.search_budget(gq.get("accuracy_budget"), gate)
+    tokens = None if budget is None else objectives.for_graph(graph, gate, ctx.inputs["fuse"], ctx.inputs["calibrate"],
+                                                              len(search) if calibration else 0, outputs[0], search_refs)
+    ev = sensitivity.Evaluator(search, search_refs, outputs, workdir=work, values=values, tokens=tokens, budget=budget)
     rules = rules_for(mode)
 
     def candidate(recipe: Recipe, name: str) -> tuple[Any, Any, float, list[dict[str, Any]]]:
@@ -120,22 +128,26 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         path.parent.mkdir()
         graphio.save(b.model, path)
         outs = ev.run(path)
-        return b, path, ev.cosine(outs), outs
+        return b, path, ev.score(outs), outs
 
-    awq_choice = None
+    choice: dict[str, Any] = {}
     out = ctx.out / f"{graph}.onnx"
+    # AWQ (INT4) and SmoothQuant (INT8) are proxy searches on calibration statistics: each is kept
+    # only where the whole graph measures better with it (score, then cosine; a tie keeps AWQ only)
+    method = {"int4-weight": "awq", "int8": "smooth"}.get(mode)
+    method = None if method == "smooth" and not calib.chan_amax else method  # an older calibration
     try:
         work.mkdir(exist_ok=True)
-        if mode == "int4-weight":  # AWQ is a proxy search: keep it only where it measures better
-            tried = {a: candidate(replace(recipe, awq=a), "awq" if a else "plain") for a in (True, False)}
-            recipe = replace(recipe, awq=tried[True][2] >= tried[False][2])
-            first = tried[recipe.awq]
-            shutil.rmtree(tried[not recipe.awq][1].parent)  # disk: each is the graph's size
-            awq_choice = {"awq": tried[True][2], "plain": tried[False][2], "chosen": "awq" if recipe.awq else "plain",
-                          "inputs": "calibration" if search is not feeds else "held-out"}
+        if method is not None:
+            tried = {a: candidate(recipe.with_method(method, a), method if a else "plain") for a in (True, False)}
+            key = {a: (t[2], ev.cosine(t[3])) for a, t in tried.items()}
+            on = key[True] > key[False] or (key[True] == key[False] and method == "awq")
+            recipe, first = recipe.with_method(method, on), tried[on]
+            shutil.rmtree(tried[not on][1].parent)  # disk: each is the graph's size
+            choice = {method: tried[True][2], "plain": tried[False][2], "chosen": method if on else "plain",
+                      "inputs": "calibration" if calibration else "held-out"}
         else:
             first = candidate(recipe, "full")
-        budget = sensitivity.search_budget(gq.get("accuracy_budget"), gate)
         if budget is not None and first[2] < budget:  # it falls back, so this one is not the result:
             shutil.rmtree(first[1].parent)  # its disk goes before the walk writes its own candidates
         built, sens = sensitivity.run(source, recipe, calib, budget, ev, full=(first[0], first[2]), path=src,
@@ -144,7 +156,7 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         if built is first[0]:  # no fallback: the written candidate is the result
             for f in first[1].parent.iterdir():
                 shutil.move(f, ctx.out / f.name)
-            outs = first[3] if search is feeds else None
+            outs = first[3] if not calibration else None
         else:
             shutil.rmtree(first[1].parent, ignore_errors=True)
             graphio.save(built.model, out)  # tensor by tensor: the codes are computed as they are written
@@ -159,26 +171,27 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     if outs is None:
         outs = _run_all(graph, out, feeds, outputs)
     logits = graph == "decoder"
-    par: dict[str, Any] = {"vs_unquantized": heldout.parity(outs, refs, outputs[0], logits)}
+    noise = export_noise(ctx.inputs["fuse"])  # the decisive positions' threshold (parity.metrics)
+    par: dict[str, Any] = {"vs_unquantized": heldout.parity(outs, refs, outputs[0], logits, noise)}
     trefs = heldout.torch_refs(graph, torch_samples, outputs[0])
     if trefs is not None:
-        par["vs_reference"] = heldout.parity(outs, trefs, outputs[0], logits)
-    scopes = built.placement.scopes
-    kept = [{"node": k["node"], "module": scopes.get(k["node"], ""), "why": k["why"]}
-            for k in built.placement.kept if "sensitivity" not in k["why"]]
-    kept += [{"group": k["group"], "nodes": k["nodes"], "why": k["why"]} for k in sens.kept]
+        par["vs_reference"] = heldout.parity(outs, trefs, outputs[0], logits, noise)
     model_opset = built.model.opset_imports.get("", 0)
     entry = {
         "precision": mode, "source": str(src.name), "output": outputs[0], "opset": model_opset,
         "qdq_pairs": int(built.stats.get("qdq_pairs", 0)), "weight_dq": int(built.stats.get("weight_dq", 0)),
         "weights": weight_share(ir.from_proto(source).graph, built.placement, built.stats),
-        "kept_high_precision": kept,
+        "kept_high_precision": kept_layers(built.placement, sens),
         "skipped": dict(Counter(s["rule"] for s in built.placement.skipped)),
         "skipped_nodes": built.placement.skipped[:200],
         "sensitivity": sens.as_dict(), "parity": par, "checker": True, "ort": "ORT_DISABLE_ALL",
         "runner": "segments" if _cuts(src) else "whole",
-        "held_out": "reference", "sensitivity_inputs": "calibration" if search is not feeds else "held-out",
-        "int4_blocks": built.stats.get("blocks"), "int4_awq": awq_choice,
+        "held_out": "reference", "sensitivity_inputs": "calibration" if calibration else "held-out",
+        "search_objective": {"cosine": budget, "top1": tokens.target, "noise": tokens.noise, "compared": tokens.inputs}
+        if tokens is not None else {"cosine": budget},
+        "int4_blocks": built.stats.get("blocks"), "int4_awq": choice if method == "awq" else None,
+        "smoothquant": {**choice, "groups": (built.stats.get("smoothquant") or {}).get("groups")}
+        if method == "smooth" else None,
         "awq_scales": built.stats.get("awq_scales"),
         "attention": "projections only" if attention == "none" else attention,
     }
@@ -257,7 +270,7 @@ def _run(ctx: StageContext) -> StageResult:
             metrics[g]["weights_share"] = round(report[g]["weights"]["share"], 4)
             metrics[g]["kept"] = len(report[g]["kept_high_precision"])
     metrics["seconds"] = round(time.time() - t0, 2)
-    result = StageResult(metrics=metrics, gates=gates, notes=notes, report=[_kept_table(report, graphs)])
+    result = StageResult(metrics=metrics, gates=gates, notes=notes, report=[kept_table(report, graphs)])
     missed = missed_message(gates, head="quantize gate missed", hint="keep layers high precision: "
                             "quantize.<graph>.keep_high_precision, or a higher quantize.<graph>.accuracy_budget")
     if missed:  # raised here, not left to the worker, for the hint: what to change
@@ -265,19 +278,14 @@ def _run(ctx: StageContext) -> StageResult:
     return result
 
 
-def _kept_table(report: dict[str, Any], graphs: tuple[str, ...]) -> ReportTable:
-    """Per graph, every layer the rules or the mixed-precision walk kept high precision, and why."""
-    rows = [(g, report[g].get("precision"), k.get("node") or k.get("group") or "?", k.get("why", ""))
-            for g in graphs for k in report[g].get("kept_high_precision") or [{"node": "none"}]]
-    return ReportTable(KEPT, ("graph", "precision", "kept high-precision", "why"), tuple(rows))
-
-
 STAGE = Stage(
     name="quantize",
     resources=node_resources("quantize"),
     # 4: budget "gate"; 5: ranked at blocks past a scoring cost (vision too), the walk predicts k;
-    # 6: the report's kept-layers table comes from the result
-    version="6",
+    # 6: the report's kept-layers table comes from the result; 7: the search keeps the decisive
+    # next-token agreement (qdq.objectives), top-1 at decisive positions, deepstack maps scored;
+    # INT8 SmoothQuant (qdq.smoothquant) kept where the graph measures better with it
+    version="7",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

@@ -10,7 +10,8 @@ a quantized graph would be graded on the data its scales were fitted to.
   s{i}.attention_mask [1,S], s{i}.mm_token_type_ids [1,S], s{i}.position_ids [3,1,S],
   s{i}.rope_deltas [1,1], s{i}.inputs_embeds [1,S,H] (text embeddings with the *reference*
   image features merged in: the decoder's isolated input), s{i}.vision_features [N,H],
-  s{i}.deepstack.{k} [N,H] (Qwen3-VL), s{i}.logits [1,S,V] (prefill), s{i}.generated [T].
+  s{i}.deepstack.{k} [N,H] (Qwen3-VL), s{i}.logits [1,S,V] (prefill), s{i}.generated [T] (greedy),
+  s{i}.generated_margin [T] (each step's top-1 minus top-2 logit: which tokens are decisive).
 ``reference.json``: the set's description (sizes, prompts, token ids, counts).
 Vision-only checkpoints (a CNN classifier) store image, pixel_values [1,3,H,W] (normalised as
 ``vision.json`` says), vision_features [1,C] (pooled) and logits [1,classes].
@@ -128,13 +129,20 @@ def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any],
         logits = model(**inputs).logits
         # EOS must not end the reference early: every one of the N tokens is compared
         gen = model.generate(**inputs, max_new_tokens=int(p["generate_tokens"]), do_sample=False,
-                             eos_token_id=None, pad_token_id=int(cfg.text_config.pad_token_id or 0))
+                             eos_token_id=None, pad_token_id=int(cfg.text_config.pad_token_id or 0),
+                             output_logits=True, return_dict_in_generate=True)
+    from stages.lib.parity.metrics import margins
+
+    # each greedy step's lead (top-1 minus top-2 logit): the token gates count a position only
+    # where it exceeds the unquantized export's noise (parity.metrics.decisive)
+    step_logits = np.stack([lg[0].float().numpy() for lg in gen.logits])
     arrays = {
         "image": image, "pixel_values": pixel_values, "image_grid_thw": grid,
         "input_ids": t_ids.numpy(), "attention_mask": mask.numpy(), "mm_token_type_ids": types.numpy(),
         "position_ids": pos.numpy().astype(np.int64), "rope_deltas": deltas.numpy().astype(np.int64),
         "inputs_embeds": embeds.float().numpy(), "vision_features": feats.float().numpy(),
-        "logits": logits.float().numpy(), "generated": gen[0, t_ids.shape[1]:].numpy().astype(np.int64),
+        "logits": logits.float().numpy(), "generated": gen.sequences[0, t_ids.shape[1]:].numpy().astype(np.int64),
+        "generated_margin": margins(step_logits).astype(np.float32),
     }
     for j, ds in enumerate(getattr(vis, "deepstack_features", None) or []):
         arrays[f"deepstack.{j}"] = torch.cat(list(ds), 0).float().numpy()
@@ -253,7 +261,8 @@ def _run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="reference",
     resources=node_resources("reference"),
-    version="4",  # 4: VLM reference streamed block by block (3: bring-your-own ONNX reference)
+    # 5: the greedy steps' margins (generated_margin); 4: VLM reference streamed block by block
+    version="5",
     run=_run,
     params=_params,
     deps=("checkpoint",),

@@ -5,10 +5,14 @@ Per graph x precision x target, on the held-out set of the ``reference`` stage:
   stages/lib/segments/runner.py, so a 7-8B decoder fits a 24 GB machine): vision features, decoder
   prefill logits (cosine, rel-L2, max-abs, norm ratio; top-1/top-5 next-token agreement) and,
   in the same pass, the teacher-forced agreement over the reference's N greedy tokens;
-- an N-token free-running greedy multimodal generation through the graphs under test (token
-  agreement), in whole-graph sessions, for graphs under ``verify_graphs.FREE_RUN_LIMIT`` only.
-  The generation row's ``tokens`` is the free-running figure where it ran, else the
-  teacher-forced one; ``gated_on`` says which, ``reason`` why free-running was left out;
+- the generation row: ``tokens``, the teacher-forced agreement at the *decisive* generated
+  positions (``parity.metrics.decisive``: the reference's lead above twice the unquantized
+  export's logit error), gated; the free-running greedy generation through the graphs under test
+  beside it (``tokens_free``), in whole-graph sessions, for graphs under ``FREE_RUN_LIMIT`` only;
+- the vision_effect row: the reference decoder (PyTorch) fed the quantized vision graph's image
+  features (``parity.vision_effect``): decisive ``top1`` / ``tokens`` and the mean ``kl``, gated by
+  the vision precision's gate; a feature cosine above 0.99 does not pass a graph that changes
+  what the decoder says;
 - the engines, only where they can execute (a GPU of the target's SM plus the runtime); else
   the row says "engine comparison not run: <why>" with status "not-run", never "pass".
 Gates come from ``gates[<precision>]`` (the precision each graph was quantized to is read from
@@ -35,8 +39,6 @@ import numpy as np
 from pipeline.stage import (
     GateCheck,
     GateFailed,
-    ReportFigure,
-    ReportTable,
     Stage,
     StageContext,
     StageError,
@@ -44,6 +46,7 @@ from pipeline.stage import (
     missed_message,
 )
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
+from stages.lib.parity.report import DRILLDOWN, PARITY, report_parts
 from stages.lib.sizing import node_resources
 
 if TYPE_CHECKING:
@@ -116,10 +119,11 @@ def _engine_row(ctx: StageContext, graph: str, precision: str, feeds: dict[str, 
 def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str, specs: Any,
                     samples: list[dict[str, np.ndarray]], embed: Path, forced: Any,
                     gate: dict[str, Any]) -> tuple[dict[str, Any], list[GateCheck]]:
-    """Free-running generation where whole-graph sessions fit, the teacher-forced figure always;
-    the token gate applies to the free-running figure where it ran, else to the teacher-forced."""
-    import dataclasses
-
+    """The token gate reads the teacher-forced agreement at the decisive generated positions
+    (``tokens``: every graph under test, the reference's tokens fed back, at any size); the
+    free-running greedy generation (``tokens_free``, ``tokens_prefix``: where the first divergence
+    falls) is measured alongside where whole-graph sessions fit. After a free-running divergence
+    the two sides continue different texts, so its later positions grade nothing."""
     from stages.lib.parity import graphs as vg
 
     p, vis = ctx.params, qdir / "vision.onnx" if "vision" in graphs else None
@@ -130,31 +134,29 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
     if size < vg.FREE_RUN_LIMIT:
         ctx.report("free-running greedy generation through the graphs under test", 0.7)
         free = vg.measure_generation(vis, qdir / "decoder.onnx", embed, specs, samples, int(p["generate_tokens"]))
-        figures, per = dict(free.figures), list(free.per_sample)
+        figures = {"tokens_free": free.figures["tokens"], "tokens_prefix": free.figures["tokens_prefix"]}
+        per = list(free.per_sample)
     else:
         reason = (f"free-running generation not run in onnxruntime: {'+'.join(graphs)}+embed hold "
                   f"{size / 2**30:.2f} GB of FP16 weights (limit {vg.FREE_RUN_LIMIT / 2**30:.2f} GB for "
-                  "whole-graph CPU sessions); it is left to the engine check on a GPU host (`vlmforge check` "
-                  "on the device); the teacher-forced agreement is gated instead")
-    if forced is not None:
-        figures["tokens_teacher_forced"] = forced.figures["tokens_teacher_forced"]
-        per = [{**a, "teacher_forced": b} for a, b in zip(per, forced.per_sample, strict=True)]
-    if not figures:
-        return _row("generation", label, p["target"], "onnxruntime", "not-run",
-                    reason=reason or "no generated tokens in the reference"), []
-    gated_on = "free-running" if "tokens" in figures else "teacher-forced"
-    figures.setdefault("tokens", figures["tokens_teacher_forced"])
+                  "whole-graph CPU sessions); the engines generate on a GPU host (`vlmforge check` on the device)")
+    if forced is None:
+        return _row("generation", label, p["target"], "onnxruntime", "not-run" if not figures else "ungated",
+                    figures=figures, per_sample=per, reason=reason or "no generated tokens in the reference"), []
+    figures |= forced.figures
+    per = [{**a, "teacher_forced": b} for a, b in zip(per, forced.per_sample, strict=True)]
+    if "tokens" not in figures:
+        reason = "; ".join(filter(None, [reason, f"no decisive generated position ({figures['tokens_decisive']}: "
+                                                 "every reference lead within twice the export's noise): not gated"]))
     row, checks = _gated_row("generation", label, p, "onnxruntime", figures, per, gate)
-    if gated_on == "teacher-forced":  # the failure line names the figure the gate saw
-        checks = [dataclasses.replace(c, name=f"{c.name} (teacher-forced)") for c in checks]
-        row["gates"] = [c.__dict__ for c in checks]
-    row |= {"reason": reason, "gated_on": gated_on}
+    row |= {"reason": reason, "gated_on": "teacher-forced, decisive positions"}
     return row, checks
 
 
 def _run(ctx: StageContext) -> StageResult:
     from stages.lib.parity import feeds as vf
     from stages.lib.parity import graphs as vg
+    from stages.lib.parity.metrics import export_noise
     from stages.lib.reference_io import load_reference
 
     p = ctx.params
@@ -176,7 +178,8 @@ def _run(ctx: StageContext) -> StageResult:
 
     frac = 1 / (len(graphs) + 2)
     embed, embed_src = vg.embed_graph(qdir, specs, ctx.out / ".embed") if "decoder" in graphs else (None, None)
-    forced = None
+    forced = vision_out = None
+    noise = export_noise(qdir)
     for i, g in enumerate(graphs):
         ctx.report(f"{g} ({prec[g]}) in onnxruntime", i * frac)
 
@@ -185,9 +188,10 @@ def _run(ctx: StageContext) -> StageResult:
 
         if g == "vision":
             measured = vg.measure_vision(qdir / f"{g}.onnx", specs, samples, report)
+            vision_out = measured.outputs
         else:  # prefill parity and the teacher-forced agreement: one pass
             measured, forced = vg.measure_decoder(qdir / f"{g}.onnx", specs, samples, embed,
-                                                  int(p["generate_tokens"]), report=report)
+                                                  int(p["generate_tokens"]), report=report, noise=noise)
         row, cs = _gated_row(g, prec[g], p, "onnxruntime", measured.figures, measured.per_sample, gate(g))
         rows.append(row)
         checks += cs
@@ -198,6 +202,18 @@ def _run(ctx: StageContext) -> StageResult:
         shutil.rmtree(ctx.out / ".embed", ignore_errors=True)
         row["embed"] = embed_src
         rows.append(row)
+        checks += cs
+    model = None
+    if vision_out is not None and specs.text is not None and specs.path is not None:
+        from stages.lib.checkpoints.streamed_model import load_streamed
+        from stages.lib.parity.vision_effect import EFFECT_FIGURES, measure_vision_effect
+
+        ctx.report("vision graph graded by its effect on the reference decoder (PyTorch)", 0.75)
+        model = load_streamed(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
+        eff = measure_vision_effect(model, specs, samples, vision_out, noise, int(p["generate_tokens"]))
+        row, cs = _gated_row("vision_effect", prec["vision"], p, "pytorch decoder", eff.figures, eff.per_sample,
+                             {k: v for k, v in gate("vision").items() if k in EFFECT_FIGURES})
+        rows.append(row | {"reason": "the reference decoder fed the quantized graph's image features"})
         checks += cs
     for g in graphs:
         s0 = samples[0]
@@ -211,6 +227,8 @@ def _run(ctx: StageContext) -> StageResult:
     failed_graphs = {r["graph"] for r in rows if r["status"] == "fail"}
     if "generation" in failed_graphs:
         failed_graphs.add("decoder")
+    if "vision_effect" in failed_graphs:
+        failed_graphs.add("vision")
     want = [g for g in graphs if p["drilldown"] == "always" or (p["drilldown"] == "on-failure" and g in failed_graphs)]
     drill: dict[str, Any] = {}
     drill_notes = []
@@ -223,7 +241,7 @@ def _run(ctx: StageContext) -> StageResult:
 
         # a VLM streams its blocks (an 8 B model in FP32 is 35 GB); a CNN classifier loads whole
         load = load_model if specs.vision is None else load_streamed
-        model = load(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
+        model = model or load(specs.path, dtype="fp32", trust_remote_code=bool(p["trust_remote_code"]))
         for g in want:
             ctx.report(f"drill-down: {g} per block", 0.9)
             drill[g] = drilldown_graph(ctx, g, qdir / f"{g}.onnx", specs, samples[0], model)
@@ -256,32 +274,14 @@ def _run(ctx: StageContext) -> StageResult:
     return result
 
 
-PARITY, DRILLDOWN = "Parity against PyTorch", "Per-block error (drill-down)"
-FIGURES = ("cosine", "rel_l2", "max_abs", "norm_ratio", "top1", "top5", "tokens", "tokens_prefix")
-
-
-def report_parts(target: str, rows: list[dict[str, Any]], drill: dict[str, Any]) -> list[ReportTable | ReportFigure]:
-    """The parity table (every graph x runtime: pass / fail / not-run / ungated) and one error
-    plot per drilled-down graph, for the build report."""
-    table = ReportTable(
-        PARITY, ("target", "graph", "runtime", "precision", "status", *FIGURES, "note"),
-        tuple((target, r["graph"], r["runtime"], r["precision"], r["status"],
-               *((r.get("figures") or {}).get(f) for f in FIGURES), r.get("reason") or "") for r in rows),
-        status=tuple(r["status"] for r in rows),
-        note="A figure measured with no gate set is 'ungated': add a threshold under gates: to enforce it.")
-    figures = [ReportFigure(DRILLDOWN, f"{g} on {target}: error per block vs PyTorch", f"{g}: {d['jump'].get('why')}",
-                            tuple({k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")} for b in d["blocks"]),
-                            d["jump"].get("block")) for g, d in drill.items()]
-    return [table, *figures]
-
-
 STAGE = Stage(
     name="verify",
     resources=node_resources("verify", gpu=True),
     # 4: bring-your-own ONNX (reference = the FP32 graph; no drill-down); 5: graphs run block by
     # block (segments), teacher-forced token agreement, free-running only under FREE_RUN_LIMIT;
-    # 6: the report's parity table and drill-down plots come from the result
-    version="6",
+    # 6: the report's parity table and drill-down plots come from the result; 7: token gates at
+    # the decisive positions, the vision graph graded through the reference decoder (vision_effect)
+    version="7",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

@@ -111,8 +111,8 @@ def test_accuracy_budget_triggers_fallback(upstream, tmp_path):
     s = q["decoder"]["sensitivity"]
     assert s["budget"] == 0.99999 and len(s["ranking"]) >= 2
     assert q["decoder"]["sensitivity_inputs"] == "calibration"  # held-out data only grades
-    assert s["met"] == (s["cosine_final"] >= 0.99999)
-    if s["cosine_full"] < 0.99999:
+    assert s["met"] == (s["score_final"] >= 0.99999)
+    if s["score_full"] < 0.99999:
         assert q["decoder"]["kept_high_precision"] and "sensitivity" in q["decoder"]["kept_high_precision"][0]["why"]
 
 
@@ -152,8 +152,8 @@ def test_default_budget_falls_back_to_meet_the_gate(upstream, tmp_path):
     _, q = _run(cfg, "rtx3090", upstream, tmp_path)
     s = q["decoder"]["sensitivity"]
     assert s["budget"] == pytest.approx(search_budget("gate", {"cosine": gate})) and s["budget"] > gate
-    assert s["cosine_full"] < gate  # the premise: everything quantized misses this gate
-    assert s["met"] and q["decoder"]["kept_high_precision"] and s["walk"][0] == {"kept_groups": 0, "cosine": s["cosine_full"]}
+    assert s["score_full"] < gate  # the premise: everything quantized misses this gate
+    assert s["met"] and q["decoder"]["kept_high_precision"] and s["walk"][0] == {"kept_groups": 0, "score": s["score_full"]}
     par = q["decoder"]["parity"]
     assert par.get("vs_reference", par["vs_unquantized"])["cosine"] >= gate  # what the gate read (no GateFailed)
 

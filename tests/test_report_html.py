@@ -42,7 +42,7 @@ def _node(id_: str, stage: str, target: str | None, status: str, report: list[An
 
 def _verify_parts(target: str) -> list[Any]:
     """What the verify stage reports: its own table builder over a row of each status."""
-    from stages.verify import report_parts
+    from stages.lib.parity.report import report_parts
 
     rows = [
         {"graph": "vision", "runtime": "onnxruntime", "precision": "fp8", "status": "pass", "reason": "",

@@ -45,9 +45,9 @@ def test_falls_back_the_worst_group_until_budget():
     built, rep = S.run(proto, Recipe("int8"), calib, 0.9995, ev)
     assert rep.ranking[0]["group"] == "mlp/down" and rep.ranking[0]["loss"] > rep.ranking[-1]["loss"]
     assert rep.kept and rep.kept[0]["group"] == "mlp/down" and "rank 1" in rep.kept[0]["why"]
-    assert rep.cosine_final >= rep.cosine_full and rep.met
+    assert rep.score_final >= rep.score_full and rep.met
     assert "mlp/down/MatMul" not in built.placement.quantized_nodes()
-    assert "mlp/up/MatMul" in built.placement.quantized_nodes() or rep.cosine_final >= 0.9995
+    assert "mlp/up/MatMul" in built.placement.quantized_nodes() or rep.score_final >= 0.9995
 
 
 def test_unreachable_budget_reports_not_met():
@@ -55,7 +55,7 @@ def test_unreachable_budget_reports_not_met():
     calib.amax["g"] *= 40
     calib.amax["h"] *= 40
     built, rep = S.run(proto, Recipe("int8"), calib, 1.0 + 0.0, ev)
-    assert len(rep.kept) == len(rep.ranking) and np.isfinite(rep.cosine_final)
+    assert len(rep.kept) == len(rep.ranking) and np.isfinite(rep.score_final)
 
 
 def test_fallback_walk_is_exact_in_one_candidate_where_losses_add_up():

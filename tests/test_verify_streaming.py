@@ -96,7 +96,7 @@ def test_segmented_figures_equal_whole_graph(tiny: dict[str, Any], tmp_path: Pat
         assert seg.figures[k] == pytest.approx(whole.figures[k], abs=tol), k
     assert abs(seg.figures["top1"] - whole.figures["top1"]) <= 0.02  # a near-tie of the random model may flip
     assert seg.figures["cosine"] > 0.9999 and seg.figures["finite"]
-    assert seg_tf.figures == whole_tf.figures == {"tokens_teacher_forced": 1.0}
+    assert seg_tf.figures == whole_tf.figures == {"tokens_teacher_forced": 1.0, "tokens": 1.0, "tokens_decisive": "32/32"}
     # the prompt's figures are those of a prompt-only prefill: the tokens after it do not leak back
     alone, none = vg.measure_decoder(path, tiny["specs"], tiny["samples"], cuts=[])
     assert none is None and alone.figures["cosine"] == pytest.approx(whole.figures["cosine"], abs=1e-6)
@@ -142,8 +142,8 @@ def test_big_graph_gates_teacher_forced_and_a_bad_scale_fails(tiny: dict[str, An
     _break_scale(tiny["fp16"].parent, tmp_path / "good", 1.0)
     res = _verify(tiny, tmp_path / "good", tmp_path / "a")
     gen = res.metrics["rows"]["generation.onnxruntime"]
-    assert gen["status"] == "pass" and gen["gated_on"] == "teacher-forced", gen
-    assert gen["tokens"] == gen["tokens_teacher_forced"] == 1.0 and "tokens_prefix" not in gen
+    assert gen["status"] == "pass" and gen["gated_on"] == "teacher-forced, decisive positions", gen
+    assert gen["tokens"] == gen["tokens_teacher_forced"] == 1.0 and "tokens_free" not in gen
     assert "vlmforge check" in gen["reason"] and any("vlmforge check" in n for n in res.notes)
     assert res.metrics["rows"]["decoder.onnxruntime"]["status"] == "pass"
 
@@ -152,21 +152,21 @@ def test_big_graph_gates_teacher_forced_and_a_bad_scale_fails(tiny: dict[str, An
         _verify(tiny, tmp_path / "bad", tmp_path / "b")
     m = e.value.result.metrics
     gen = m["rows"]["generation.onnxruntime"]
-    assert gen["status"] == "fail" and gen["gated_on"] == "teacher-forced"
-    assert gen["tokens_teacher_forced"] < 0.5
+    assert gen["status"] == "fail" and gen["gated_on"] == "teacher-forced, decisive positions"
+    assert gen["tokens"] < 0.5 and gen["tokens_teacher_forced"] < 0.5
     failed = [g for g in e.value.result.gates if not g.passed]
-    assert any(g.name.endswith(".tokens (teacher-forced)") for g in failed), failed
-    assert "tokens (teacher-forced)" in str(e.value)
+    assert any(g.name.startswith("generation.") and g.name.endswith(".tokens") for g in failed), failed
+    assert "generation." in str(e.value) and ".tokens " in str(e.value)
     # the drill-down ran through the segment runner too, and names the broken layer
     assert m["drilldown"]["decoder"]["jump_block"] == LAYER, m["drilldown"]
 
 
-def test_small_graph_gates_free_running_and_reports_both(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_small_graph_reports_free_running_beside_the_gated_figure(tiny: dict[str, Any], tmp_path: Path) -> None:
     _break_scale(tiny["fp16"].parent, tmp_path / "good", 1.0)
     res = _verify(tiny, tmp_path / "good", tmp_path / "a")
     gen = res.metrics["rows"]["generation.onnxruntime"]
-    assert gen["gated_on"] == "free-running" and "reason" not in gen
-    assert gen["tokens"] == gen["tokens_prefix"] == gen["tokens_teacher_forced"] == 1.0
+    assert gen["gated_on"] == "teacher-forced, decisive positions" and "reason" not in gen
+    assert gen["tokens"] == gen["tokens_free"] == gen["tokens_prefix"] == gen["tokens_teacher_forced"] == 1.0
     doc = json.loads((tmp_path / "a" / "v" / "verify.json").read_text())
     row = next(r for r in doc["rows"] if r["graph"] == "generation")
     assert all(set(p) >= {"tokens", "first_divergence", "teacher_forced"} for p in row["per_sample"])

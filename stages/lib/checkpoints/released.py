@@ -163,7 +163,7 @@ def write_random_checkpoint(name: str, out_dir: Path, text_layers: int | None = 
     import torch
     from safetensors.torch import save_file
 
-    from stages.lib.checkpoints.tiny import _image_processor, _tiny_tokenizer
+    from stages.lib.checkpoints.tiny import tiny_image_processor, tiny_tokenizer
 
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors.index.json").is_file():
@@ -204,9 +204,9 @@ def write_random_checkpoint(name: str, out_dir: Path, text_layers: int | None = 
     GenerationConfig(do_sample=False, bos_token_id=config.text_config.bos_token_id,
                      eos_token_id=config.text_config.eos_token_id,
                      pad_token_id=config.text_config.pad_token_id).save_pretrained(tmp)
-    _tiny_tokenizer(config.text_config.vocab_size).save_pretrained(tmp)
+    tiny_tokenizer(config.text_config.vocab_size).save_pretrained(tmp)
     (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     vc = config.vision_config
-    _image_processor(family, vc.spatial_merge_size, vc.patch_size).save_pretrained(tmp)
+    tiny_image_processor(family, vc.spatial_merge_size, vc.patch_size).save_pretrained(tmp)
     os.replace(tmp, out_dir)
     return out_dir

@@ -85,7 +85,7 @@ def tiny_config(family: str, *, vocab_size: int = 512, scale: str = "tiny") -> A
     raise StageError(f"cannot generate family {family!r}; supported: {', '.join(VLM_FAMILIES)}")
 
 
-def _tiny_tokenizer(vocab_size: int) -> Any:
+def tiny_tokenizer(vocab_size: int) -> Any:
     """A WordLevel tokenizer over printable characters and short words, plus Qwen special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -110,7 +110,7 @@ def _tiny_tokenizer(vocab_size: int) -> Any:
     return fast
 
 
-def _image_processor(family: str, merge: int, patch: int) -> Any:
+def tiny_image_processor(family: str, merge: int, patch: int) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     factor = patch * merge
@@ -145,8 +145,8 @@ def generate_tiny(family: str, out_dir: str | Path, seed: int = 0, scale: str = 
         model.to(torch_dtype(dtype))
     # Shards of ~2 GB for the bench model exercise the sharded-index path of validate_checkpoint.
     model.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
-    _tiny_tokenizer(cfg.text_config.vocab_size).save_pretrained(out)
+    tiny_tokenizer(cfg.text_config.vocab_size).save_pretrained(out)
     vc = cfg.vision_config
-    proc = _image_processor(family, vc.spatial_merge_size, vc.patch_size)
+    proc = tiny_image_processor(family, vc.spatial_merge_size, vc.patch_size)
     proc.save_pretrained(out)
     return out

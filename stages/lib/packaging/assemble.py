@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.stage import StageError
 from stages.lib.packaging import describe, layout, sources
 from stages.lib.packaging.archive import Member, file_digest, write_tar
+from stages.lib.parity.metrics import export_noise
 
 Report = Callable[[str, float | None], None]
 
@@ -81,7 +82,8 @@ def members(folders: sources.BuildFolders, *, name: str, target: Mapping[str, An
         out += [Member(f"{layout.ONNX_DIR}/{f.name}", source=f) for f in sources.onnx_files(folders.quantize, graphs)]
     out += [Member(f"{layout.TOKENIZER_DIR}/{f.name}", source=f) for f in sources.tokenizer_files(ckpt)]
     out.append(Member(layout.PROBE_NPZ, source=npz))
-    out.append(Member(layout.PROBE_JSON, data=describe.dump(describe.probe_doc(npz, reference, prec, gates or {}))))
+    noise = export_noise(folders.quantize)  # what a decisive position must clear, as verify measured it
+    out.append(Member(layout.PROBE_JSON, data=describe.dump(describe.probe_doc(npz, reference, prec, gates or {}, noise))))
     out.append(Member(layout.RUNTIME, data=describe.dump(describe.runtime_doc(family, specs, ckpt))))
 
     files: dict[str, dict[str, Any]] = {}

@@ -132,7 +132,7 @@ def runtime_doc(family: str, specs: Mapping[str, Mapping[str, Any]], ckpt: Path 
 
 
 def probe_doc(npz: Path, reference: Mapping[str, Any], precision: Mapping[str, str],
-              gates: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+              gates: Mapping[str, Mapping[str, Any]], noise: float = 0.0) -> dict[str, Any]:
     """probe.json: the arrays of probe.npz by sample (inputs vs reference outputs, dtype and
     shape), the reference's description, and each graph's precision and gate."""
     import numpy as np
@@ -157,6 +157,9 @@ def probe_doc(npz: Path, reference: Mapping[str, Any], precision: Mapping[str, s
                     "decoder": "inputs_embeds, attention_mask, position_ids, empty past -> logits vs logits",
                     "generation": "greedy from the prompt (no EOS stop): tokens vs generated"},
         "gates": {g: {"precision": p, "gate": dict(gates[p]) if p in gates else None} for g, p in graded.items()},
+        # top1 / tokens count the decisive positions only (stages.lib.parity.metrics.decisive)
+        "decisive": {"noise": noise, "rule": "reference lead (top-1 minus top-2 logit) > 2 x noise, the unquantized "
+                                             "export's worst logit error; generation: up to the first divergence"},
         "reference": dict(reference),
     }
 

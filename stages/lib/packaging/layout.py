@@ -58,7 +58,7 @@ RUNTIME_KEYS = ("format", "family", "graphs", "text", "rope", "vision", "preproc
                 "added_tokens", "stop_token_ids")
 
 # the reference's arrays (s{i}.<key>) that are model outputs; every other key is an input
-PROBE_OUTPUTS = ("vision_features", "logits", "generated")
+PROBE_OUTPUTS = ("vision_features", "logits", "generated", "generated_margin")
 PROBE_OUTPUT_PREFIXES = ("deepstack.",)
 
 

@@ -28,7 +28,15 @@ import numpy as np
 from pipeline.stage import StageError
 from stages.lib.parity.drilldown import fit_feeds
 from stages.lib.parity.feeds import Specs, decoder_feeds, vision_feeds
-from stages.lib.parity.metrics import Parity, compare, topk_agreement, worst
+from stages.lib.parity.metrics import (
+    Agreement,
+    Parity,
+    compare,
+    decisive_agreement,
+    decisive_top1,
+    topk_agreement,
+    worst,
+)
 
 # FP16-equivalent weight bytes (2 x parameters) of vision + embed + decoder under which the
 # free-running generation runs in whole-graph CPU sessions. Those peak at ~2.2x the bytes
@@ -78,6 +86,7 @@ def fp16_weight_bytes(path: Path) -> int:
 class Measured:
     figures: dict[str, Any]  # worst-case figures over the samples (what the gate sees)
     per_sample: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # the graph's, per sample (vision)
 
 
 def _figures(ps: list[Parity]) -> dict[str, Any]:
@@ -111,7 +120,7 @@ def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]
             ps.append(lg)
             t1.append(topk_agreement(o["logits"], s["logits"], 1))
             per[-1]["logits"] = {**lg.as_dict(), "top1": t1[-1]}
-    return Measured({**_figures(ps), **({"top1": float(np.mean(t1))} if t1 else {})}, per)
+    return Measured({**_figures(ps), **({"top1": float(np.mean(t1))} if t1 else {})}, per, outs)
 
 
 def embed_tokens(embed: Path, samples: list[dict[str, np.ndarray]], n: int) -> list[np.ndarray]:
@@ -125,39 +134,66 @@ def embed_tokens(embed: Path, samples: list[dict[str, np.ndarray]], n: int) -> l
 
 
 def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]], embed: Path | None = None,
-                    n: int = 0, cuts: Sequence[str] | None = None,
-                    report: Report | None = None) -> tuple[Measured, Measured | None]:
+                    n: int = 0, cuts: Sequence[str] | None = None, report: Report | None = None,
+                    noise: float = 0.0) -> tuple[Measured, Measured | None]:
     """Prefill parity and, with ``embed`` and ``n`` > 0, the teacher-forced agreement over the
-    reference's first n greedy tokens, from one segment-major pass (``cuts``: run_graph's)."""
+    reference's first n greedy tokens, from one segment-major pass (``cuts``: run_graph's).
+    ``top1`` and ``tokens`` count only decisive positions (``metrics.decisive``: the reference's
+    lead above twice ``noise``, the unquantized export's logit error); ``top1_all`` and
+    ``tokens_teacher_forced`` count every position."""
     n = min([n, *(len(s.get("generated", ())) for s in samples)]) if embed is not None else 0
     after = embed_tokens(embed, samples, n) if embed is not None and n > 1 else [None] * len(samples)
     feeds = [decoder_feeds(path, specs, s, a) for s, a in zip(samples, after, strict=True)]
     per: list[dict[str, Any]] = [{} for _ in samples]
     forced: list[dict[str, Any]] = [{} for _ in samples]
     ps: list[Parity | None] = [None] * len(samples)
+    top1 = [Agreement(0, 0, 0)] * len(samples)
+    tokens = [Agreement(0, 0, 0)] * len(samples)
 
     def grade(i: int, o: dict[str, np.ndarray]) -> None:  # per sample, then its logits go
         s, logits = samples[i], o["logits"] if "logits" in o else next(iter(o.values()))
         seq = int(s["logits"].shape[1])
         pre = logits[:, :seq]  # causal: the tokens after the prompt leave these unchanged
         ps[i] = parity = compare(pre, s["logits"])
-        per[i] = {**parity.as_dict(), "top1": topk_agreement(pre, s["logits"], 1),
-                  "top5": topk_agreement(pre, s["logits"], 5)}
+        top1[i] = decisive_top1(pre, s["logits"], noise)
+        per[i] = {**parity.as_dict(), "top1": top1[i].agreement, "top1_all": topk_agreement(pre, s["logits"], 1),
+                  "top5": topk_agreement(pre, s["logits"], 5), "decisive_positions": top1[i].decisive}
         if n:
             toks = np.argmax(logits[0, seq - 1: seq - 1 + n], axis=-1)
             ref = s["generated"][:n]
-            forced[i] = {"tokens": toks.tolist(), "reference": ref.tolist(), "agreement": float(np.mean(toks == ref))}
+            tokens[i] = decisive_agreement(toks, ref, reference_margins(s, n), noise)
+            forced[i] = {"tokens": toks.tolist(), "reference": ref.tolist(), "agreement": float(np.mean(toks == ref)),
+                         "decisive": tokens[i].decisive, "decisive_agreement": tokens[i].agreement}
 
     run_graph(path, feeds, grade, expose=["logits"] if "logits" in _output_names(path) else None, cuts=cuts,
               report=report)
-    # top-k: the share of all prefill positions (pooled over samples), as the gate reads it
+    # the share of all prefill positions (pooled over samples), as the gate reads it
     w = [int(s["logits"].shape[1]) for s in samples]
-    pooled = {k: float(np.dot([p[k] for p in per], w) / sum(w)) for k in ("top1", "top5")}
-    prefill = Measured({**_figures([p for p in ps if p is not None]), **pooled}, per)
+    pooled = {k: float(np.dot([p[k] for p in per], w) / sum(w)) for k in ("top1_all", "top5")}
+    figures = {**_figures([p for p in ps if p is not None]), **pooled, **agreement_figures("top1", sum(top1[1:], top1[0]))}
+    prefill = Measured(figures, per)
     if not n:
         return prefill, None
     tf = float(np.mean([f["agreement"] for f in forced]))
-    return prefill, Measured({"tokens_teacher_forced": tf}, forced)
+    return prefill, Measured({"tokens_teacher_forced": tf, **agreement_figures("tokens", sum(tokens[1:], tokens[0]))},
+                             forced)
+
+
+def agreement_figures(name: str, a: Agreement) -> dict[str, Any]:
+    """``name`` (the decisive agreement, absent when no position was decisive: nothing is gated
+    then) and ``<name>_decisive`` (how many positions counted, of how many)."""
+    out: dict[str, Any] = {f"{name}_decisive": f"{a.decisive}/{a.positions}"}
+    if a.agreement is not None:
+        out[name] = a.agreement
+    return out
+
+
+def reference_margins(sample: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """The reference's lead at each of its first n greedy steps (the reference stage stores it)."""
+    if "generated_margin" not in sample:
+        raise StageError("the held-out reference has no generated_margin (written by an older reference stage); "
+                         "rebuild the reference stage")
+    return np.asarray(sample["generated_margin"][:n], dtype=np.float64)
 
 
 def _output_names(path: Path) -> list[str]:

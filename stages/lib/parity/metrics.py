@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -16,7 +17,7 @@ G = TypeVar("G")
 
 # which way each figure must go; a gate names thresholds for some of them (pipeline.config.Gate)
 GATE_DIRECTIONS = (("cosine", ">="), ("rel_l2", "<="), ("max_abs", "<="), ("norm_ratio", "<="),
-                   ("top1", ">="), ("tokens", ">="))
+                   ("top1", ">="), ("tokens", ">="), ("kl", "<="))
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,90 @@ def topk_agreement(logits: np.ndarray, ref_logits: np.ndarray, k: int = 1) -> fl
     out = logits.reshape(-1, logits.shape[-1])
     topk = np.argpartition(-out, kth=min(k, out.shape[-1] - 1), axis=-1)[:, :k] if k > 1 else np.argmax(out, -1)[:, None]
     return float(np.mean([r in row for r, row in zip(ref_top1, topk, strict=True)]))
+
+
+def margins(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit at every position (the lead a perturbation must overcome to flip
+    the greedy token), flattened over the leading axes."""
+    flat = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])
+    two = np.partition(flat, flat.shape[-1] - 2, axis=-1)[:, -2:]
+    return two[:, 1] - two[:, 0]
+
+
+def decisive(ref_margins: np.ndarray, noise: float) -> np.ndarray:
+    """The positions whose greedy token means something: the reference's lead is more than twice
+    the unquantized export's measured logit error (``noise``: its worst |logit - reference|), so no
+    perturbation as large as the export's own can flip it. A random model's near-ties fall out;
+    a trained model's confident tokens all count, so a real change cannot hide among them."""
+    return np.asarray(ref_margins, dtype=np.float64) > 2.0 * float(noise)
+
+
+def kl_divergence(logits: np.ndarray, ref_logits: np.ndarray) -> np.ndarray:
+    """KL(reference || output) in nats per position, from the logits (float64 log-softmax)."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Greedy-token agreement over the decisive positions (``decisive``), pooled: what the token
+    gates read. ``agreement`` is None where no position was decisive (nothing to grade)."""
+
+    agreed: int
+    decisive: int
+    positions: int
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.decisive if self.decisive else None
+
+    def __add__(self, other: Agreement) -> Agreement:
+        return Agreement(self.agreed + other.agreed, self.decisive + other.decisive, self.positions + other.positions)
+
+
+def decisive_agreement(tokens: np.ndarray, ref_tokens: np.ndarray, ref_margins: np.ndarray,
+                       noise: float) -> Agreement:
+    """How many decisive positions keep the reference's greedy token."""
+    same = np.asarray(tokens).ravel() == np.asarray(ref_tokens).ravel()
+    mask = decisive(np.asarray(ref_margins).ravel(), noise)
+    return Agreement(int(same[mask].sum()), int(mask.sum()), int(same.size))
+
+
+def free_running_agreement(tokens: np.ndarray, ref_tokens: np.ndarray, ref_margins: np.ndarray,
+                           noise: float) -> Agreement:
+    """Greedy generation run freely (each side feeds back its own tokens): after the first
+    divergence the two continue different texts, where the reference's leads no longer apply, so
+    the decisive positions up to and including the first divergence count. A divergence at a
+    near-tie grades nothing; one at a decisive position always counts against."""
+    same = np.asarray(tokens).ravel() == np.asarray(ref_tokens).ravel()
+    end = int(np.argmin(same)) + 1 if not same.all() else same.size
+    mask = decisive(np.asarray(ref_margins).ravel(), noise)[:end]
+    return Agreement(int(same[:end][mask].sum()), int(mask.sum()), int(same.size))
+
+
+def decisive_top1(logits: np.ndarray, ref_logits: np.ndarray, noise: float) -> Agreement:
+    """Next-token agreement at the reference's decisive positions (logits [..., V], same shape)."""
+    ref = np.asarray(ref_logits).reshape(-1, ref_logits.shape[-1])
+    out = np.asarray(logits).reshape(ref.shape)
+    return decisive_agreement(out.argmax(-1), ref.argmax(-1), margins(ref), noise)
+
+
+def export_noise(folder: Path) -> float:
+    """The unquantized chain's measured logit error, which a decisive position must clear: the
+    decoder export's parity, worst |logit - PyTorch| (``decoder.json`` ``parity.max_abs``, the
+    image features from the exported vision graph: the whole unquantized chain), as fuse and
+    quantize carry it along. 0 where no decoder export measured it."""
+    import json
+
+    meta = folder / "decoder.json"
+    if not meta.is_file():
+        return 0.0
+    return float((json.loads(meta.read_text()).get("parity") or {}).get("max_abs") or 0.0)
 
 
 def gate_checks(prefix: str, figures: Mapping[str, Any] | Parity, gate: Mapping[str, Any]) -> list[GateCheck]:

@@ -55,7 +55,7 @@ def search(ws: Sequence[np.ndarray | tuple[Rows, bool]], ms: np.ndarray, block: 
     k = ms.shape[0]
     errs = [[np.empty(k, np.float32) for _ in ws] for _ in ALPHAS]
     for j, w in enumerate(ws):
-        for r0, r1, kn in _k_chunks(w, block):
+        for r0, r1, kn in k_chunks(w, block):
             kn32 = kn.astype(np.float32)
             for i, s in enumerate(scales):
                 errs[i][j][r0:r1] = _block_error(kn32 * s[r0:r1, None], block, dt)
@@ -70,7 +70,7 @@ def search(ws: Sequence[np.ndarray | tuple[Rows, bool]], ms: np.ndarray, block: 
     return best[1], best[2], (1.0 - best[0] / base) if base > 0 else 0.0
 
 
-def _k_chunks(w: np.ndarray | tuple[Rows, bool], block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def k_chunks(w: np.ndarray | tuple[Rows, bool], block: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """Rows r0:r1 of W[K, N] in whole blocks. A transposed weight ([N, K] in its file) is read
     whole: its K rows are columns there."""
     if isinstance(w, np.ndarray):
@@ -83,7 +83,7 @@ def _k_chunks(w: np.ndarray | tuple[Rows, bool], block: int) -> Iterator[tuple[i
     yield from rows.chunks(block)
 
 
-def _scale_holder(x: ir.Value) -> tuple[ir.Node, int] | None:
+def scale_holder(x: ir.Value) -> tuple[ir.Node, int] | None:
     """(node, input slot) of the constant per-channel scale that produces x (norm's gamma).
 
     A gamma shared with other nodes (exporters deduplicate equal initializers) is fine: the
@@ -118,7 +118,7 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
         x = made.get(x_name)
         if x is None or x.is_graph_output():
             continue
-        holder = _scale_holder(x)
+        holder = scale_holder(x)
         consumers = [u.node for u in x.uses()]
         # every reader must be an INT4 matmul reading x as input 0: others would see x / s
         if holder is None or not consumers or any(c.name not in weight_sites or c.inputs[0] is not x for c in consumers):
@@ -144,7 +144,7 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
             new_g = (gamma.astype(np.float32) / s).astype(gamma.dtype)
             node.replace_input_with(slot, new_const(graph, f"{gv.name}_awq", new_g))  # type: ignore[union-attr]
             for c, w, transposed in views:
-                nv = lazy_const(graph, f"{c.inputs[1].name}_awq", w.map(_scaled(s, transposed, w.dtype), w.dtype))  # type: ignore[union-attr]
+                nv = lazy_const(graph, f"{c.inputs[1].name}_awq", w.map(scaled_rows(s, transposed, w.dtype), w.dtype))  # type: ignore[union-attr]
                 c.replace_input_with(1, nv)
                 weight_sites[c.name or ""].tensor = nv.name or ""
             out[x_name] = (ms / s.astype(np.float64) ** 2).astype(np.float32)
@@ -152,7 +152,7 @@ def apply(model: ir.Model, placement: Placement, chan_ms: Mapping[str, np.ndarra
     return out, stats
 
 
-def _scaled(s: np.ndarray, transposed: bool, dtype: Any) -> Any:
+def scaled_rows(s: np.ndarray, transposed: bool, dtype: Any) -> Any:
     """Rows of W * s along K (K is axis 1 of a transposed weight), in the weight's dtype."""
     def rows(r0: int, r1: int, w: np.ndarray) -> np.ndarray:
         return (w.astype(np.float32) * (s[None, :] if transposed else s[r0:r1, None])).astype(dtype)

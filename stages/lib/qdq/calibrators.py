@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 NBINS = 2048
 CALIBRATED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat")
-CHANNEL_STAT_OPS = ("MatMul", "Gemm")  # activation-aware int4 needs E[x_k^2] per input channel
+# activation-aware int4 needs E[x_k^2] per input channel; SmoothQuant (int8) also max |x_k|
+CHANNEL_STAT_OPS = ("MatMul", "Gemm")
 
 
 class NonFiniteActivation(ValueError):
@@ -40,6 +41,10 @@ class TensorStats:
     hi: float = -math.inf
     shape: tuple[int, ...] = ()
     chan_sq: np.ndarray | None = None  # sum over rows of x_k^2
+    # max over rows of |x_k|, [2, K]: over the even- and the odd-numbered updates (samples), so
+    # a statistic fitted on one half can be checked on the other (smoothquant)
+    chan_max: np.ndarray | None = None
+    chan_updates: int = 0
     rows: int = 0
 
     @property
@@ -69,6 +74,11 @@ class TensorStats:
             flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sq = (flat * flat).sum(0)
             self.chan_sq = sq if self.chan_sq is None else self.chan_sq + sq
+            if self.chan_max is None:
+                self.chan_max = np.zeros((2, flat.shape[1]))
+            half = self.chan_max[self.chan_updates % 2]
+            np.maximum(half, np.abs(flat).max(0), out=half)
+            self.chan_updates += 1
             self.rows += flat.shape[0]
 
 
@@ -234,6 +244,10 @@ class Collector:
             out[f"width_{i}"] = np.array(st.width)
             if st.chan_sq is not None:
                 out[f"chan_ms_{i}"] = (st.chan_sq / max(st.rows, 1)).astype(np.float32)
+            if st.chan_max is not None:
+                out[f"chan_amax_{i}"] = st.chan_max.max(0).astype(np.float32)
+                if st.chan_updates >= 2:
+                    out[f"chan_amax_halves_{i}"] = st.chan_max.astype(np.float32)
         return out
 
 

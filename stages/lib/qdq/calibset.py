@@ -155,7 +155,8 @@ class Feeder:
         unknown = [a.name for a in inputs if a.name not in feed]
         if unknown:
             raise StageError(f"decoder input {unknown[0]!r} is not one calibration knows how to feed")
-        return feed
+        # not a graph input: where the image rows are, for the vision search's decoder objective
+        return {**feed, "input_ids": input_ids}
 
 
 def cast_feed(sess: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.parity.metrics import compare, topk_agreement, worst
+from stages.lib.parity.metrics import Agreement, compare, decisive_top1, topk_agreement, worst
 
 
 def vision_feeds(samples: Sequence[Mapping[str, np.ndarray]], vspec: Any) -> list[dict[str, np.ndarray]]:
@@ -43,16 +43,21 @@ def torch_refs(graph: str, samples: Sequence[Mapping[str, np.ndarray]], output: 
 
 
 def parity(outs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]], output: str,
-           logits: bool) -> dict[str, Any]:
-    """Worst-case parity of `output` over the samples (+ top-1 agreement for logits)."""
+           logits: bool, noise: float = 0.0) -> dict[str, Any]:
+    """Worst-case parity of `output` over the samples (+ for logits: ``top1``, the next-token
+    agreement at the decisive positions, pooled; ``top1_all`` at every position, worst sample)."""
     pars = []
     for o, r in zip(outs, refs, strict=True):
         a, b = np.asarray(o[output], np.float32), np.asarray(r[output], np.float32)
         pars.append(compare(a.reshape(b.shape) if a.size == b.size else a, b))
     d: dict[str, Any] = worst(pars).as_dict()
     if logits:
-        d["top1"] = float(min(topk_agreement(np.asarray(o[output], np.float32), np.asarray(r[output], np.float32))
-                              for o, r in zip(outs, refs, strict=True)))
+        pairs = [(np.asarray(o[output], np.float32), np.asarray(r[output], np.float32)) for o, r in zip(outs, refs, strict=True)]
+        agreed = sum((decisive_top1(a, b, noise) for a, b in pairs), Agreement(0, 0, 0))
+        if agreed.agreement is not None:
+            d["top1"] = agreed.agreement
+        d["top1_decisive"] = f"{agreed.decisive}/{agreed.positions}"
+        d["top1_all"] = float(min(topk_agreement(a, b) for a, b in pairs))
     d["samples"] = len(pars)
     return d
 

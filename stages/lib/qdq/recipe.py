@@ -2,50 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from stages.lib.qdq.calib import Calib
 from stages.lib.qdq.placement import Placement, plan
 from stages.lib.qdq.rules import rules_for
 
 if TYPE_CHECKING:
     import onnx
     import onnx_ir as ir
-
-
-@dataclass
-class Calib:
-    """What calibration measured for one graph (read from ranges_<graph>.json + .npz)."""
-
-    amax: dict[str, float] = field(default_factory=dict)  # int8-grid clip per tensor
-    amax_fp8: dict[str, float] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    chan_ms: dict[str, np.ndarray] = field(default_factory=dict)  # E[x_k^2] per input channel
-
-    @classmethod
-    def from_ranges(cls, ranges: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> Calib:
-        t = ranges["tensors"]
-        c = cls(
-            amax={n: float(r["amax"]) for n, r in t.items()},
-            amax_fp8={n: float(r.get("amax_fp8", r["amax"])) for n, r in t.items()},
-            shapes={n: tuple(r["shape"]) for n, r in t.items()},
-        )
-        for i, n in enumerate(ranges.get("order", [])):
-            if arrays is not None and f"chan_ms_{i}" in arrays:
-                c.chan_ms[n] = np.asarray(arrays[f"chan_ms_{i}"])
-        return c
-
-    @classmethod
-    def load(cls, json_path: Path) -> Calib:
-        ranges = json.loads(json_path.read_text())
-        npz = json_path.with_suffix(".npz")
-        arrays = dict(np.load(npz)) if npz.is_file() else None
-        return cls.from_ranges(ranges, arrays)
 
 
 @dataclass(frozen=True)
@@ -55,6 +23,17 @@ class Recipe:
     attention: str = "none"  # "none" | "fp8-mha"
     int4_block: int = 128
     awq: bool = True
+    # int8: SmoothQuant outlier migration into the norms, per group where it lowers the
+    # estimated INT8 error (stages.lib.qdq.smoothquant); needs chan_amax in the calibration
+    smooth: bool = False
+
+    def with_method(self, method: str, on: bool) -> Recipe:
+        """This recipe with a proxy method (``awq`` or ``smooth``) on or off."""
+        from dataclasses import replace
+
+        if method not in ("awq", "smooth"):
+            raise ValueError(f"no proxy method {method!r} (awq, smooth)")
+        return replace(self, awq=on) if method == "awq" else replace(self, smooth=on)
 
 
 @dataclass
@@ -92,8 +71,16 @@ def build(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib,
         stats = {**st.as_dict(), "awq_scales": scaled}
         pl.skipped.extend(st.skipped)
     else:
+        smoothed = None
+        if recipe.smooth and recipe.mode == "int8" and rules.weights == "per-channel" and rules.activations:
+            from stages.lib.qdq import smoothquant
+
+            calib, st_sq = smoothquant.apply(model, pl, calib)  # before Q/DQ: the scales see x / s
+            smoothed = st_sq.as_dict()
         amax = calib.amax_fp8 if recipe.mode == "fp8" else calib.amax
         stats = insert.apply(model, pl, amax).as_dict()
+        if smoothed is not None:
+            stats["smoothquant"] = smoothed
     return Built(model, pl, stats)
 
 
@@ -109,6 +96,9 @@ def weight_share(graph: ir.Graph, placement: Placement, stats: Mapping[str, Any]
     qnames = {s.tensor for s in placement.sites if s.kind == "weight"}
     if "blocks" in stats:  # int4: only the weights actually converted (AWQ-scaled ones renamed)
         qnames = {n.removesuffix("_awq") for n in stats["blocks"]}
+    # int8 SmoothQuant: the sites hold the smoothed copies, named after their source weights
+    renamed = {new: old for g in stats.get("smoothquant", {}).get("groups", {}).values() for new, old in g["weights"].items()}
+    qnames = {renamed.get(n, n) for n in qnames}
     seen: set[str] = set()
     for node in graph:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:

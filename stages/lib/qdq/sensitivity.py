@@ -3,7 +3,9 @@
 Each group (one attention or MLP block, one conv) is quantized alone and compared with the
 unquantized graph in onnxruntime with optimizations disabled (docs/FIELD_NOTES.md §3: ORT's Q/DQ fusions
 change rounding); then, starting from the fully quantized graph, the most harmful groups go
-back to high precision one at a time until the graph meets the accuracy budget (cosine).
+back to high precision until the graph meets the accuracy budget: the cosine, and where the
+gate sets ``top1`` the decisive next-token agreement too (``qdq.objectives``: the decoder's own
+tokens; the vision graph's through the unquantized decoder), folded into one score.
 
 Every candidate runs through the block runner (``heldout.run_all``), written to disk first.
 Where scoring a whole candidate per group would write and run more than ``RANK_WHOLE_BYTES``
@@ -26,7 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -56,23 +58,39 @@ def group_of(node_name: str) -> str:
     return node_name.rsplit("/", 1)[0] if "/" in node_name.strip("/") else node_name
 
 
+class TokenScore(Protocol):
+    """A second criterion next to the cosine (``qdq.objectives.TokenObjective``): the decisive
+    next-token agreement of a candidate's outputs, and the agreement the search must reach."""
+
+    @property
+    def target(self) -> float: ...
+
+    def agreement(self, outs: Sequence[Mapping[str, np.ndarray]]) -> float | None: ...
+
+
 class Evaluator:
     """Runs a candidate graph on fixed feeds and scores it against reference outputs (which
     must come from the same runner: ``heldout.run_all``). Candidates are written under
-    ``workdir`` (None: the system's temporary folder)."""
+    ``workdir`` (None: the system's temporary folder). With ``tokens`` the score is the cosine,
+    or less where the decisive next-token agreement falls short of its target: mapped onto the
+    cosine scale so that the target's agreement scores exactly ``budget`` (one number for the
+    fallback walk to meet)."""
 
     def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
                  outputs: Sequence[str], workdir: Path | None = None,
-                 values: Sequence[Mapping[str, np.ndarray]] | None = None):
+                 values: Sequence[Mapping[str, np.ndarray]] | None = None,
+                 tokens: TokenScore | None = None, budget: float | None = None):
         self.feeds, self.refs, self.outputs, self.workdir = feeds, refs, list(outputs), workdir
         self.values = values  # every segment-crossing value of the refs' pass (block_scores.reference_pass)
+        self.tokens, self.budget = tokens, budget
         self.calls = 0
+        self.last_agreement: float | None = None
 
     def __call__(self, built: Built) -> float:
         from stages.lib.qdq.graphio import spilled
 
         with spilled(built.model, self.workdir) as path:
-            return self.cosine(self.run(path))
+            return self.score(self.run(path))
 
     def run(self, path: Path) -> list[dict[str, np.ndarray]]:
         """The outputs of the graph saved at ``path`` on the feeds (a candidate the caller keeps)."""
@@ -85,18 +103,29 @@ class Evaluator:
         cos = [min_cosine(o, {k: r[k] for k in self.outputs}) for o, r in zip(outs, self.refs, strict=True)]
         return float(min(cos))
 
+    def score(self, outs: Sequence[Mapping[str, np.ndarray]]) -> float:
+        cos = self.cosine(outs)
+        if self.tokens is None or self.budget is None:
+            return cos
+        self.last_agreement = agree = self.tokens.agreement(outs)
+        if agree is None:  # no decisive position: nothing the tokens could lose
+            return cos
+        mapped = 1.0 - (1.0 - agree) * (1.0 - self.budget) / max(1.0 - self.tokens.target, 1e-9)
+        return min(cos, mapped)
+
 
 @dataclass
 class SensitivityReport:
     budget: float | None
-    cosine_full: float  # everything the rules allow, quantized
-    cosine_final: float
+    # scores: the cosine, or less where the decisive next-token agreement misses its target (Evaluator)
+    score_full: float  # everything the rules allow, quantized
+    score_final: float
     met: bool
     ranking: list[dict[str, Any]] = field(default_factory=list)  # {"group","cosine_alone","loss"[,"scored_at"]}
     kept: list[dict[str, Any]] = field(default_factory=list)  # {"group","nodes","why"}
     evaluations: int = 0
     scored: str = "whole graph"  # or "block": each group at its own segment's output
-    walk: list[dict[str, Any]] = field(default_factory=list)  # {"kept_groups", "cosine"} per candidate scored
+    walk: list[dict[str, Any]] = field(default_factory=list)  # {"kept_groups", "score"} per candidate scored
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -119,9 +148,9 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
     if full is None:
         b = build(source, recipe, calib)
         full = (b, evaluate(b))
-    best, cos_full = full
+    best, score_full = full
     if budget is None:
-        return best, SensitivityReport(None, cos_full, cos_full, True, evaluations=1)
+        return best, SensitivityReport(None, score_full, score_full, True, evaluations=1)
     groups: dict[str, list[str]] = {}
     for node in sorted(best.placement.quantized_nodes()):
         groups.setdefault(group_of(best.placement.scopes.get(node) or node), []).append(node)
@@ -140,7 +169,7 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
             cos = evaluate(build(source, recipe, calib, keep_nodes=others))
             ranking.append({"group": g, "cosine_alone": cos, "loss": 1.0 - cos})
     ranking.sort(key=lambda r: -r["loss"])
-    rep = SensitivityReport(budget, cos_full, cos_full, cos_full >= budget, ranking,
+    rep = SensitivityReport(budget, score_full, score_full, score_full >= budget, ranking,
                             scored="block" if block else "whole graph")
     where = " at its block's output" if block else ""
     whys = [f"sensitivity: quantized alone it drops cosine{where} to {r['cosine_alone']:.5f} (rank {rank} of "
@@ -153,12 +182,12 @@ def run(source: onnx.ModelProto | Path | str, recipe: Recipe, calib: Calib, budg
         built[k] = build(source, recipe, calib, keep_nodes=keep)
         return evaluate(built[k])
 
-    k, tried = fallback_walk([r["loss"] for r in ranking], budget, cos_full, score)
+    k, tried = fallback_walk([r["loss"] for r in ranking], budget, score_full, score)
     for i in range(k):
         r = ranking[i]
         rep.kept.append({"group": r["group"], "nodes": groups[r["group"]], "why": whys[i], "cosine_after": tried.get(i + 1)})
-    rep.cosine_final, rep.met = tried[k], tried[k] >= budget
-    rep.walk = [{"kept_groups": n, "cosine": c} for n, c in sorted(tried.items())]
+    rep.score_final, rep.met = tried[k], tried[k] >= budget
+    rep.walk = [{"kept_groups": n, "score": c} for n, c in sorted(tried.items())]
     rep.evaluations = len(ranking) + len(tried)  # block scores count one each
     return built[k], rep
 
@@ -236,3 +265,10 @@ def search_budget(setting: float | str | None, gate: dict[str, Any]) -> float | 
     if setting == "gate":
         return 1.0 - (1.0 - float(gate["cosine"])) * GATE_MARGIN
     return float(setting)
+
+
+def token_target(gate: dict[str, Any]) -> float | None:
+    """The decisive next-token agreement the search aims at, inside the gate's ``top1`` as the
+    cosine budget is inside its cosine; None where the gate sets no ``top1``."""
+    top1 = gate.get("top1")
+    return None if top1 is None else 1.0 - (1.0 - float(top1)) * GATE_MARGIN

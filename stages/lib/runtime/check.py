@@ -69,13 +69,14 @@ def _graded(graph: str, precision: str, n: int, figures: dict[str, Any], gate: d
 
 
 def check_graph(backend: Any, graph: str, cases: list[probes.Case], precision: str,
-                gate: dict[str, Any]) -> GraphResult:
-    """Run each probe case; the worst figures over cases and outputs (plus pooled top-1 of logits)."""
-    from stages.lib.parity.metrics import compare, topk_agreement, worst
+                gate: dict[str, Any], noise: float = 0.0) -> GraphResult:
+    """Run each probe case; the worst figures over cases and outputs (plus the pooled top-1 of
+    logits at the decisive positions, as the verify stage gates it)."""
+    from stages.lib.parity.metrics import Agreement, compare, decisive_top1, worst
 
     sess = backend.session(graph)
     names = [o.name for o in sess.get_outputs()]
-    parities, top1, positions = [], 0.0, 0
+    parities, top1 = [], Agreement(0, 0, 0)
     for feeds, refs in cases:
         outs = dict(zip(names, sess.run(None, probes.fit(sess, feeds)), strict=True))
         missing = [n for n in refs if n not in outs]
@@ -85,29 +86,32 @@ def check_graph(backend: Any, graph: str, cases: list[probes.Case], precision: s
             out = np.asarray(outs[n], dtype=np.float32)
             parities.append(compare(out.reshape(ref.shape) if out.size == ref.size else out, ref))
             if n == "logits":
-                k = int(np.prod(ref.shape[:-1]))
-                top1 += topk_agreement(out.reshape(ref.shape), ref) * k
-                positions += k
+                top1 += decisive_top1(out.reshape(ref.shape), ref, noise)
     figures: dict[str, Any] = worst(parities).as_dict()
-    if positions:
-        figures["top1"] = top1 / positions
+    if top1.agreement is not None:
+        figures["top1"] = top1.agreement
     return _graded(graph, precision, len(cases), figures, gate, backend.name)
 
 
-def check_generation(pkg: Package, backend: Any, prompts: list[tuple[Any, np.ndarray]],
-                     precision: str, gate: dict[str, Any]) -> GraphResult:
-    """Greedy generation through the whole chain (no EOS stop) vs the packaged PyTorch tokens."""
+def check_generation(pkg: Package, backend: Any, prompts: list[tuple[Any, np.ndarray, np.ndarray | None]],
+                     precision: str, gate: dict[str, Any], noise: float = 0.0) -> GraphResult:
+    """Greedy generation through the whole chain (no EOS stop) vs the packaged PyTorch tokens:
+    ``tokens`` counts the decisive positions up to the first divergence (``free_running_agreement``)."""
     from stages.lib.hostside.generate import token_agreement
+    from stages.lib.parity.metrics import Agreement, free_running_agreement
     from stages.lib.runtime.backends import open_pipeline
     from stages.lib.runtime.generate import generate
 
     pipe = open_pipeline(pkg, backend)
-    agree, per = [], []
-    for prompt, ref in prompts:
+    agreed, per = Agreement(0, 0, 0), []
+    for prompt, ref, lead in prompts:
         got = generate(pipe, prompt, max_new_tokens=int(ref.size)).tokens
-        agree.append(token_agreement(np.asarray(got), ref))
-        per.append({"tokens": got, "reference": ref.tolist()})
-    figures = {"tokens": float(np.mean(agree)), "per_sample": per}
+        margin = np.full(ref.size, np.inf) if lead is None else lead
+        agreed += free_running_agreement(np.asarray(got).reshape(-1), ref, margin, noise)
+        per.append({"tokens": got, "reference": ref.tolist(), "agreement": token_agreement(np.asarray(got), ref)})
+    figures: dict[str, Any] = {"tokens_decisive": f"{agreed.decisive}/{agreed.positions}", "per_sample": per}
+    if agreed.agreement is not None:
+        figures["tokens"] = agreed.agreement
     return _graded("generation", precision, len(prompts), figures, gate, backend.name)
 
 
@@ -126,7 +130,7 @@ def run_probes(pkg: Package, backend: Any) -> list[GraphResult]:
             sess = backend.session(graph)
             cases = [c for s in samples if (c := build[graph](pkg, sess, s)) is not None]
             if cases:
-                out.append(check_graph(backend, graph, cases, prec, gate))
+                out.append(check_graph(backend, graph, cases, prec, gate, probes.noise(meta)))
         except RuntimeFailure:
             raise
         except Exception as e:  # the runtimes' own error types (ORT Fail, TensorRT RuntimeError, ...)
@@ -136,7 +140,7 @@ def run_probes(pkg: Package, backend: Any) -> list[GraphResult]:
         prec = "+".join(f"{g}:{p}" for g, p in pkg.manifest.precision.items())
         _, gate = probes.gate(meta, "generation", prec)
         try:
-            out.append(check_generation(pkg, backend, prompts, prec, gate))
+            out.append(check_generation(pkg, backend, prompts, prec, gate, probes.noise(meta)))
         except RuntimeFailure:
             raise
         except Exception as e:

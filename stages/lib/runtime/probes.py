@@ -98,10 +98,18 @@ def decoder_case(pkg: Package, session: Any, s: dict[str, np.ndarray]) -> Case |
     return feeds, {"logits": s["logits"]}
 
 
-def generation_prompt(s: dict[str, np.ndarray]) -> tuple[Any, np.ndarray] | None:
+def generation_prompt(s: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray | None] | None:
+    """(prompt, the reference's greedy tokens, their leads: None in a package made before they
+    were kept, where every position counts)."""
     from stages.lib.hostside.generate import Prompt
 
     if "generated" not in s or "input_ids" not in s:
         return None
     prompt = Prompt(s["input_ids"], s.get("attention_mask"), s.get("pixel_values"), s.get("image_grid_thw"))
-    return prompt, np.asarray(s["generated"]).reshape(-1)
+    lead = s.get("generated_margin")
+    return prompt, np.asarray(s["generated"]).reshape(-1), None if lead is None else np.asarray(lead).reshape(-1)
+
+
+def noise(meta: dict[str, Any]) -> float:
+    """The logit error a decisive position must clear (probe.json; 0 in older packages)."""
+    return float((meta.get("decisive") or {}).get("noise") or 0.0)
