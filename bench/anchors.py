@@ -28,11 +28,13 @@ its own copy of the graph, because ModelOpt rewrites its `--onnx_path` in place.
 
 ModelOpt gets its own virtualenv: its [onnx] extra pulls onnxruntime-gpu, cupy and an older onnx
 over the project's CPU stack. It is called through subprocess when /work/modelopt-venv/bin/python
-exists. Install it like this (~5.6 GB: torch is a hard import):
+exists. Install it like this (torch is a hard import: pin the CPU build, torch==2.13.0, which
+installs from a local file here; an unpinned torch pulls ~5 GB of CUDA wheels):
 
     python -m venv /work/modelopt-venv
+    /work/modelopt-venv/bin/pip install torch==2.13.0
     /work/modelopt-venv/bin/pip install --no-deps nvidia-modelopt==0.47.0
-    /work/modelopt-venv/bin/pip install numpy onnx onnxruntime onnx-graphsurgeon ml_dtypes tqdm torch \
+    /work/modelopt-venv/bin/pip install numpy onnx onnxruntime onnx-graphsurgeon ml_dtypes tqdm \
         nvidia-ml-py onnxslim onnxscript lief pyyaml
 """
 

@@ -114,8 +114,15 @@ def main() -> int:
     ap.add_argument("--cal-samples", type=int, default=None, help="calibration samples (default: the config's)")
     ap.add_argument("--heldout", type=int, default=8, help="held-out samples (the reference stage's verify.samples)")
     a = ap.parse_args()
-    from bench.quant_vs_ort import calibration_feeds, held_out, run_stage
+    import importlib.util
+
     from pipeline.config_io import load_config
+    # the sibling bench's stage runner and feeds, loaded by path: bench/ is scripts, not a package
+    spec = importlib.util.spec_from_file_location("quant_vs_ort", REPO / "bench" / "quant_vs_ort.py")
+    assert spec is not None and spec.loader is not None
+    sibling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sibling)
+    calibration_feeds, held_out, run_stage = sibling.calibration_feeds, sibling.held_out, sibling.run_stage
     from stages.lib.qdq import heldout
 
     cfg = load_config(a.config)

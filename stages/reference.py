@@ -11,7 +11,8 @@ a quantized graph would be graded on the data its scales were fitted to.
   s{i}.rope_deltas [1,1], s{i}.inputs_embeds [1,S,H] (text embeddings with the *reference*
   image features merged in: the decoder's isolated input), s{i}.vision_features [N,H],
   s{i}.deepstack.{k} [N,H] (Qwen3-VL), s{i}.logits [1,S,V] (prefill), s{i}.generated [T] (greedy),
-  s{i}.generated_margin [T] (each step's top-1 minus top-2 logit: which tokens are decisive).
+  s{i}.generated_margin [T, 2] (each step's lead: top-1 minus top-2 logit and probability;
+  which generated tokens are decisive, parity.metrics.decisive).
 ``reference.json``: the set's description (sizes, prompts, token ids, counts).
 Vision-only checkpoints (a CNN classifier) store image, pixel_values [1,3,H,W] (normalised as
 ``vision.json`` says), vision_features [1,C] (pooled) and logits [1,classes].
@@ -133,7 +134,7 @@ def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any],
                              output_logits=True, return_dict_in_generate=True)
     from stages.lib.parity.metrics import margins
 
-    # each greedy step's lead (top-1 minus top-2 logit): the token gates count a position only
+    # each greedy step's leads (top-1 minus top-2 logit, probability): the token gates count a position only
     # where it exceeds the unquantized export's noise (parity.metrics.decisive)
     step_logits = np.stack([lg[0].float().numpy() for lg in gen.logits])
     arrays = {

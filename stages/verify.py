@@ -7,7 +7,7 @@ Per graph x precision x target, on the held-out set of the ``reference`` stage:
   in the same pass, the teacher-forced agreement over the reference's N greedy tokens;
 - the generation row: ``tokens``, the teacher-forced agreement at the *decisive* generated
   positions (``parity.metrics.decisive``: the reference's lead above twice the unquantized
-  export's logit error), gated; the free-running greedy generation through the graphs under test
+  export's logit error and at least 1 % of probability), gated; the free-running greedy generation through the graphs under test
   beside it (``tokens_free``), in whole-graph sessions, for graphs under ``FREE_RUN_LIMIT`` only;
 - the vision_effect row: the reference decoder (PyTorch) fed the quantized vision graph's image
   features (``parity.vision_effect``): decisive ``top1`` / ``tokens`` and the mean ``kl``, gated by
@@ -147,7 +147,7 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
     per = [{**a, "teacher_forced": b} for a, b in zip(per, forced.per_sample, strict=True)]
     if "tokens" not in figures:
         reason = "; ".join(filter(None, [reason, f"no decisive generated position ({figures['tokens_decisive']}: "
-                                                 "every reference lead within twice the export's noise): not gated"]))
+                                                 "no reference lead clears the export's noise and 1 % of probability): not gated"]))
     row, checks = _gated_row("generation", label, p, "onnxruntime", figures, per, gate)
     row |= {"reason": reason, "gated_on": "teacher-forced, decisive positions"}
     return row, checks

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -128,3 +129,20 @@ def reference_folder(root: Path, ckpt: Path, fuse: Path, sizes=((112, 168), (196
     np.savez(folder / "reference.npz", **arrays)
     (folder / "reference.json").write_text(json.dumps({"family": family, "samples": metas}))
     return folder
+
+
+def run_stage(work: Path, cfg: Any, name: str, target: Any = None) -> Any:
+    """Run the real stage ``name`` in ``work/<node>`` on its deps' folders beside it (no cache,
+    no runner): how the stage tests chain checkpoint -> ... -> quantize by hand."""
+    import importlib
+    import shutil
+
+    from pipeline.stage import StageContext
+
+    st = importlib.import_module(f"stages.{name}").STAGE
+    out = work / (f"{name}@{target.name}" if target else name)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    ctx = StageContext(name, st.params(cfg, target), {d: work / d for d in st.deps}, out,
+                       target.model_dump() if target else None, st.external(cfg) if st.external else [])
+    return st.run(ctx)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from stages.lib.parity.metrics import (
+    MIN_PROB_LEAD,
     Agreement,
     decisive,
     decisive_top1,
@@ -27,9 +28,25 @@ from stages.lib.qdq.sensitivity import Evaluator, token_target
 
 def test_margins_and_decisive_positions() -> None:
     ref = np.array([[[3.0, 1.0, 0.0], [1.0, 0.99, 0.0], [0.0, 0.0, 5.0]]])
-    assert margins(ref) == pytest.approx([2.0, 0.01, 5.0])
-    assert decisive(margins(ref), noise=0.1).tolist() == [True, False, True]
-    assert decisive(margins(ref), noise=0.0).tolist() == [True, True, True]
+    leads = margins(ref)
+    assert leads.shape == (3, 2) and leads[:, 0] == pytest.approx([2.0, 0.01, 5.0])
+    p = np.exp(ref[0]) / np.exp(ref[0]).sum(-1, keepdims=True)
+    assert leads[:, 1] == pytest.approx(np.sort(p, -1)[:, -1] - np.sort(p, -1)[:, -2])
+    assert decisive(leads, noise=0.1).tolist() == [True, False, True]
+    assert decisive(leads[:, 0], noise=0.001).tolist() == [True, True, True]  # logit leads alone: the noise rule
+
+
+def test_a_flat_softmax_counts_nothing_whatever_its_logit_lead() -> None:
+    """A random model over a real vocabulary: logit leads far above an FP16 export's noise, but
+    the reference itself is indifferent (probability leads ~1e-5), so no position is decisive."""
+    rng = np.random.default_rng(0)
+    flat = rng.normal(size=(4, 151936)) * 0.9
+    leads = margins(flat)
+    assert (leads[:, 0] > 2 * 0.007).all() and (leads[:, 1] < MIN_PROB_LEAD).all()
+    assert not decisive(leads, noise=0.007).any()
+    peaked = flat.copy()
+    peaked[:, 7] += 20.0  # a trained model's confident token
+    assert decisive(margins(peaked), noise=0.007).all()
 
 
 def test_a_near_tie_cannot_fail_and_a_confident_flip_always_counts() -> None:
@@ -67,18 +84,23 @@ def test_the_search_score_meets_the_budget_only_when_the_tokens_do() -> None:
     """The Evaluator folds the decisive agreement into one score: at the target agreement it
     scores exactly the budget, below it less, whatever the cosine."""
     rng = np.random.default_rng(1)
-    ref = rng.normal(size=(1, 40, 30)) * 3
+    ref = rng.normal(size=(1, 40, 30))
+    ref[0, np.arange(40), rng.integers(0, 30, 40)] += 4.0  # every position decisive
     flipped = ref.copy()
-    lead = margins(ref).reshape(40)
+    lead = margins(ref)[:, 0]
+    assert decisive(margins(ref), noise=0.0).all()
     order = np.argsort(-lead)
     for p in order[:8]:  # flip the 8 most confident positions of 40 (20 %): cosine stays high
         i, j = np.argsort(-flipped[0, p])[:2]
         flipped[0, p, i], flipped[0, p, j] = flipped[0, p, j], flipped[0, p, i]
     objective = TokenObjective(lambda outs: [o["logits"] for o in outs], [ref], noise=0.0, target=0.92)
     ev = Evaluator([{}], [{"logits": ref}], ["logits"], tokens=objective, budget=0.992)
-    assert ev.cosine([{"logits": flipped}]) > 0.95
+    cos = ev.cosine([{"logits": flipped}])
     assert ev.score([{"logits": ref}]) == pytest.approx(1.0)
     low = ev.score([{"logits": flipped}])
-    assert ev.last_agreement == pytest.approx(0.8) and low < 0.992
-    assert low == pytest.approx(1 - (1 - 0.8) * (1 - 0.992) / (1 - 0.92))
-    assert token_target({"top1": 0.9}) == pytest.approx(0.92) and token_target({"top1": None}) is None
+    mapped = 1 - (1 - 0.8) * (1 - 0.992) / (1 - 0.92)  # 0.98: the agreement misses its target
+    assert ev.last_agreement == pytest.approx(0.8) and low == pytest.approx(min(cos, mapped)) and low < 0.992
+    no_tokens = Evaluator([{}], [{"logits": ref}], ["logits"], budget=0.992)
+    assert no_tokens.score([{"logits": flipped}]) == pytest.approx(cos)  # without the objective: the cosine
+    assert token_target({"top1": 0.9}) == pytest.approx(0.95) and token_target({"top1": None}) is None
+    assert token_target({"top1": 0.8, "tokens": 0.9}) == pytest.approx(0.95)

@@ -193,7 +193,6 @@ def test_vision_only_cnn_model(tmp_path):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_real_exported_graphs_end_to_end(tmp_path, family):
     """checkpoint → exports → fuse → reference → calibrate → quantize (int8, fp8, int4-weight)."""
-    import importlib
     import shutil
 
     cfg = BuildConfig.model_validate({"name": "e2e", "model": {"generate": "tiny", "family": family},
@@ -201,13 +200,7 @@ def test_real_exported_graphs_end_to_end(tmp_path, family):
     work = tmp_path / "w"
 
     def stage(name: str, target=None, cfg=cfg):
-        st = importlib.import_module(f"stages.{name}").STAGE
-        out = work / (f"{name}@{target.name}" if target else name)
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        ctx = StageContext(name, st.params(cfg, target), {d: work / d for d in st.deps}, out,
-                           target.model_dump() if target else None, st.external(cfg) if st.external else [])
-        return st.run(ctx)
+        return F.run_stage(work, cfg, name, target)
 
     for name in ("checkpoint", "export_vision", "export_decoder"):
         stage(name)

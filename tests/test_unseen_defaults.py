@@ -73,5 +73,7 @@ def test_unseen_checkpoint_builds_with_default_gates(tmp_path: Path, family: str
             assert q[graph]["precision"] == prec
             assert 0 < q[graph]["weights"]["share"] <= 1.0  # what stayed in low precision, reported
             assert q[graph]["search_objective"]["top1"] is not None
-    report = next((tmp_path / "artifacts" / "runs" / "unseen").glob("*/report.md")).read_text()
-    assert "Layers kept in high precision" in report and "vision_effect" in report
+    run = tmp_path / "artifacts" / "runs" / "unseen" / "latest"
+    html, md = (run / "report.html").read_text(), (run / "report.md").read_text()
+    assert "Layers kept in high precision" in html and "vision_effect" in html  # the tables
+    assert "decoder.weights_share" in md and "vision_effect.int8.pytorch decoder.top1" in md

@@ -25,6 +25,7 @@ from typing import Any
 
 from stages.lib.packaging import layout
 from stages.lib.packaging.sources import read_json
+from stages.lib.parity.metrics import MIN_PROB_LEAD
 
 ROLE_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 CONFIG_TOKENS = ("image_token", "video_token", "vision_start_token", "vision_end_token")
@@ -158,8 +159,9 @@ def probe_doc(npz: Path, reference: Mapping[str, Any], precision: Mapping[str, s
                     "generation": "greedy from the prompt (no EOS stop): tokens vs generated"},
         "gates": {g: {"precision": p, "gate": dict(gates[p]) if p in gates else None} for g, p in graded.items()},
         # top1 / tokens count the decisive positions only (stages.lib.parity.metrics.decisive)
-        "decisive": {"noise": noise, "rule": "reference lead (top-1 minus top-2 logit) > 2 x noise, the unquantized "
-                                             "export's worst logit error; generation: up to the first divergence"},
+        "decisive": {"noise": noise, "min_prob_lead": MIN_PROB_LEAD,
+                     "rule": "reference lead (top-1 minus top-2 logit) > 2 x noise, the unquantized export's worst "
+                             "logit error, and probability lead >= min_prob_lead; generation: up to the first divergence"},
         "reference": dict(reference),
     }
 

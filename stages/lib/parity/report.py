@@ -24,7 +24,7 @@ def report_parts(target: str, rows: list[dict[str, Any]], drill: dict[str, Any])
                *((r.get("figures") or {}).get(f) for f in FIGURES), r.get("reason") or "") for r in rows),
         status=tuple(r["status"] for r in rows),
         note="top1 and tokens count the decisive positions only (the reference's lead above twice the unquantized "
-             "export's logit error; *_decisive: how many of how many); vision_effect is the reference decoder fed the "
+             "export's logit error and >= 1 % of probability; *_decisive: how many of how many); vision_effect is the reference decoder fed the "
              "quantized image features. A figure with no gate set is 'ungated': add a threshold under gates: to enforce it.")
     figures = [ReportFigure(DRILLDOWN, f"{g} on {target}: error per block vs PyTorch", f"{g}: {d['jump'].get('why')}",
                             tuple({k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")} for b in d["blocks"]),

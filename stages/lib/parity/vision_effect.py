@@ -10,8 +10,9 @@ forward per sample so a streamed 8 B decoder reads its blocks once:
 
 - ``top1``: greedy-token agreement at the decisive positions from the first image token on
   (``metrics.decisive``; positions before the image cannot change, causal attention);
-- ``tokens``: the same over the reference's generated tokens (teacher-forced: fed back after
-  the prompt), ``first_token``: over each sample's first generated token;
+- ``tokens``: the reference's generated tokens (teacher-forced: fed back after the prompt), the
+  decisive ones kept up to the first decisive change (``metrics.free_running_agreement``): a
+  changed first token scores 0; ``first_token``: over each sample's first generated token;
 - ``kl``: the mean KL(reference || with quantized features) over those positions, ``kl_max``.
 
 Only the image features differ between the two rows of the batch: the figures isolate the vision
@@ -26,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from stages.lib.parity.graphs import Measured, agreement_figures, deepstack_maps
-from stages.lib.parity.metrics import Agreement, decisive_agreement, kl_divergence, margins
+from stages.lib.parity.metrics import (
+    Agreement,
+    decisive_agreement,
+    free_running_agreement,
+    kl_divergence,
+    margins,
+)
 
 __all__ = ["EFFECT_FIGURES", "measure_vision_effect"]
 
@@ -87,12 +94,14 @@ def measure_vision_effect(model: Any, specs: Any, samples: list[dict[str, np.nda
         lead = margins(ref)
         a = decisive_agreement(got.argmax(-1), ref.argmax(-1), lead, noise)
         gen = slice(seq - 1 - start, seq - 1 - start + n)
-        t = decisive_agreement(got[gen].argmax(-1), ref[gen].argmax(-1), lead[gen], noise)
+        # what the user reads: the generated text up to its first decisive change (after it the
+        # text differs whatever the later positions say), so an early change fails, a late one not
+        t = free_running_agreement(got[gen].argmax(-1), ref[gen].argmax(-1), lead[gen], noise)
         f = decisive_agreement(got[gen][:1].argmax(-1), ref[gen][:1].argmax(-1), lead[gen][:1], noise)
         kl = kl_divergence(got, ref)
         top1, tokens, first, kls = top1 + a, tokens + t, first + f, [*kls, kl]
         per.append({"top1": a.agreement, "tokens": t.agreement, "first_token_same": bool(f.agreed == f.positions),
-                    "first_token_margin": float(lead[gen][0]), "kl": float(kl.mean()), "kl_max": float(kl.max()),
+                    "first_token_leads": [float(x) for x in lead[gen][0]], "kl": float(kl.mean()), "kl_max": float(kl.max()),
                     "tokens_with_quantized_features": got[gen].argmax(-1).tolist()})
     every = np.concatenate(kls)
     figures = {**agreement_figures("top1", top1), **agreement_figures("tokens", tokens),

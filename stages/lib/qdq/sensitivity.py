@@ -267,8 +267,15 @@ def search_budget(setting: float | str | None, gate: dict[str, Any]) -> float | 
     return float(setting)
 
 
+# Generated tokens flip more often than prompt positions: measured on the tiny default's FP8
+# decoder, calibration prompts kept >= 0.92 of their decisive next tokens while the held-out
+# greedy tokens kept 0.78. The token target sits further inside the gate than the cosine budget.
+TOKEN_MARGIN = 0.5
+
+
 def token_target(gate: dict[str, Any]) -> float | None:
-    """The decisive next-token agreement the search aims at, inside the gate's ``top1`` as the
-    cosine budget is inside its cosine; None where the gate sets no ``top1``."""
-    top1 = gate.get("top1")
-    return None if top1 is None else 1.0 - (1.0 - float(top1)) * GATE_MARGIN
+    """The decisive next-token agreement the search aims at on calibration prompts, inside the
+    strictest of the gate's ``top1`` and ``tokens`` (0.95 for 0.9); None where the gate sets
+    neither."""
+    want = [float(v) for k in ("top1", "tokens") if (v := gate.get(k)) is not None]
+    return None if not want else 1.0 - (1.0 - max(want)) * TOKEN_MARGIN

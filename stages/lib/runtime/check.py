@@ -106,7 +106,7 @@ def check_generation(pkg: Package, backend: Any, prompts: list[tuple[Any, np.nda
     agreed, per = Agreement(0, 0, 0), []
     for prompt, ref, lead in prompts:
         got = generate(pipe, prompt, max_new_tokens=int(ref.size)).tokens
-        margin = np.full(ref.size, np.inf) if lead is None else lead
+        margin = np.full(ref.size, np.inf) if lead is None else lead  # an older package: every position
         agreed += free_running_agreement(np.asarray(got).reshape(-1), ref, margin, noise)
         per.append({"tokens": got, "reference": ref.tolist(), "agreement": token_agreement(np.asarray(got), ref)})
     figures: dict[str, Any] = {"tokens_decisive": f"{agreed.decisive}/{agreed.positions}", "per_sample": per}

@@ -107,7 +107,8 @@ def generation_prompt(s: dict[str, np.ndarray]) -> tuple[Any, np.ndarray, np.nda
         return None
     prompt = Prompt(s["input_ids"], s.get("attention_mask"), s.get("pixel_values"), s.get("image_grid_thw"))
     lead = s.get("generated_margin")
-    return prompt, np.asarray(s["generated"]).reshape(-1), None if lead is None else np.asarray(lead).reshape(-1)
+    tokens = np.asarray(s["generated"]).reshape(-1)
+    return prompt, tokens, None if lead is None else np.asarray(lead).reshape(tokens.size, -1)
 
 
 def noise(meta: dict[str, Any]) -> float:
