@@ -63,6 +63,19 @@ def test_a_near_tie_cannot_fail_and_a_confident_flip_always_counts() -> None:
     assert (Agreement(1, 2, 3) + Agreement(2, 2, 2)).agreement == 0.75
 
 
+def test_a_text_is_graded_up_to_its_first_decisive_change() -> None:
+    from stages.lib.parity.metrics import free_running_agreement, until_first_change
+
+    ref = np.array([5, 6, 7, 8])
+    leads = np.array([[1.0, 0.5], [0.001, 0.001], [1.0, 0.5], [1.0, 0.5]])  # position 1: a near-tie
+    first = until_first_change(np.array([9, 6, 7, 8]), ref, leads, noise=0.01)
+    assert (first.agreed, first.decisive, first.agreement) == (0, 1, 0.0)  # a changed first token: 0
+    late = until_first_change(np.array([5, 9, 7, 0]), ref, leads, noise=0.01)  # the tie flip is noise
+    assert (late.agreed, late.decisive) == (2, 3)
+    free = free_running_agreement(np.array([5, 9, 7, 0]), ref, leads, noise=0.01)  # texts part at the tie
+    assert (free.agreed, free.decisive) == (1, 1)
+
+
 def test_kl_is_zero_on_itself_and_grows_with_the_change() -> None:
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(5, 50))
@@ -102,5 +115,5 @@ def test_the_search_score_meets_the_budget_only_when_the_tokens_do() -> None:
     assert ev.last_agreement == pytest.approx(0.8) and low == pytest.approx(min(cos, mapped)) and low < 0.992
     no_tokens = Evaluator([{}], [{"logits": ref}], ["logits"], budget=0.992)
     assert no_tokens.score([{"logits": flipped}]) == pytest.approx(cos)  # without the objective: the cosine
-    assert token_target({"top1": 0.9}) == pytest.approx(0.95) and token_target({"top1": None}) is None
-    assert token_target({"top1": 0.8, "tokens": 0.9}) == pytest.approx(0.95)
+    assert token_target({"top1": 0.85}) == pytest.approx(0.95) and token_target({"top1": None}) is None
+    assert token_target({"top1": 0.7, "tokens": 0.85}) == pytest.approx(0.95)

@@ -96,7 +96,7 @@ def test_segmented_figures_equal_whole_graph(tiny: dict[str, Any], tmp_path: Pat
         assert seg.figures[k] == pytest.approx(whole.figures[k], abs=tol), k
     assert abs(seg.figures["top1"] - whole.figures["top1"]) <= 0.02  # a near-tie of the random model may flip
     assert seg.figures["cosine"] > 0.9999 and seg.figures["finite"]
-    assert seg_tf.figures == whole_tf.figures == {"tokens_teacher_forced": 1.0, "tokens": 1.0, "tokens_decisive": "32/32"}
+    assert seg_tf.figures == whole_tf.figures and seg_tf.figures["tokens_teacher_forced"] == seg_tf.figures["tokens"] == 1.0
     # the prompt's figures are those of a prompt-only prefill: the tokens after it do not leak back
     alone, none = vg.measure_decoder(path, tiny["specs"], tiny["samples"], cuts=[])
     assert none is None and alone.figures["cosine"] == pytest.approx(whole.figures["cosine"], abs=1e-6)

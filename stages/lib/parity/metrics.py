@@ -165,6 +165,18 @@ def free_running_agreement(tokens: np.ndarray, ref_tokens: np.ndarray, ref_margi
     return Agreement(int(same[:end][mask].sum()), int(mask.sum()), int(same.size))
 
 
+def until_first_change(tokens: np.ndarray, ref_tokens: np.ndarray, ref_margins: np.ndarray,
+                       noise: float) -> Agreement:
+    """Teacher-forced tokens read as a text: the decisive positions up to and including the first
+    decisive change count (a changed first token scores 0, a change late in the text little);
+    near-tie flips are noise here as everywhere."""
+    same = np.asarray(tokens).ravel() == np.asarray(ref_tokens).ravel()
+    mask = decisive(ref_margins, noise)
+    bad = np.flatnonzero(mask & ~same)
+    end = int(bad[0]) + 1 if bad.size else same.size
+    return Agreement(int((same & mask)[:end].sum()), int(mask[:end].sum()), int(same.size))
+
+
 def decisive_top1(logits: np.ndarray, ref_logits: np.ndarray, noise: float) -> Agreement:
     """Next-token agreement at the reference's decisive positions (logits [..., V], same shape)."""
     ref = np.asarray(ref_logits).reshape(-1, ref_logits.shape[-1])

@@ -11,7 +11,7 @@ forward per sample so a streamed 8 B decoder reads its blocks once:
 - ``top1``: greedy-token agreement at the decisive positions from the first image token on
   (``metrics.decisive``; positions before the image cannot change, causal attention);
 - ``tokens``: the reference's generated tokens (teacher-forced: fed back after the prompt), the
-  decisive ones kept up to the first decisive change (``metrics.free_running_agreement``): a
+  decisive ones kept up to the first decisive change (``metrics.until_first_change``): a
   changed first token scores 0; ``first_token``: over each sample's first generated token;
 - ``kl``: the mean KL(reference || with quantized features) over those positions, ``kl_max``.
 
@@ -30,9 +30,9 @@ from stages.lib.parity.graphs import Measured, agreement_figures, deepstack_maps
 from stages.lib.parity.metrics import (
     Agreement,
     decisive_agreement,
-    free_running_agreement,
     kl_divergence,
     margins,
+    until_first_change,
 )
 
 __all__ = ["EFFECT_FIGURES", "measure_vision_effect"]
@@ -96,7 +96,7 @@ def measure_vision_effect(model: Any, specs: Any, samples: list[dict[str, np.nda
         gen = slice(seq - 1 - start, seq - 1 - start + n)
         # what the user reads: the generated text up to its first decisive change (after it the
         # text differs whatever the later positions say), so an early change fails, a late one not
-        t = free_running_agreement(got[gen].argmax(-1), ref[gen].argmax(-1), lead[gen], noise)
+        t = until_first_change(got[gen].argmax(-1), ref[gen].argmax(-1), lead[gen], noise)
         f = decisive_agreement(got[gen][:1].argmax(-1), ref[gen][:1].argmax(-1), lead[gen][:1], noise)
         kl = kl_divergence(got, ref)
         top1, tokens, first, kls = top1 + a, tokens + t, first + f, [*kls, kl]

@@ -267,15 +267,16 @@ def search_budget(setting: float | str | None, gate: dict[str, Any]) -> float | 
     return float(setting)
 
 
-# Generated tokens flip more often than prompt positions: measured on the tiny default's FP8
-# decoder, calibration prompts kept >= 0.92 of their decisive next tokens while the held-out
-# greedy tokens kept 0.78. The token target sits further inside the gate than the cosine budget.
-TOKEN_MARGIN = 0.5
+# Generated tokens flip more often than prompt positions, and a few calibration prompts are a
+# small sample: measured on the tiny default's FP8 decoder, calibration prompts kept >= 0.92 of
+# their decisive next tokens while the held-out greedy tokens kept 0.78, and an unseen Qwen2.5-VL
+# met 0.95 on calibration and 0.899 held out. The target sits well inside the gate (0.95 for 0.85).
+TOKEN_MARGIN = 1 / 3
 
 
 def token_target(gate: dict[str, Any]) -> float | None:
     """The decisive next-token agreement the search aims at on calibration prompts, inside the
-    strictest of the gate's ``top1`` and ``tokens`` (0.95 for 0.9); None where the gate sets
+    strictest of the gate's ``top1`` and ``tokens`` (0.95 for 0.85); None where the gate sets
     neither."""
     want = [float(v) for k in ("top1", "tokens") if (v := gate.get(k)) is not None]
     return None if not want else 1.0 - (1.0 - max(want)) * TOKEN_MARGIN
