@@ -117,3 +117,16 @@ def test_the_search_score_meets_the_budget_only_when_the_tokens_do() -> None:
     assert no_tokens.score([{"logits": flipped}]) == pytest.approx(cos)  # without the objective: the cosine
     assert token_target({"top1": 0.85}) == pytest.approx(0.95) and token_target({"top1": None}) is None
     assert token_target({"top1": 0.7, "tokens": 0.85}) == pytest.approx(0.95)
+
+
+def test_no_objective_where_nothing_is_decisive() -> None:
+    """A flat random model's reference has no decisive position: the search drops the objective
+    instead of paying a run per candidate for an agreement that is always None."""
+    from stages.lib.qdq.objectives import decisive_or_none, decoder_objective
+
+    rng = np.random.default_rng(2)
+    flat = rng.normal(size=(1, 6, 151936)) * 0.9
+    assert decisive_or_none(decoder_objective([{"logits": flat}], noise=0.007, target=0.95)) is None
+    peaked = flat.copy()
+    peaked[0, :, 3] += 20.0
+    assert decisive_or_none(decoder_objective([{"logits": peaked}], noise=0.007, target=0.95)) is not None

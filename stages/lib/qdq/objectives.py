@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TokenObjective", "decoder_objective", "for_graph", "vision_objective"]
+__all__ = ["TokenObjective", "decisive_or_none", "decoder_objective", "for_graph", "vision_objective"]
 
 Outputs = Sequence[Mapping[str, np.ndarray]]
 
@@ -105,10 +105,23 @@ def for_graph(graph: str, gate: Mapping[str, object], fused: Path, calibrate: Pa
         return None
     noise = export_noise(fused)
     if graph == "decoder":
-        return decoder_objective(search_refs, noise, target)
+        return decisive_or_none(decoder_objective(search_refs, noise, target))
     dfeeds = heldout.load_feeds(calibrate / "feeds_decoder.npz")
     if not (fused / "decoder.onnx").is_file() or not (fused / "decoder.json").is_file() or not calibration_samples \
             or len(dfeeds) != calibration_samples or not all("input_ids" in f for f in dfeeds):
         return None
     token = int(json.loads((fused / "decoder.json").read_text())["host"]["image_token_id"])
-    return vision_objective(fused / "decoder.onnx", dfeeds, token, feature, noise, target)
+    return decisive_or_none(vision_objective(fused / "decoder.onnx", dfeeds, token, feature, noise, target))
+
+
+def decisive_or_none(objective: TokenObjective) -> TokenObjective | None:
+    """None where no reference position is decisive (a flat random model): every candidate's
+    agreement would be None, so the objective could only cost a run per candidate (for the vision
+    graph a whole decoder pass)."""
+    from stages.lib.parity.metrics import decisive, margins
+
+    for i, ref in enumerate(objective.reference):
+        k = objective.starts[i] if objective.starts else 0
+        if decisive(margins(np.asarray(ref)[..., k:, :]), objective.noise).any():
+            return objective
+    return None
