@@ -189,6 +189,10 @@ class QuantizeConfig(Frozen):
 class PrecisionPolicy(Frozen):
     vision: Precision = "best"
     decoder: Precision = "best"
+    # the decoder's KV cache as the engine keeps it between steps: fp16 (the graph's own type),
+    # or int8 / fp8 (fp8 where the SM has it), half the bytes per token, parity-gated through
+    # the cache (verify's generation row reads the generated tokens' logits through it)
+    kv_cache: Literal["fp16", "int8", "fp8"] = "fp16"
 
 
 class FuseConfig(Frozen):

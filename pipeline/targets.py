@@ -98,6 +98,11 @@ def check_precisions(cfg: BuildConfig, config_path: Path, targets: list[TargetSp
                 why += f"; targets with FP8: {', '.join(with_fp8(catalog))} (or use precision: best to fall back)"
             if why:
                 raise ConfigError(f"{config_path}: precision.{graph}: {why}")
+    for t in targets if cfg.precision.kv_cache == "fp8" else ():
+        why = precision_refusal(t.name, t.sm, t.precisions, "fp8")
+        if why:
+            raise ConfigError(f"{config_path}: precision.kv_cache: an FP8 cache: {why}; "
+                              f"targets with FP8: {', '.join(with_fp8(catalog))} (or kv_cache: int8)")
 
 
 def with_fp8(catalog: dict[str, TargetSpec]) -> list[str]:

@@ -11,7 +11,8 @@ keep patterns, budget) re-runs `quantize` and not this.
 
 Outputs: `ranges_<graph>.json` {"graph", "method", "percentile", "samples", "source",
 "order": [tensor...], "tensors": {name: {"amax", "amax_fp8", "max_abs", "min", "max", "shape",
-"producer"}}} and `ranges_<graph>.npz` (per tensor index i in "order": hist_i [2048] counts of
+"producer"}}}: the inputs of the ops Q/DQ goes on, and the decoder's present.* KV outputs (a
+quantized cache's scales); `ranges_<graph>.npz` (per tensor index i in "order": hist_i [2048] counts of
 |x|, width_i bin width, for MatMul/Gemm inputs per input channel: chan_ms_i E[x_k^2], chan_amax_i
 max |x_k| and chan_amax_halves_i [2, K] the max over the even / odd samples), plus
 `feeds_<graph>.npz` (s{i}.<input>: the first calibration samples' graph inputs, which quantize's
@@ -198,8 +199,9 @@ STAGE = Stage(
     name="calibrate",
     resources=node_resources("calibrate"),
     # 4: kept decoder feeds in the graph's own dtypes (one prefill_feeds builds them); 5: with
-    # input_ids (the vision search's decoder objective), per-channel maxima chan_amax (SmoothQuant)
-    version="5",
+    # input_ids (the vision search's decoder objective), per-channel maxima chan_amax (SmoothQuant);
+    # 6: the present.* KV outputs' ranges (a quantized cache's scales, qdq.kv_cache)
+    version="6",
     run=_run,
     params=_params,
     deps=("fuse", "checkpoint"),

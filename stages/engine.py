@@ -140,6 +140,10 @@ def run(ctx: StageContext) -> StageResult:
                                                           "conv_layers", "conv_fused_activation",
                                                           "softmax_nodes", "softmax_in_mha")},
         }
+        kv = _kv_cache(built.inputs, profile)
+        if kv:
+            sidecar["kv_cache"] = kv
+            result.metrics[f"{g}_kv_cache"] = kv
         (ctx.out / f"{g}.engine.json").write_text(json.dumps(sidecar, indent=1))
         result.notes += [f"{g}: {o} not applied" for o in built.options_unavailable]
         result.metrics[g] = {
@@ -158,6 +162,19 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
+def _kv_cache(inputs: list[dict[str, Any]], profile: dict[str, Any]) -> dict[str, Any] | None:
+    """The KV cache an engine keeps at its profile's largest call: batch x (past + seq) tokens of
+    every layer's K and V in the engine's I/O type, and what FP16 would take."""
+    pasts = [t for t in inputs if t["name"].startswith("past_key_values.") and t["name"] in profile]
+    if not pasts or "inputs_embeds" not in profile:
+        return None
+    seq = int(profile["inputs_embeds"][2][1])
+    elems = sum(b * h * (past + seq) * d for b, h, past, d in (profile[t["name"]][2] for t in pasts))
+    item = {"fp8": 1, "int8": 1, "half": 2, "float": 4}.get(str(pasts[0]["dtype"]), 2)
+    return {"dtype": str(pasts[0]["dtype"]), "at_profile_max_mib": round(elems * item / 2**20, 3),
+            "fp16_at_profile_max_mib": round(elems * 2 / 2**20, 3)}
+
+
 def _counts(by_precision: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(by_precision.items()))
 
@@ -171,8 +188,8 @@ STAGE = Stage(
     name="engine",
     resources=node_resources("engine", gpu=True),
     # 2: BYO image inputs profiled by position (batch 1..max_images, H/W = resize); 3: the report's
-    # engine table comes from the result
-    version="3",
+    # engine table comes from the result; 4: the KV cache the decoder engine keeps at its profile's max
+    version="4",
     run=run,
     params=params,
     deps=("quantize",),

@@ -69,7 +69,9 @@ def _run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="package",
     resources=node_resources("package"),
-    version="2",  # 2: probe.json says what a decisive position must clear (noise); generated_margin probed
+    # 2: probe.json says what a decisive position must clear (noise); generated_margin probed;
+    # 3: the manifest names a quantized KV cache (precision.kv_cache)
+    version="3",
     run=_run,
     params=_params,
     deps=("engine", "quantize", "checkpoint", "reference", "verify"),

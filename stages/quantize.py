@@ -58,7 +58,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     prec = {"vision": target.resolve_precision(cfg.precision.vision)[0],
             "decoder": target.resolve_precision(cfg.precision.decoder)[0]}
     return {
-        "precision": prec,
+        "precision": prec, "kv_cache": cfg.precision.kv_cache,
         "quantize": cfg.quantize.model_dump(mode="json"),
         "gates": {p: cfg.gates[p].model_dump(mode="json") for p in set(prec.values()) if p in cfg.gates},
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -259,6 +259,14 @@ def _run(ctx: StageContext) -> StageResult:
             feeds = heldout.decoder_feeds(samples, graph_inputs(fused / "decoder.onnx"), feeder.tspec)
         report[graph], checks = _quantize_graph(ctx, graph, mode, p["quantize"][graph], feeds, samples)
         gates += checks
+    if "decoder" in graphs:  # the cache is the decoder's I/O: given its precision last, after any copy
+        from stages.lib.qdq import kv_cache
+
+        try:
+            kv = kv_cache.apply(ctx.out / "decoder.onnx", ctx.inputs["calibrate"] / "ranges_decoder.json", p["kv_cache"])
+        except (ValueError, OSError) as e:
+            raise StageError(f"decoder.onnx: cannot give the KV cache {p['kv_cache']}: {str(e).splitlines()[0]}") from None
+        report["decoder"]["kv_cache"] = kv.as_dict()
     # io specs travel with their graphs (fuse copies them from the exporters)
     notes = [f"{g}.json not in the fuse folder; not copied" for g in graphs if not (ctx.out / f"{g}.json").is_file()]
     (ctx.out / "quantize.json").write_text(json.dumps(report, indent=2))
@@ -269,6 +277,8 @@ def _run(ctx: StageContext) -> StageResult:
                                     for k, v in report[g]["parity"].items()}
             metrics[g]["weights_share"] = round(report[g]["weights"]["share"], 4)
             metrics[g]["kept"] = len(report[g]["kept_high_precision"])
+    if "kv_cache" in report.get("decoder", {}):
+        metrics["decoder"]["kv_cache"] = {k: v for k, v in report["decoder"]["kv_cache"].items() if k != "scales"}
     metrics["seconds"] = round(time.time() - t0, 2)
     result = StageResult(metrics=metrics, gates=gates, notes=notes, report=[kept_table(report, graphs)])
     missed = missed_message(gates, head="quantize gate missed", hint="keep layers high precision: "
@@ -284,8 +294,9 @@ STAGE = Stage(
     # 4: budget "gate"; 5: ranked at blocks past a scoring cost (vision too), the walk predicts k;
     # 6: the report's kept-layers table comes from the result; 7: the search keeps the decisive
     # next-token agreement (qdq.objectives), top-1 at decisive positions, deepstack maps scored;
-    # INT8 SmoothQuant (qdq.smoothquant) kept where the graph measures better with it
-    version="7",
+    # INT8 SmoothQuant (qdq.smoothquant) kept where the graph measures better with it; 8: the KV
+    # cache in precision.kv_cache (qdq.kv_cache), its bytes per token in the report
+    version="8",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

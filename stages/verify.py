@@ -149,7 +149,8 @@ def _generation_row(ctx: StageContext, qdir: Path, graphs: list[str], label: str
         reason = "; ".join(filter(None, [reason, f"no decisive generated position ({figures['tokens_decisive']}: "
                                                  "no reference lead clears the export's noise and 1 % of probability): not gated"]))
     row, checks = _gated_row("generation", label, p, "onnxruntime", figures, per, gate)
-    row |= {"reason": reason, "gated_on": "teacher-forced, decisive positions"}
+    through = f", read through the {label.split('kv:')[1]} KV cache" if "kv:" in label else ""
+    row |= {"reason": reason, "gated_on": f"teacher-forced, decisive positions{through}"}
     return row, checks
 
 
@@ -196,7 +197,8 @@ def _run(ctx: StageContext) -> StageResult:
         rows.append(row)
         checks += cs
     if embed is not None:
-        label = "+".join(f"{g}:{prec[g]}" for g in graphs)
+        kv = str(((quant.get("decoder") or {}).get("kv_cache") or {}).get("precision", "fp16"))
+        label = "+".join([f"{g}:{prec[g]}" for g in graphs] + ([f"kv:{kv}"] if kv not in ("fp16", "fp32") else []))
         gate_d = {k: v for k, v in gate("decoder").items() if k == "tokens"}
         row, cs = _generation_row(ctx, qdir, graphs, label, specs, samples, embed, forced, gate_d)
         shutil.rmtree(ctx.out / ".embed", ignore_errors=True)
@@ -280,8 +282,9 @@ STAGE = Stage(
     # 4: bring-your-own ONNX (reference = the FP32 graph; no drill-down); 5: graphs run block by
     # block (segments), teacher-forced token agreement, free-running only under FREE_RUN_LIMIT;
     # 6: the report's parity table and drill-down plots come from the result; 7: token gates at
-    # the decisive positions, the vision graph graded through the reference decoder (vision_effect)
-    version="7",
+    # the decisive positions, the vision graph graded through the reference decoder (vision_effect);
+    # 8: with a quantized KV cache the generated tokens are graded through it (a second pass)
+    version="8",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

@@ -18,8 +18,15 @@ UNQUANTIZED = tuple(CONFIG_DTYPES)
 
 # ORT ``NodeArg.type`` string -> numpy dtype
 ORT_FLOATS: dict[str, Any] = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-ORT_NUMPY: dict[str, Any] = {**ORT_FLOATS, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+ORT_NUMPY: dict[str, Any] = {**ORT_FLOATS, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+                             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 ORT_TYPES = {np.dtype(v): k for k, v in ORT_NUMPY.items()}  # numpy dtype -> ORT type string
+# An FP8 graph input or output (a quantized KV cache) lives on the host as its bit patterns in
+# uint8: what onnxruntime's Python binding returns for FP8 outputs and TensorRT's buffers hold.
+# Nothing on the host computes with them; they go back in as the next call's past.
+# (``ortsession`` wraps such a feed in an OrtValue of the FP8 type: ORT takes no FP8 numpy array.)
+FP8_BITS = {"tensor(float8e4m3fn)": np.uint8, "tensor(float8e5m2)": np.uint8}
+ORT_NUMPY.update(FP8_BITS)  # after ORT_TYPES: a uint8 array still names tensor(uint8)
 
 # ONNX ``TensorProto`` element type -> the name of the graph's own dtype, as numpy / ml_dtypes
 # spell it (what an io spec records: BFLOAT16 is "bfloat16")
@@ -36,7 +43,7 @@ ONNX_LOW_PRECISION = {2: "int8", 3: "int8", 21: "int4", 22: "int4", 17: "fp8", 1
 
 # TensorRT ``DataType`` name -> numpy dtype (where a TensorRT build has no ``nptype``)
 TRT_NUMPY: dict[str, Any] = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
-                             "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+                             "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8, "FP8": np.uint8}  # FP8: bits
 
 # safetensors header dtype -> (torch dtype attribute, bytes per element)
 SAFETENSORS: dict[str, tuple[str, int]] = {

@@ -33,7 +33,40 @@ def ort_session(model: str | Path | bytes, *, optimization: Optimization = "all"
     if threads is not None:
         so.intra_op_num_threads = threads
     so.enable_cpu_mem_arena = arena
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
+    sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=list(providers))
+    fp8 = {i.name: i.type for i in sess.get_inputs() if i.type in FP8_ELEM}
+    return Fp8InputSession(sess, fp8) if fp8 else sess
+
+
+# ORT type string of an FP8 input -> its ONNX element type (FLOAT8E4M3FN, FLOAT8E5M2)
+FP8_ELEM = {"tensor(float8e4m3fn)": 17, "tensor(float8e5m2)": 19}
+
+
+class Fp8InputSession:
+    """A session over a graph with FP8 inputs (a quantized KV cache): its FP8 feeds arrive as
+    their bit patterns in uint8 (``dtypes.FP8_BITS``), which ORT's binding cannot take as numpy
+    (it knows no FP8 dtype), so each goes in as an OrtValue of the FP8 type. FP8 outputs already
+    come back as uint8 bits. Everything else is the session's own."""
+
+    def __init__(self, sess: Any, fp8: dict[str, str]):
+        self.sess, self.fp8 = sess, fp8
+
+    def run(self, names: Any, feed: Any, *args: Any) -> Any:
+        import numpy as np
+        import onnxruntime as ort
+
+        def wrap(name: str, x: Any) -> Any:
+            if name not in self.fp8 or isinstance(x, ort.OrtValue):
+                return x
+            bits = np.ascontiguousarray(x)
+            if bits.dtype.itemsize != 1:
+                raise ValueError(f"input {name} is {self.fp8[name]}: expected its bits as a 1-byte array, got {bits.dtype}")
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits.view(np.uint8), FP8_ELEM[self.fp8[name]])
+
+        return self.sess.run(names, {k: wrap(k, v) for k, v in feed.items()}, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sess, name)
 
 
 class LazySession:

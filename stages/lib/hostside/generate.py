@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.lib.dtypes import ORT_FLOATS
+from stages.lib.dtypes import ORT_FLOATS, ORT_NUMPY
 from stages.lib.hostside import text as host
 from stages.lib.ortsession import Optimization, ort_session
 
@@ -132,8 +132,12 @@ class OrtPipeline:
         return embeds, deep
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
+        """Zero-length K and V per layer, each in its input's type: a quantized cache's (int8, FP8
+        bits) is not the embeddings' float type."""
         shape = (batch, self.kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=self.dtype) for _ in range(2 * self.n_layers)]
+        types = {i.name: ORT_NUMPY.get(str(i.type), self.dtype) for i in self.inputs}
+        return [np.zeros(shape, dtype=types.get(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}", self.dtype))
+                for i in range(2 * self.n_layers)]
 
     def step(
         self, embeds: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray],

@@ -174,7 +174,7 @@ def manifest_doc(*, name: str, family: str, config_digest: str, target: Mapping[
         "format": layout.FORMAT_VERSION, "name": name, "family": family, "config_digest": config_digest,
         "target": {k: target.get(k) for k in layout.TARGET_KEYS},
         "compat": {k: bool(compat[k]) for k in layout.COMPAT_KEYS},
-        "precision": {g: precision[g] for g in ("vision", "decoder") if g in precision},
+        "precision": {g: precision[g] for g in ("vision", "decoder", "kv_cache") if g in precision},
         "graphs": list(graphs), "onnx": dict(onnx),
         "files": {k: dict(files[k]) for k in sorted(files)},
         "parity": parity, "notes": list(notes), "created_by": created_by,

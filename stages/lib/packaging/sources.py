@@ -104,9 +104,12 @@ def io_specs(quantize_dir: Path, graphs: list[str]) -> dict[str, dict[str, Any]]
 
 
 def precisions(quantize_dir: Path, cars: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """The precision each graph was quantized to (quantize.json, else the engine sidecar)."""
+    """The precision each graph was quantized to (quantize.json, else the engine sidecar), and
+    ``kv_cache`` when the decoder's cache is quantized (qdq.kv_cache): the labels a device reads."""
     q = read_json(quantize_dir / "quantize.json") or {}
-    return {g: str((q.get(g) or {}).get("precision") or cars[g].get("precision") or "fp16") for g in cars}
+    out = {g: str((q.get(g) or {}).get("precision") or cars[g].get("precision") or "fp16") for g in cars}
+    kv = str(((q.get("decoder") or {}).get("kv_cache") or {}).get("precision", "fp16"))
+    return out | ({"kv_cache": kv} if kv not in ("fp16", "fp32") and "decoder" in cars else {})
 
 
 def onnx_files(quantize_dir: Path, graphs: list[str]) -> list[Path]:

@@ -61,10 +61,12 @@ def vision_feeds(specs: Specs, sample: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray],
-                  after: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  after: np.ndarray | None = None, past: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Prefill feeds: reference merged embeddings, mask, M-RoPE ids, empty KV, deepstack maps.
     ``after`` [1, n, H]: embeddings of tokens fed after the prompt in the same pass (teacher
-    forcing); they get the decode loop's positions and no deepstack (zeros, as decode steps)."""
+    forcing); they get the decode loop's positions and no deepstack (zeros, as decode steps).
+    With ``past`` (the prompt's present K/V per layer, as the graph returned them) only ``after``
+    is fed, as one chunk read through the cache: what a runtime's decode steps do."""
     from onnx import TensorProto, helper
 
     from stages.lib.dtypes import ORT_NUMPY
@@ -83,5 +85,9 @@ def decoder_feeds(path: Path, specs: Specs, sample: dict[str, np.ndarray],
         deltas = sample.get("rope_deltas")
         if deltas is None:  # a held-out set written before rope_deltas were stored
             deltas = host.rope_index(specs.text, sample["input_ids"], sample["image_grid_thw"], None, mask)[1]
+        if past is not None:
+            seq = embeds.shape[1]
+            full_pos, mask = host.continue_position_ids(pos, mask, deltas, int(after.shape[1]))
+            return host.prefill_feeds(inputs, after, mask, full_pos[..., seq:], None, past=past, dtypes=dtypes)
         embeds, mask, pos, deep = host.teacher_forced(embeds, mask, pos, deltas, after, deep)
     return host.prefill_feeds(inputs, embeds, mask, pos, deep, dtypes=dtypes)

@@ -138,12 +138,18 @@ def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray
                     noise: float = 0.0) -> tuple[Measured, Measured | None]:
     """Prefill parity and, with ``embed`` and ``n`` > 0, the teacher-forced agreement over the
     reference's first n greedy tokens, from one segment-major pass (``cuts``: run_graph's).
-    ``top1`` and ``tokens`` count only decisive positions (``metrics.decisive``: the reference's
+    With a quantized cache the generated tokens go in a second pass, one chunk reading the
+    prompt's cache. ``top1`` and ``tokens`` count only decisive positions (``metrics.decisive``: the reference's
     lead above twice ``noise``, the unquantized export's logit error); ``top1_all`` and
     ``tokens_teacher_forced`` count every position."""
     n = min([n, *(len(s.get("generated", ())) for s in samples)]) if embed is not None else 0
     after = embed_tokens(embed, samples, n) if embed is not None and n > 1 else [None] * len(samples)
-    feeds = [decoder_feeds(path, specs, s, a) for s, a in zip(samples, after, strict=True)]
+    # a quantized cache (qdq.kv_cache) changes only what later calls read: the prompt goes first
+    # and its presents carry the generated tokens' pass, one chunk through the cache
+    cached = n > 1 and quantized_cache(path)
+    feeds = [decoder_feeds(path, specs, s, None if cached else a) for s, a in zip(samples, after, strict=True)]
+    presents: list[list[np.ndarray]] = [[] for _ in samples]
+    prompt_last = [0] * len(samples)  # the token the prompt's last position predicts
     per: list[dict[str, Any]] = [{} for _ in samples]
     forced: list[dict[str, Any]] = [{} for _ in samples]
     ps: list[Parity | None] = [None] * len(samples)
@@ -154,19 +160,34 @@ def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray
         s, logits = samples[i], o["logits"] if "logits" in o else next(iter(o.values()))
         seq = int(s["logits"].shape[1])
         pre = logits[:, :seq]  # causal: the tokens after the prompt leave these unchanged
+        if cached:  # the next pass's past; the generated positions are graded after it
+            presents[i] = [o[k] for k in kv_outputs]
+            prompt_last[i] = int(np.argmax(pre[0, -1]))
         ps[i] = parity = compare(pre, s["logits"])
         top1[i] = decisive_top1(pre, s["logits"], noise)
         per[i] = {**parity.as_dict(), "top1": top1[i].agreement, "top1_all": topk_agreement(pre, s["logits"], 1),
                   "top5": topk_agreement(pre, s["logits"], 5), "decisive_positions": top1[i].decisive}
-        if n:
-            toks = np.argmax(logits[0, seq - 1: seq - 1 + n], axis=-1)
-            ref = s["generated"][:n]
-            tokens[i] = decisive_agreement(toks, ref, reference_margins(s, n), noise)
-            forced[i] = {"tokens": toks.tolist(), "reference": ref.tolist(), "agreement": float(np.mean(toks == ref)),
-                         "decisive": tokens[i].decisive, "decisive_agreement": tokens[i].agreement}
+        if n and not cached:
+            forced_tokens(i, np.argmax(logits[0, seq - 1: seq - 1 + n], axis=-1))
 
-    run_graph(path, feeds, grade, expose=["logits"] if "logits" in _output_names(path) else None, cuts=cuts,
+    def forced_tokens(i: int, toks: np.ndarray) -> None:
+        s, ref = samples[i], samples[i]["generated"][:n]
+        tokens[i] = decisive_agreement(toks, ref, reference_margins(s, n), noise)
+        forced[i] = {"tokens": toks.tolist(), "reference": ref.tolist(), "agreement": float(np.mean(toks == ref)),
+                     "decisive": tokens[i].decisive, "decisive_agreement": tokens[i].agreement}
+
+    names = _output_names(path)
+    kv_outputs = [k for k in names if k.startswith("present.")] if cached else []
+    run_graph(path, feeds, grade, expose=["logits", *kv_outputs] if "logits" in names else None, cuts=cuts,
               report=report)
+    if cached:
+        tails = [decoder_feeds(path, specs, s, a, past=pr) for s, a, pr in zip(samples, after, presents, strict=True)]
+        presents.clear()
+
+        def grade_tail(i: int, o: dict[str, np.ndarray]) -> None:
+            forced_tokens(i, np.concatenate([[prompt_last[i]], np.argmax(o["logits"][0], axis=-1)])[:n])
+
+        run_graph(path, tails, grade_tail, expose=["logits"], cuts=cuts, report=report)
     # the share of all prefill positions (pooled over samples), as the gate reads it
     w = [int(s["logits"].shape[1]) for s in samples]
     pooled = {k: float(np.dot([p[k] for p in per], w) / sum(w)) for k in ("top1_all", "top5")}
@@ -177,6 +198,15 @@ def measure_decoder(path: Path, specs: Specs, samples: list[dict[str, np.ndarray
     tf = float(np.mean([f["agreement"] for f in forced]))
     return prefill, Measured({"tokens_teacher_forced": tf, **agreement_figures("tokens", sum(tokens[1:], tokens[0]))},
                              forced)
+
+
+def quantized_cache(path: Path) -> str | None:
+    """The decoder's cache type when it is not a float one (``qdq.kv_cache``), else None."""
+    from stages.lib.segments.runner import graph_inputs
+
+    kinds = {i.type for i in graph_inputs(path) if i.name.startswith("past_key_values.")}
+    low = sorted(k for k in kinds if "float" not in k or "float8" in k)
+    return low[0][len("tensor("):-1] if low else None
 
 
 def agreement_figures(name: str, a: Agreement) -> dict[str, Any]:

@@ -156,6 +156,7 @@ def calibration_tensors(graph: ir.Graph) -> tuple[list[str], set[str]]:
     """Tensors to observe (in topological order) and those needing per-channel stats."""
     import onnx_ir as ir
 
+    from stages.lib.qdq.kv_cache import PRESENT
     from stages.lib.qdq.placement import is_const
 
     names: list[str] = []
@@ -173,6 +174,8 @@ def calibration_tensors(graph: ir.Graph) -> tuple[list[str], set[str]]:
         if node.op_type in CHANNEL_STAT_OPS and len(node.inputs) > 1 and is_const(node.inputs[1]):
             if node.inputs[0] is not None and node.inputs[0].name:
                 chans.add(node.inputs[0].name)
+    # the decoder's KV cache outputs: their ranges are a quantized cache's scales (qdq.kv_cache)
+    names += [v.name for v in graph.outputs if v.name and v.name.startswith(PRESENT) and v.name not in names]
     return names, chans
 
 

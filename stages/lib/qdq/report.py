@@ -28,4 +28,9 @@ def kept_table(report: dict[str, Any], graphs: tuple[str, ...]) -> ReportTable:
     """Per graph, every layer the rules or the mixed-precision walk kept high precision, and why."""
     rows = [(g, report[g].get("precision"), k.get("node") or k.get("group") or "?", k.get("why", ""))
             for g in graphs for k in report[g].get("kept_high_precision") or [{"node": "none"}]]
+    kv = (report.get("decoder") or {}).get("kv_cache")
+    if kv:  # the cache is not a layer, but it is what a precision choice keeps or not: same table
+        rows.append(("decoder KV cache", kv["precision"], f"{kv['mib_per_4k_tokens']} MiB per 4k tokens",
+                     f"{kv['bytes_per_token']} bytes/token over {kv['layers']} layers"
+                     + (f", {kv['saving_vs_fp16']:.0%} less than fp16" if kv["saving_vs_fp16"] > 0 else "")))
     return ReportTable(KEPT, ("graph", "precision", "kept high-precision", "why"), tuple(rows))

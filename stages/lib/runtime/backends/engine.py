@@ -37,7 +37,7 @@ def np_dtype(trt: Any, dt: Any) -> np.dtype[Any]:
             pass
     name = str(getattr(dt, "name", dt)).split(".")[-1].upper()
     if name not in TRT_NUMPY:
-        raise PackageError(f"engine IO of TensorRT type {name} has no numpy equivalent (bf16/fp8 IO is not supported)")
+        raise PackageError(f"engine IO of TensorRT type {name} has no numpy equivalent (bf16 IO is not supported)")
     return np.dtype(TRT_NUMPY[name])
 
 
