@@ -150,8 +150,10 @@ class CalibrationConfig(Frozen):
 
     @model_validator(mode="after")
     def _folder(self) -> CalibrationConfig:
-        if self.source == "folder" and (self.images is None or self.prompts is None):
-            raise ValueError("calibration.source: folder needs calibration.images and calibration.prompts")
+        # prompts: for a model with a decoder only (pipeline.config_checks knows which models have one)
+        if self.source == "folder" and self.images is None:
+            raise ValueError("calibration.source: folder needs calibration.images (and, for a model with a "
+                             "decoder, calibration.prompts)")
         return self
 
 
@@ -244,10 +246,25 @@ def _default_gates() -> dict[str, Gate]:
 class VerifyConfig(Frozen):
     samples: int = Field(2, ge=1)
     image_sizes: HWs = ((112, 168), (196, 140))  # not the export sample's shape
+    # real held-out data: a folder of images (its first `samples` files, sorted; none of them a
+    # calibration image) and, for a model with a decoder, a JSONL of prompts (else word prompts)
+    images: Path | None = None
+    prompts: Path | None = None
     prompt_len: int = Field(24, ge=2)
     generate_tokens: int = Field(16, ge=1)
     drilldown: Literal["on-failure", "always", "never"] = "on-failure"
     seed: int = Field(4321, ge=0)  # numpy's generators take non-negative seeds
+
+    _p = field_validator("images", "prompts", mode="before")(resolve_path)
+
+    @field_validator("images", "prompts")
+    @classmethod
+    def _exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        want = "folder of images" if info.field_name == "images" else "JSONL file of prompts"
+        if v is not None and not (v.is_dir() if info.field_name == "images" else v.is_file()):
+            what = "does not exist" if not v.exists() else f"is not a {want.split()[0]}"
+            raise ValueError(f"{v} {what} (expected a {want} for the held-out set)")
+        return v
 
 
 class BuildConfig(Frozen):

@@ -23,14 +23,17 @@ _IMAGE_BLOCK_MIN = 3
 
 def check_config(cfg: BuildConfig, path: Path) -> None:
     """Raise ConfigError (one line: file, key, what was expected) for the first conflict."""
-    for check in (_image_sizes, _held_out, _decoder_lengths, _calibration_folder):
+    for check in (_image_sizes, _held_out, _decoder_lengths, _calibration_folder, _held_out_folder):
         problem = check(cfg)
         if problem:
             raise ConfigError(f"{path}: {problem}")
 
 
 def _image_sizes(cfg: BuildConfig) -> str | None:
-    """Every image size the build feeds must fit the vision engine's profile."""
+    """Every image size the build feeds must fit the vision engine's profile. A bring-your-own
+    ONNX is fed every image at its own ``resize``: the other sizes do not apply to it."""
+    if _byo(cfg):
+        return None
     vp = cfg.profiles.vision
     lo, hi = vp.min_image, vp.max_image
     if not (lo[0] <= vp.opt_image[0] <= hi[0] and lo[1] <= vp.opt_image[1] <= hi[1]):
@@ -59,7 +62,12 @@ def _image_sizes(cfg: BuildConfig) -> str | None:
 def _held_out(cfg: BuildConfig) -> str | None:
     """The held-out set must not repeat the calibration set (stages/reference.py checks again)."""
     v, c = cfg.verify, cfg.calibration
-    if c.source == "synthetic" and v.seed == c.seed:
+    if v.images is not None and c.source == "folder" and c.images is not None:
+        both = _same_files(v.images, c.images)
+        if both:
+            return (f"verify.images: {both[0]} is also a calibration image ({both[1]}, same content); "
+                    "expected held-out images the scales were not fitted to")
+    if v.images is None and c.source == "synthetic" and v.seed == c.seed:
         return (f"verify.seed: {v.seed} equals calibration.seed, so the held-out set would repeat the "
                 "calibration images; expected another verify.seed")
     shared = [list(s) for s in v.image_sizes if s in c.image_sizes]
@@ -69,14 +77,43 @@ def _held_out(cfg: BuildConfig) -> str | None:
     return None
 
 
-def _has_decoder(cfg: BuildConfig) -> bool:
+def _same_files(a: Path, b: Path) -> tuple[Path, Path] | None:
+    """The first image of folder ``a`` whose bytes equal one in folder ``b`` (sizes first, then sha256)."""
+    import hashlib
+
+    def files(d: Path) -> list[Path]:
+        try:
+            return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        except OSError:
+            return []
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    by_size: dict[int, list[Path]] = {}
+    for p in files(b):
+        by_size.setdefault(p.stat().st_size, []).append(p)
+    for p in files(a):
+        for q in by_size.get(p.stat().st_size, []):
+            if digest(p) == digest(q):
+                return p, q
+    return None
+
+
+def _byo(cfg: BuildConfig) -> bool:
+    m = cfg.model
+    return m.checkpoint is None and m.generate is None
+
+
+def has_decoder(cfg: BuildConfig) -> bool:
+    """Whether the model has a language decoder (a CNN or a bring-your-own vision ONNX has none)."""
     m = cfg.model
     return m.generate != "cnn-tiny" and not (m.checkpoint is None and m.generate is None)
 
 
 def _decoder_lengths(cfg: BuildConfig) -> str | None:
     """Prefill and generation lengths must fit the decoder engine's profile."""
-    if not _has_decoder(cfg):
+    if not has_decoder(cfg):
         return None
     seq, past = cfg.profiles.decoder.seq, cfg.profiles.decoder.past
     spl = cfg.export.sample_prompt_len
@@ -98,25 +135,44 @@ def _decoder_lengths(cfg: BuildConfig) -> str | None:
 
 
 def _calibration_folder(cfg: BuildConfig) -> str | None:
-    """calibration.source: folder: images present, every prompt line a record, named images there."""
+    """calibration.source: folder: images present, every prompt line a record, named images
+    there; prompts for a model with a decoder (a vision-only model has no use for them)."""
     c = cfg.calibration
-    if c.source != "folder" or c.images is None or c.prompts is None:
+    if c.source != "folder" or c.images is None:
         return None  # the model validators already refused a missing folder or file
+    if c.prompts is None and has_decoder(cfg):
+        return ("calibration.prompts: the model has a decoder, which calibrates on prompts too; "
+                "expected a JSONL file of " + PROMPT_RECORD)
+    return _folder("calibration.", c.images, c.prompts if has_decoder(cfg) else None)
+
+
+def _held_out_folder(cfg: BuildConfig) -> str | None:
+    """verify.images (and verify.prompts, for a model with a decoder): as calibration's."""
+    v = cfg.verify
+    if v.images is None:
+        return f"verify.prompts: {v.prompts} is set without verify.images" if v.prompts is not None else None
+    return _folder("verify.", v.images, v.prompts if has_decoder(cfg) else None)
+
+
+def _folder(section: str, images: Path, prompts: Path | None) -> str | None:
+    """``section``: the key prefix the lines name (``calibration.``, ``verify.``)."""
     try:
-        names = {p.name for p in c.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+        names = {p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
     except OSError as e:
-        return f"calibration.images: {c.images} cannot be read ({e.strerror or e})"
+        return f"{section}images: {images} cannot be read ({e.strerror or e})"
     if not names:
-        return f"calibration.images: {c.images} has no images (expected files ending {', '.join(IMAGE_SUFFIXES)})"
+        return f"{section}images: {images} has no images (expected files ending {', '.join(IMAGE_SUFFIXES)})"
+    if prompts is None:
+        return None
     try:
-        records = read_prompt_records(c.prompts)
+        records = read_prompt_records(prompts)
     except ValueError as e:
-        return f"calibration.prompts: {e}"
+        return f"{section}prompts: {e}"
     for i, rec in records:
         image = rec.get("image")
         if image not in (None, "") and (not isinstance(image, str) or image not in names):
-            return (f"calibration.prompts: {c.prompts}:{i}: names image {image!r}, which is not an image "
-                    f"in {c.images}")
+            return (f"{section}prompts: {prompts}:{i}: names image {image!r}, which is not an image "
+                    f"in {images}")
     return None
 
 

@@ -59,7 +59,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
 def _external(cfg: BuildConfig) -> list[Path]:
     """The folder's images and the prompts file: their content enters the cache key."""
     c = cfg.calibration
-    if c.source != "folder" or c.images is None or c.prompts is None:
+    if c.source != "folder" or c.images is None:
         return []
     from stages.lib.qdq.calibset import IMAGE_SUFFIXES
 
@@ -67,15 +67,18 @@ def _external(cfg: BuildConfig) -> list[Path]:
         files = sorted(p for p in c.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     except OSError:  # missing/unreadable: the stage itself raises the one-line error at run time
         files = []
-    return [*files, c.prompts] if c.prompts.is_file() else files
+    return [*files, c.prompts] if c.prompts is not None and c.prompts.is_file() else files
 
 
-def samples(p: dict[str, Any]) -> Any:
+def samples(p: dict[str, Any], resizes_itself: bool = False) -> Any:
+    """The calibration samples. ``resizes_itself``: the graph's own preprocessing resizes every
+    image (a BYO ONNX), so a folder's images are read as they are, resized once, there."""
     from stages.lib.qdq import calibset
 
     sizes = [tuple(s) for s in p["image_sizes"]]
     if p["source"] == "folder":
-        return calibset.folder_samples(Path(p["images"]), Path(p["prompts"]), int(p["samples"]), sizes)
+        return calibset.folder_samples(Path(p["images"]), Path(p["prompts"]) if p["prompts"] else None,
+                                       int(p["samples"]), None if resizes_itself else sizes)
     return calibset.synthetic_samples(int(p["samples"]), sizes, int(p["seed"]))
 
 
@@ -117,7 +120,7 @@ def _run(ctx: StageContext) -> StageResult:
     share = 0.3 if "decoder" in graphs else 1.0  # of the progress bar: the decoder's segments take the rest
     seq_lens, dfeeds, names = [], [], []
     kept: dict[str, dict[str, np.ndarray]] = {g: {} for g in graphs}
-    for i, s in enumerate(samples(p)):
+    for i, s in enumerate(samples(p, resizes_itself=getattr(feeder, "resize", None) is not None)):
         ctx.report(f"calibration sample {i + 1}/{n} ({s.name}): vision", share * i / n)
         try:
             feed, grid = feeder.vision(s)

@@ -55,11 +55,14 @@ IO_SPECS = ("vision.json", "decoder.json")
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     if target is None:
         raise StageError("quantize is a per-target stage and needs a target")
-    prec = {"vision": target.resolve_precision(cfg.precision.vision)[0],
-            "decoder": target.resolve_precision(cfg.precision.decoder)[0]}
+    from pipeline.config_checks import has_decoder
+
+    # a vision-only model's key holds no decoder setting: targets with byte-identical vision graphs share it
+    graphs = GRAPHS if has_decoder(cfg) else ("vision",)
+    prec = {g: target.resolve_precision(getattr(cfg.precision, g))[0] for g in graphs}
     return {
-        "precision": prec, "kv_cache": cfg.precision.kv_cache,
-        "quantize": cfg.quantize.model_dump(mode="json"),
+        "precision": prec, "kv_cache": cfg.precision.kv_cache if "decoder" in graphs else None,
+        "quantize": {g: getattr(cfg.quantize, g).model_dump(mode="json") for g in graphs},
         "gates": {p: cfg.gates[p].model_dump(mode="json") for p in set(prec.values()) if p in cfg.gates},
         "trust_remote_code": cfg.model.trust_remote_code,
     }

@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.stage import Stage, StageContext, StageError, StageResult
 from stages.lib.checkpoints.reads import ALL_ROLES, checkpoint_reads
-from stages.lib.qdq.calibset import synthetic_image
+from stages.lib.heldout_data import check_held_out, held_out_images, held_out_prompts, held_out_source
 from stages.lib.reference_io import META, NPZ, save_reference
 from stages.lib.sizing import node_resources
 
@@ -53,6 +53,8 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         # model.vision_onnx alone: the reference is that FP32 ONNX in onnxruntime, fed as declared
         "vision_onnx": None if (src := _byo_source(cfg)) is None else {**src.model_dump(mode="json"),
                                                                        "path": str(src.path)},
+        # real held-out data (verify.images / verify.prompts): their content keys the stage (_external)
+        "images": str(v.images) if v.images else None, "prompts": str(v.prompts) if v.prompts else None,
         # read only to prove the held-out set is disjoint from the calibration set
         "calibration": {"seed": c.seed, "image_sizes": [list(s) for s in c.image_sizes], "source": c.source},
     }
@@ -65,40 +67,45 @@ def _byo_source(cfg: BuildConfig) -> Any:
 
 
 def _external(cfg: BuildConfig) -> list[Path]:
-    """The BYO ONNX (and its external data): its content, not its path, keys the reference."""
-    src = _byo_source(cfg)
-    if src is None:
-        return []
-    data = src.path.with_name(src.path.name + ".data")
-    return [src.path, *([data] if data.is_file() else [])]
+    """The BYO ONNX (and its external data) and the held-out folder's images and prompts: their
+    content, not their paths, keys the reference."""
+    from stages.lib.qdq.calibset import IMAGE_SUFFIXES
+
+    src, v = _byo_source(cfg), cfg.verify
+    out: list[Path] = []
+    if src is not None:
+        data = src.path.with_name(src.path.name + ".data")
+        out += [src.path, *([data] if data.is_file() else [])]
+    if v.images is not None:
+        try:
+            out += sorted(p for p in v.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        except OSError:  # the stage raises the one-line error when it runs
+            pass
+    return out + ([v.prompts] if v.prompts is not None and v.prompts.is_file() else [])
 
 
-def check_held_out(p: dict[str, Any]) -> None:
-    cal = p["calibration"]
-    if cal["source"] == "synthetic" and int(p["seed"]) == int(cal["seed"]):
-        raise StageError(f"verify.seed ({p['seed']}) equals calibration.seed: the held-out set would "
-                         "repeat the calibration images; choose another verify.seed")
-    shared = [s for s in p["image_sizes"] if s in cal["image_sizes"]]
-    if shared:
-        raise StageError(f"verify.image_sizes {shared} are also calibration.image_sizes: held-out images "
-                         "must have other shapes (a graph that baked in a shape must fail here)")
 
 
-def _prompt_ids(tok: Any, n: int, rng: np.random.Generator) -> tuple[str, list[int]]:
-    """``n`` text token ids from a deterministic sentence (repeated if the tokenizer merges words)."""
+
+
+
+
+def _prompt_ids(tok: Any, n: int, rng: np.random.Generator, text: str | None = None) -> tuple[str, list[int]]:
+    """``n`` text token ids of ``text`` (None: a deterministic sentence), repeated if the
+    tokenizer makes fewer."""
     from stages.lib.hostside.prompt_ids import text_ids
 
     words = ["describe", "the", "image", "colors", "shape", "left", "right", "top", "bottom", "red",
              "blue", "green", "square", "light", "dark", "what", "is", "in", "a", "picture"]
-    text = " ".join(rng.choice(words, size=n))
+    text = text if text is not None else " ".join(rng.choice(words, size=n))
     try:
         return text, text_ids(tok, text, n)
     except ValueError:
         raise StageError("the checkpoint's tokenizer produced no tokens for the evaluation prompt") from None
 
 
-def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any],
-            i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any], image: np.ndarray,
+            rng: np.random.Generator, text: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     import torch
     from PIL import Image
 
@@ -106,13 +113,11 @@ def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any],
     from stages.lib.hostside.vision import num_image_tokens
 
     cfg = model.config
-    rng = np.random.default_rng([int(p["seed"]), i])
-    h, w = p["image_sizes"][i % len(p["image_sizes"])]
-    image = synthetic_image(h, w, rng)
+    h, w = image.shape[:2]
     enc = proc(images=[Image.fromarray(image)], return_tensors="np")
     pixel_values, grid = np.asarray(enc["pixel_values"], np.float32), np.asarray(enc["image_grid_thw"], np.int64)
     n_img = sum(num_image_tokens(vspec, grid))
-    text, ids = _prompt_ids(tok, int(p["prompt_len"]), rng)
+    text, ids = _prompt_ids(tok, int(p["prompt_len"]), rng, text)
     k = len(ids) // 3  # text on both sides of the image: the M-RoPE offsets after it matter
     input_ids = image_prompt_ids(ids[:k], ids[k:], n_img, cfg)
     t_ids = torch.tensor([input_ids], dtype=torch.long)
@@ -152,15 +157,13 @@ def _sample(model: Any, proc: Any, tok: Any, vspec: Any, p: dict[str, Any],
     return arrays, meta
 
 
-def _cnn_sample(model: Any, proc: Any, p: dict[str, Any], i: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _cnn_sample(model: Any, proc: Any, image: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Vision-only checkpoints (a CNN classifier): the image normalised the way ``vision.json``
     tells a runtime to (mean/std, NCHW, no resize: the graph is dynamic in H and W), the pooled
     features and the logits."""
     import torch
 
-    rng = np.random.default_rng([int(p["seed"]), i])
-    h, w = p["image_sizes"][i % len(p["image_sizes"])]
-    image = synthetic_image(h, w, rng)
+    h, w = image.shape[:2]
     mean = np.asarray(getattr(proc, "image_mean", None) or IMAGENET_MEAN, np.float32)
     std = np.asarray(getattr(proc, "image_std", None) or IMAGENET_STD, np.float32)
     x = ((image.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)[None].copy()
@@ -189,25 +192,28 @@ def _byo_run(ctx: StageContext) -> StageResult:
     samples: list[dict[str, np.ndarray]] = []
     metas = []
     names = [o.name for o in session(Path(src["path"])).get_outputs()]
-    for i in range(int(p["samples"])):
-        ctx.report(f"reference sample {i + 1}/{p['samples']} (onnxruntime fp32)", i / int(p["samples"]))
-        rng = np.random.default_rng([int(p["seed"]), i])
-        h, w = p["image_sizes"][i % len(p["image_sizes"])]
-        image = synthetic_image(h, w, rng)
-        feed = feeder.vision(Sample(f"held-out-{i}", image, ""))[0]
+    images = held_out_images(p, resize=False)  # the graph's own preprocessing resizes, once
+    for i, (name, image, _) in enumerate(images):
+        ctx.report(f"reference sample {i + 1}/{len(images)} (onnxruntime fp32)", i / len(images))
+        h, w = image.shape[:2]
+        feed = feeder.vision(Sample(name, image, ""))[0]
         out = run_all(src["path"], [feed], names)[0]
         a = {"image": image, "pixel_values": feed[feeder.name], "vision_features": out[names[0]]}
         if "logits" in out:  # a classifier head: verify grades its top-1 too
             a["logits"] = out["logits"]
         samples.append(a)
-        metas.append({"image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1, "grid_thw": None})
-    meta = {"family": "byo", "vision_only": True, "samples": metas, "dtype": "fp32",
+        metas.append({"image": name, "image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1,
+                      "grid_thw": None})
+    meta = {"family": "byo", "held_out": held_out_source(p), "vision_only": True, "samples": metas, "dtype": "fp32",
             "reference": f"onnxruntime fp32 {Path(src['path']).name}", "outputs": names,
             "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")}}
     save_reference(ctx.out, samples, meta)
     return StageResult(metrics={"samples": len(metas), "image_sizes": [m["image_size"] for m in metas],
-                                "reference": "onnxruntime fp32"},
+                                "reference": "onnxruntime fp32", "held_out": held_out_source(p)},
                        notes=[f"bring-your-own ONNX: the reference is {Path(src['path']).name} itself in onnxruntime"])
+
+
+
 
 
 def _run(ctx: StageContext) -> StageResult:
@@ -242,14 +248,18 @@ def _run(ctx: StageContext) -> StageResult:
         vspec = VisionSpec.from_config(family, model.config.vision_config)  # merge size: image tokens
     samples: list[dict[str, np.ndarray]] = []
     metas = []
-    for i in range(int(p["samples"])):
-        ctx.report(f"reference sample {i + 1}/{p['samples']}", i / int(p["samples"]))
-        a, m = _cnn_sample(model, proc, p, i) if vision_only else _sample(model, proc, tok, vspec, p, i)
+    images, texts = held_out_images(p), held_out_prompts(p)
+    for i, (name, image, rng) in enumerate(images):
+        ctx.report(f"reference sample {i + 1}/{len(images)}", i / len(images))
+        text = texts[i % len(texts)] if texts else None
+        a, m = _cnn_sample(model, proc, image) if vision_only else _sample(model, proc, tok, vspec, p, image, rng, text)
         samples.append(a)
-        metas.append(m)
+        metas.append({"image": name, **m})
     c = model.config
-    meta: dict[str, Any] = {"family": family, "vision_only": vision_only, "samples": metas, "dtype": "fp32"}
-    metrics: dict[str, Any] = {"samples": len(metas), "image_sizes": [m["image_size"] for m in metas]}
+    meta: dict[str, Any] = {"family": family, "vision_only": vision_only, "samples": metas, "dtype": "fp32",
+                            "held_out": held_out_source(p)}
+    metrics: dict[str, Any] = {"samples": len(metas), "image_sizes": [m["image_size"] for m in metas],
+                               "held_out": held_out_source(p)}
     if not vision_only:
         meta |= {"generate_tokens": int(p["generate_tokens"]), "image_token_id": int(c.image_token_id),
                  "vocab_size": int(c.text_config.vocab_size), "eos_token_id": c.text_config.eos_token_id}
@@ -262,8 +272,9 @@ def _run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="reference",
     resources=node_resources("reference"),
-    # 5: the greedy steps' margins (generated_margin); 4: VLM reference streamed block by block
-    version="5",
+    # 5: the greedy steps' margins (generated_margin); 4: VLM reference streamed block by block;
+    # 6: real held-out data (verify.images / verify.prompts), each sample's image named
+    version="6",
     run=_run,
     params=_params,
     deps=("checkpoint",),

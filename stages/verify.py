@@ -251,6 +251,7 @@ def _run(ctx: StageContext) -> StageResult:
     passed = all(c.passed for c in checks)
     doc = {"target": p["target"], "sm": p["sm"], "builder": p["builder"],
            "reference": {"samples": len(samples), "image_sizes": [s["image_size"] for s in meta["samples"]],
+                         "held_out": meta.get("held_out"), "images": [s.get("image") for s in meta["samples"]],
                          "generate_tokens": int(p["generate_tokens"])},
            "rows": rows, "drilldown": drill, "passed": passed, "not_run": not_run}
     (ctx.out / "verify.json").write_text(json.dumps(doc, indent=1, default=float))
@@ -259,7 +260,7 @@ def _run(ctx: StageContext) -> StageResult:
                **({"gated_on": r["gated_on"]} if r.get("gated_on") else {}),
                **{k: v for k, v in (r.get("figures") or {}).items() if isinstance(v, int | float | bool)}}
                for r in rows}
-    metrics = {"rows": summary, "passed": passed, "not_run": not_run,
+    metrics = {"rows": summary, "passed": passed, "not_run": not_run, "held_out": doc["reference"]["held_out"],
                "drilldown": {g: {"jump_block": d["jump"].get("block"), "why": d["jump"].get("why"),
                                  "blocks": [{k: b.get(k) for k in ("block", "cosine", "rel_l2", "max_abs")}
                                             for b in d["blocks"]]} for g, d in drill.items()}}

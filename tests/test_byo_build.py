@@ -142,3 +142,34 @@ def test_an_old_opset_graph_is_upgraded_at_import_and_quantizes(tmp_path: Path) 
     for target, prec in TARGETS.items():
         q = json.loads((out / f"quantize@{target}" / "quantize.json").read_text())
         assert q["vision"]["precision"] == prec and q["vision"]["parity"]["vs_reference"]["cosine"] >= 0.99
+
+
+def test_byo_calibrates_and_is_graded_on_image_folders(tmp_path: Path) -> None:
+    """Issue 13: real files for a bring-your-own graph: calibration.images with no prompts (it has
+    no decoder), a held-out verify.images folder; each image resized once, by the graph's own
+    declared preprocessing; the reference and verify name the held-out images."""
+    from PIL import Image
+
+    import stages
+    from stages.lib.qdq.calibset import synthetic_image
+
+    _tiny_cnn(tmp_path / "net.onnx")
+    for folder, seed, n in (("cal", 0, 4), ("held", 1, 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            size = (90 + 10 * i, 120)
+            Image.fromarray(synthetic_image(*size, np.random.default_rng([seed, i]))).save(tmp_path / folder / f"{folder}{i}.png")
+    cli = Cli(tmp_path, stages=",".join(stages.STAGE_MODULES))
+    cfg = cli.config(CONFIG.replace("targets: [rtx3090, rtx4090]", "targets: [rtx3090]")
+                     .replace("calibration: {samples: 4}", "calibration: {samples: 4, source: folder, images: cal}\n"
+                              "verify: {images: held}"), name="byo.yaml")
+    r = cli("build", str(cfg), "--until", "verify", "--json", timeout=900)
+    nodes = {n["id"]: n for n in json.loads(r.stdout)["nodes"]}
+    assert all(n["status"] == "ran" for n in nodes.values()), {k: n["status"] for k, n in nodes.items()}
+    out = tmp_path / "artifacts" / "out" / "byo"
+    ref = json.loads((out / "reference" / "reference.json").read_text())
+    assert [s["image"] for s in ref["samples"]] == ["held0.png", "held1.png"]  # verify.samples: 2
+    assert [s["image_size"] for s in ref["samples"]] == [[90, 120], [100, 120]]  # not resized before the graph's rule
+    v = json.loads((out / "verify@rtx3090" / "verify.json").read_text())
+    assert v["reference"]["images"] == ["held0.png", "held1.png"] and str(tmp_path / "held") in v["reference"]["held_out"]
+    assert v["passed"] is True

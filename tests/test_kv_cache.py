@@ -156,3 +156,25 @@ def test_apply_refuses_a_graph_without_presents_and_an_old_calibration(tmp_path:
         kv_cache.scales_from_ranges({"tensors": {"x": {"max_abs": 1.0}}}, "int8", "ranges_decoder.json")
     assert kv_cache.scales_from_ranges({"tensors": {"present.0.key": {"max_abs": 0.0}}}, "fp8", "r") == \
         {"present.0.key": 1.0 / 448}
+
+
+@pytest.mark.slow
+def test_an_fp8_cache_builds_verifies_and_runs_from_its_package(tmp_path: Path) -> None:
+    """The tiny default with ``precision.kv_cache: fp8`` for rtx4090, end to end through the CLI:
+    the quantize report says what the cache costs, the engine's cache I/O is FP8, verify's token
+    gate reads through the cache, and the package's own check runs it (onnxruntime backend)."""
+    from tests.test_package_stage_cli import REAL
+
+    cli = Cli(tmp_path, stages=REAL)
+    cfg = cli.config("name: kvf\nmodel: {generate: tiny, family: qwen2_5_vl, seed: 0}\ntargets: [rtx4090]\n"
+                     "precision: {kv_cache: fp8}\n", "kvf.yaml")
+    doc: Any = cli.json("build", str(cfg), "--until", "package", "-j", "1")
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    kv = nodes["quantize@rtx4090"]["metrics"]["decoder"]["kv_cache"]
+    assert kv["precision"] == "fp8" and kv["saving_vs_fp16"] == 0.5 and kv["bytes_per_token"] > 0
+    assert nodes["engine@rtx4090"]["metrics"]["decoder_kv_cache"]["dtype"] == "fp8"
+    gen = nodes["verify@rtx4090"]["metrics"]["rows"]["generation.onnxruntime"]
+    assert gen["status"] == "pass" and gen["gated_on"].endswith("read through the fp8 KV cache")
+    tar = cli.tmp / "artifacts" / "out" / "kvf" / "package@rtx4090" / "package.tar"
+    r = cli("check", str(tar), "--backend", "onnxruntime")
+    assert "generation pass    vision:fp8+decoder:fp8+kv_cache:fp8" in r.stdout, r.stdout

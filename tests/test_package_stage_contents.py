@@ -44,7 +44,7 @@ def build(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_declaration() -> None:
-    assert (STAGE.name, STAGE.version, STAGE.per_target) == ("package", "2", True)
+    assert (STAGE.name, STAGE.version, STAGE.per_target) == ("package", "3", True)
     assert set(STAGE.deps) == {"engine", "quantize", "checkpoint", "reference", "verify"}
     assert STAGE.outputs == ("package.tar", "manifest.json") and STAGE.deliver == ("package.tar",)
     p = STAGE.params(_cfg(), load_catalog()[TARGET])

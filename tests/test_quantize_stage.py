@@ -223,3 +223,15 @@ def test_real_exported_graphs_end_to_end(tmp_path, family):
             assert q[g]["precision"] == prec[g] and q[g]["checker"] is True
             assert q[g]["parity"]["vs_reference"]["cosine"] > (0.9 if prec[g] == "int4-weight" else 0.98)
             onnx.checker.check_model(str(work / f"quantize@{target}" / f"{g}.onnx"), full_check=True)
+
+
+def test_a_vision_only_models_key_holds_no_decoder_setting() -> None:
+    """Issue 13: the unused precision.decoder: best (int8 on rtx3090, fp8 on rtx4090) no longer
+    splits the quantize key of a vision-only model whose vision graphs are the same."""
+    cat = load_catalog()
+    for model, same in (({"generate": "cnn-tiny"}, True), ({"generate": "tiny", "family": "qwen2_5_vl"}, False)):
+        cfg = BuildConfig.model_validate({"name": "k", "model": model, "targets": ["rtx3090", "rtx4090"],
+                                          "precision": {"vision": "int8"}})
+        a, b = (quantize.STAGE.params(cfg, cat[t]) for t in ("rtx3090", "rtx4090"))
+        assert (a == b) is same, (a["precision"], b["precision"])
+        assert ("decoder" in a["precision"]) is not same

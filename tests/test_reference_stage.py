@@ -104,3 +104,68 @@ def test_vision_only_checkpoint(tmp_path: Path) -> None:
         assert s["pixel_values"].shape == (1, 3, h, w) and s["pixel_values"].dtype == np.float32
         assert s["vision_features"].ndim == 2 and s["logits"].shape == (1, 10)
         assert abs(float(s["pixel_values"].mean())) < 3  # normalised, not raw 0..255
+
+
+# --- real held-out data: verify.images / verify.prompts (issue 13) ------------------------------
+
+
+def _photos(folder: Path, n: int, size: tuple[int, int] = (150, 230), seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img = synthetic_image(*size, np.random.default_rng([seed, 99, i]))
+        out.append(folder / f"photo_{i}.png")
+        Image.fromarray(img).save(out[-1])
+    return out
+
+
+def test_held_out_images_and_prompts_come_from_the_folder(checkpoint: Path, tmp_path: Path) -> None:
+    _photos(tmp_path / "held", 3)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "what is written on the sign"}\n{"prompt": "count the cars"}\n')
+    res = _run(checkpoint, tmp_path / "a", verify={"images": str(tmp_path / "held"), "prompts": str(tmp_path / "p.jsonl"),
+                                                 "generate_tokens": 4})
+    meta, samples = load_reference(tmp_path / "a")
+    assert [m["image"] for m in meta["samples"]] == ["photo_0.png", "photo_1.png"]  # the first `samples`, sorted
+    assert [m["image_size"] for m in meta["samples"]] == [[112, 168], [196, 140]]  # resized to verify.image_sizes
+    assert [m["prompt"] for m in meta["samples"]] == ["what is written on the sign", "count the cars"]
+    assert str(tmp_path / "held") in res.metrics["held_out"] and meta["held_out"] == res.metrics["held_out"]
+    # the stage's key follows the files' content: the external list names every image and the prompts
+    cfg = BuildConfig.model_validate({**BASE, "verify": {"images": str(tmp_path / "held"),
+                                                         "prompts": str(tmp_path / "p.jsonl")}})
+    assert STAGE.external is not None and {p.name for p in STAGE.external(cfg)} >= {"photo_2.png", "p.jsonl"}
+    synthetic = _run(checkpoint, tmp_path / "b", verify={"generate_tokens": 4})
+    assert synthetic.metrics["held_out"].startswith("synthetic images")
+
+
+def _config_error(tmp_path: Path, text: str) -> str:
+    from pipeline.config_io import load_config
+    from pipeline.errors import ConfigError
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_held_out_folders_are_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from pipeline.config_io import load_config
+
+    cal, held = _photos(tmp_path / "cal", 2), _photos(tmp_path / "held", 2, seed=1)
+    (tmp_path / "held" / "copy.png").write_bytes(cal[1].read_bytes())
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    vlm = "model: {generate: tiny, family: qwen2_5_vl}\ntargets: [rtx4090]\n"
+    msg = _config_error(tmp_path, vlm + "calibration: {source: folder, images: cal, prompts: p.jsonl}\n"
+                                        "verify: {images: held}\n")
+    assert "verify.images" in msg and "copy.png" in msg and "photo_1.png" in msg
+    assert "does not exist" in _config_error(tmp_path, vlm + "verify: {images: nowhere}\n")
+    assert "without verify.images" in _config_error(tmp_path, vlm + "verify: {prompts: p.jsonl}\n")
+    # a VLM calibrates on prompts too; a vision-only model needs none
+    assert "calibration.prompts" in _config_error(tmp_path, vlm + "calibration: {source: folder, images: cal}\n")
+    (tmp_path / "held" / "copy.png").unlink()
+    (tmp_path / "ok.yaml").write_text("model: {generate: cnn-tiny}\ntargets: [rtx4090]\n"
+                                      "calibration: {source: folder, images: cal}\nverify: {images: held}\n")
+    cfg = load_config(tmp_path / "ok.yaml")
+    assert cfg.verify.images == held[0].parent and cfg.calibration.prompts is None

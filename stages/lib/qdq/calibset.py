@@ -32,26 +32,36 @@ class Sample:
     text: str
 
 
-def image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path, key: str = "calibration.images") -> list[Path]:
     if not folder.is_dir():
-        raise StageError(f"calibration.images {folder} is not a readable folder")
+        raise StageError(f"{key} {folder} is not a readable folder")
     try:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     except OSError as e:
-        raise StageError(f"calibration.images {folder} is not readable ({e.strerror})") from None
+        raise StageError(f"{key} {folder} is not readable ({e.strerror})") from None
     if not files:
-        raise StageError(f"calibration.images {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise StageError(f"{key} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
-def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The image at ``path`` as HxWx3 uint8 RGB resized to ``size``; StageError naming the file
-    for anything PIL cannot decode (corrupt, truncated, not an image, a decompression bomb)."""
+def read_rgb(path: Path) -> np.ndarray:
+    """The image at ``path`` as HxWx3 uint8 RGB, its own size (StageError naming the file)."""
+    from stages.lib.hostside.vision import open_rgb
+
+    return np.asarray(open_rgb(path), dtype=np.uint8)
+
+
+def read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """The image at ``path`` as HxWx3 uint8 RGB resized to ``size`` (None: its own); StageError
+    naming the file for anything PIL cannot decode (corrupt, truncated, not an image, a
+    decompression bomb)."""
     from PIL import Image
 
     from stages.lib.hostside.vision import open_rgb
 
     rgb = open_rgb(path)
+    if size is None:
+        return np.asarray(rgb, dtype=np.uint8)
     try:
         rgb = rgb.resize((int(size[1]), int(size[0])), Image.Resampling.BICUBIC)
     except (OSError, ValueError) as e:
@@ -59,18 +69,22 @@ def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def read_prompts(path: Path) -> list[dict[str, Any]]:
+def read_prompts(path: Path, key: str = "calibration.prompts") -> list[dict[str, Any]]:
     from pipeline.config_checks import read_prompt_records
 
     try:
         return [rec for _, rec in read_prompt_records(path)]
     except ValueError as e:
-        raise StageError(f"calibration.prompts: {e}") from None
+        raise StageError(f"{key}: {e}") from None
 
 
-def folder_samples(images: Path, prompts: Path, n: int, sizes: Sequence[tuple[int, int]]) -> Iterator[Sample]:
+def folder_samples(images: Path, prompts: Path | None, n: int,
+                   sizes: Sequence[tuple[int, int]] | None) -> Iterator[Sample]:
+    """``n`` samples from the folder: images in turn (or the one a prompt names), resized to
+    ``sizes`` in turn (None: as they are; a BYO graph resizes them itself). No prompts (a
+    vision-only model): empty texts."""
     files = image_files(images)
-    recs = read_prompts(prompts)
+    recs = read_prompts(prompts) if prompts is not None else [{"prompt": ""}]
     by_name = {p.name: p for p in files}
     for i in range(n):
         rec = recs[i % len(recs)]
@@ -80,7 +94,7 @@ def folder_samples(images: Path, prompts: Path, n: int, sizes: Sequence[tuple[in
             path = by_name[rec["image"]]
         else:
             path = files[i % len(files)]
-        yield Sample(path.name, read_image(path, sizes[i % len(sizes)]), rec["prompt"])
+        yield Sample(path.name, read_image(path, sizes[i % len(sizes)] if sizes else None), rec["prompt"])
 
 
 def synthetic_image(h: int, w: int, rng: np.random.Generator) -> np.ndarray:

@@ -168,15 +168,16 @@ def apply(path: Path, ranges_path: Path, precision: str) -> KvCache:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    names_in = [v.name for v in proto.graph.input]
-    pairs = kv_pairs(names_in, [v.name for v in proto.graph.output])
-    if not pairs:
-        raise ValueError(f"{path.name} has no past_key_values inputs: no cache to quantize")
-    first = next(v for v in proto.graph.input if v.name == pairs[0][0]).type.tensor_type
+    pasts = [v for v in proto.graph.input if v.name.startswith(PAST)]
+    if not pasts:
+        raise ValueError(f"{path.name} has no past_key_values inputs: no cache")
+    first = pasts[0].type.tensor_type
     dims = [d.dim_value for d in first.shape.dim]
     kv_heads, head_dim, fp_bytes = dims[1], dims[3], 2 if first.elem_type != 1 else 4
     scales: dict[str, float] = {}
+    pairs: list[Any] = pasts  # in the graph's float type, the cache needs no present to be counted
     if precision not in ("fp16", "fp32", "bf16"):
+        pairs = kv_pairs([v.name for v in pasts], [v.name for v in proto.graph.output])
         p: KvPrecision = "fp8" if precision == "fp8" else "int8"
         scales = scales_from_ranges(json.loads(ranges_path.read_text()), p, str(ranges_path))
         model = ir.from_proto(proto)
