@@ -36,6 +36,20 @@ class OnnxGraphSource(Frozen):
     resize: HW = (224, 224)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[PosFloat, PosFloat, PosFloat] = IMAGENET_STD
+    # "resize": every image to `resize` (one engine shape). "keep-aspect": a graph dynamic in H and
+    # W (a detector serving many page sizes): each image scaled, aspect kept, into
+    # profiles.vision min_image..max_image, each side a multiple of `stride`; the engine's profile
+    # is profiles.vision's min/opt/max
+    fit: Literal["resize", "keep-aspect"] = "resize"
+    stride: int = Field(32, ge=1)
+
+    def preprocess(self, profile: VisionProfile) -> dict[str, Any]:
+        """The declared preprocessing, as every stage that feeds the graph reads it (one dict)."""
+        out: dict[str, Any] = {k: v for k, v in self.model_dump(mode="json").items() if k != "path"}
+        if self.fit == "keep-aspect":
+            out |= {"min_image": list(profile.min_image), "opt_image": list(profile.opt_image),
+                    "max_image": list(profile.max_image)}
+        return out
 
     _p = field_validator("path", mode="before")(resolve_path)
 

@@ -51,7 +51,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "sample_image": list(e.sample_image),
         "profile": {"min_image": list(vp.min_image), "opt_image": list(vp.opt_image),
                     "max_image": list(vp.max_image), "max_images": vp.max_images},
-        "vision_onnx": None if src is None else {**src.model_dump(mode="json"), "path": str(src.path)},
+        "vision_onnx": None if src is None else {**src.preprocess(vp), "path": str(src.path)},
         "gate": cfg.gates["export"].model_dump(),
         "gate_fp16": cfg.gates["fp16"].model_dump(),
         "verify_sizes": [list(s) for s in cfg.verify.image_sizes],
@@ -104,7 +104,7 @@ def _run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="export_vision",
     resources=node_resources("export_vision"),
-    version="6",  # 6: BYO graphs below opset 19 upgraded at import; 5: blocks stamped (vision_stamp); 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
+    version="7",  # 7: BYO fit: keep-aspect (dynamic H/W); 6: BYO graphs below opset 19 upgraded at import; 5: blocks stamped (vision_stamp); 4: optimised by fusion.cleanup, not torch's optimize=True; 3: BYO check image preprocessed by ImageFeeder
     run=_run,
     params=_params,
     deps=("checkpoint",),
@@ -151,7 +151,13 @@ def bring_your_own(ctx: StageContext) -> StageResult:
     meta = sess.get_inputs()
     from stages.lib.qdq.calibset import ImageFeeder, Sample
 
-    h, w = src["resize"]
+    h, w = src["resize"] if src.get("fit") != "keep-aspect" else src["opt_image"]
+    if src.get("fit") == "keep-aspect":  # sizes vary per image: the graph must take any H and W
+        dims = list(inputs[src["input_name"]].type.tensor_type.shape.dim)
+        fixed = [d.dim_value for d in (dims[1:3] if src["layout"] == "NHWC" else dims[2:4]) if d.HasField("dim_value")]
+        if len(dims) != 4 or fixed:
+            raise StageError(f"{src['path']}: input {src['input_name']} has fixed H/W ({'x'.join(map(str, fixed))}); "
+                             "model.vision_onnx.fit: keep-aspect needs a graph dynamic in H and W (or fit: resize)")
     rng = np.random.default_rng(ctx.params["seed"])
     # the one implementation of the declared preprocessing (calibrate, reference and quantize
     # feed the graph through it too), on an 8-bit image of another size than the resize
@@ -184,7 +190,7 @@ def bring_your_own(ctx: StageContext) -> StageResult:
                     for o in sess.get_outputs()],
         "profile": {"image": [h, w], "batch": shape(meta[0])[0]},
         "dtype": "fp32", "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
-        "family": "byo", "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")},
+        "family": "byo", "preprocess": {k: v for k, v in src.items() if k != "path"},
         "parity": {"reference": "itself in onnxruntime fp32", "output_shapes": [list(o.shape) for o in outs]},
     }, indent=2))
     return StageResult(metrics={"export_seconds": round(time.perf_counter() - t0, 3), "onnx_bytes": dst.stat().st_size,

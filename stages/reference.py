@@ -51,7 +51,7 @@ def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
         "seed": v.seed,
         "trust_remote_code": cfg.model.trust_remote_code,
         # model.vision_onnx alone: the reference is that FP32 ONNX in onnxruntime, fed as declared
-        "vision_onnx": None if (src := _byo_source(cfg)) is None else {**src.model_dump(mode="json"),
+        "vision_onnx": None if (src := _byo_source(cfg)) is None else {**src.preprocess(cfg.profiles.vision),
                                                                        "path": str(src.path)},
         # real held-out data (verify.images / verify.prompts): their content keys the stage (_external)
         "images": str(v.images) if v.images else None, "prompts": str(v.prompts) if v.prompts else None,
@@ -206,7 +206,7 @@ def _byo_run(ctx: StageContext) -> StageResult:
                       "grid_thw": None})
     meta = {"family": "byo", "held_out": held_out_source(p), "vision_only": True, "samples": metas, "dtype": "fp32",
             "reference": f"onnxruntime fp32 {Path(src['path']).name}", "outputs": names,
-            "preprocess": {k: src[k] for k in ("input_name", "layout", "resize", "mean", "std")}}
+            "preprocess": {k: v for k, v in src.items() if k != "path"}}
     save_reference(ctx.out, samples, meta)
     return StageResult(metrics={"samples": len(metas), "image_sizes": [m["image_size"] for m in metas],
                                 "reference": "onnxruntime fp32", "held_out": held_out_source(p)},

@@ -13,7 +13,7 @@ from tests.conftest import Cli
 TARGETS = {"rtx3090": "int8", "rtx4090": "fp8"}  # precision best: rtx3090 has no FP8
 
 
-def _tiny_cnn(path: Path, opset: int = 19) -> None:
+def _tiny_cnn(path: Path, opset: int = 19, dynamic_hw: bool = False) -> None:
     """A small conv net (conv-bn-relu stages, pooled features, a classifier), FP32, NCHW input
     ``image`` with a dynamic batch, as a user's own exporter would write it. Its pooled features
     are squeezed (not flattened): below opset 13 Squeeze takes its axes as an attribute."""
@@ -40,7 +40,8 @@ def _tiny_cnn(path: Path, opset: int = 19) -> None:
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
     torch.onnx.export(net, (torch.randn(1, 3, 64, 64),), str(path), input_names=["image"],
-                      output_names=["features", "logits"], dynamic_axes={"image": {0: "batch"}},
+                      output_names=["features", "logits"],
+                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}},
                       opset_version=opset, dynamo=False)
 
 
@@ -173,3 +174,37 @@ def test_byo_calibrates_and_is_graded_on_image_folders(tmp_path: Path) -> None:
     v = json.loads((out / "verify@rtx3090" / "verify.json").read_text())
     assert v["reference"]["images"] == ["held0.png", "held1.png"] and str(tmp_path / "held") in v["reference"]["held_out"]
     assert v["passed"] is True
+
+
+def test_byo_keep_aspect_builds_one_engine_for_many_image_sizes(tmp_path: Path) -> None:
+    """Issue 13: a graph dynamic in H and W with ``fit: keep-aspect``: each held-out image keeps
+    its aspect inside profiles.vision, on the stride grid, and the engine's profile spans
+    min..max; a graph with a fixed size is refused that fit at the first stage, in one line."""
+    import stages
+    from PIL import Image
+
+    from stages.lib.qdq.calibset import synthetic_image
+
+    _tiny_cnn(tmp_path / "net.onnx", dynamic_hw=True)
+    (tmp_path / "held").mkdir()
+    for name, size in (("a_wide.png", (90, 120)), ("b_tall.png", (300, 200))):
+        Image.fromarray(synthetic_image(*size, np.random.default_rng([3, size[0]]))).save(tmp_path / "held" / name)
+    cli = Cli(tmp_path, stages=",".join(stages.STAGE_MODULES))
+    text = (CONFIG.replace("targets: [rtx3090, rtx4090]", "targets: [rtx3090]")
+            .replace("resize: [64, 64],", "fit: keep-aspect, stride: 32,")
+            + "verify: {images: held}\nprofiles: {vision: {min_image: [64, 64], opt_image: [128, 128], "
+              "max_image: [256, 256]}}\n")
+    r = cli("build", str(cli.config(text, name="byo.yaml")), "--until", "verify", "--json", timeout=900)
+    nodes = {n["id"]: n for n in json.loads(r.stdout)["nodes"]}
+    assert all(n["status"] == "ran" for n in nodes.values()), {k: n["status"] for k, n in nodes.items()}
+    out = tmp_path / "artifacts" / "out" / "byo"
+    with np.load(out / "reference" / "reference.npz") as z:
+        shapes = [z[f"s{i}.pixel_values"].shape for i in range(2)]
+    assert shapes == [(1, 3, 96, 128), (1, 3, 256, 160)]  # aspect kept, sides on the 32 grid, inside the profile
+    side = json.loads((out / "engine@rtx3090" / "vision.engine.json").read_text())
+    assert side["profile"]["image"] == {"min": [1, 3, 64, 64], "opt": [1, 3, 128, 128], "max": [2, 3, 256, 256]}
+    assert json.loads((out / "verify@rtx3090" / "verify.json").read_text())["passed"] is True
+
+    _tiny_cnn(tmp_path / "net.onnx")  # fixed 64x64
+    r = cli("build", str(cli.config(text, name="byo.yaml")), "--until", "export_vision", check=None)
+    assert r.returncode != 0 and "keep-aspect needs a graph dynamic in H and W" in r.stderr + r.stdout

@@ -197,13 +197,34 @@ class ImageFeeder:
         self.mean = np.asarray(pre.get("mean", IMAGENET_MEAN), np.float32)
         self.std = np.asarray(pre.get("std", IMAGENET_STD), np.float32)
         self.resize = tuple(pre["resize"]) if pre.get("resize") else None  # BYO graphs have a fixed size
+        # keep-aspect (a BYO graph dynamic in H and W): sizes inside min..max, multiples of stride
+        self.keep_aspect = pre.get("fit") == "keep-aspect"
+        self.stride = int(pre.get("stride") or 32)
+        self.bounds = (tuple(pre.get("min_image") or (1, 1)), tuple(pre.get("max_image") or (4096, 4096)))
+
+    def size_for(self, h: int, w: int) -> tuple[int, int]:
+        """The (H, W) an ``h`` x ``w`` image is resized to. keep-aspect: scaled to fit max_image
+        (never below min_image), then each side rounded to a multiple of ``stride`` inside the
+        bounds (as OCR detectors' "limit side" resizing does); else the declared resize."""
+        if not self.keep_aspect:
+            return (int(self.resize[0]), int(self.resize[1])) if self.resize is not None else (h, w)
+        (lo_h, lo_w), (hi_h, hi_w) = self.bounds
+        r = max(min(1.0, hi_h / h, hi_w / w), lo_h / h, lo_w / w)
+        st = self.stride
+
+        def side(x: float, lo: int, hi: int) -> int:
+            lo_s, hi_s = -(-int(lo) // st) * st, max(st, int(hi) // st * st)
+            return int(min(max(round(x / st) * st, lo_s, st), hi_s))
+
+        return side(h * r, lo_h, hi_h), side(w * r, lo_w, hi_w)
 
     def vision(self, s: Sample) -> tuple[dict[str, np.ndarray], None]:
         from PIL import Image
 
         img = s.image
-        if self.resize is not None and img.shape[:2] != self.resize:
-            img = np.asarray(Image.fromarray(img).resize((self.resize[1], self.resize[0]), Image.Resampling.BICUBIC))
+        size = self.size_for(*img.shape[:2])
+        if img.shape[:2] != size:
+            img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BICUBIC))
         x = (img.astype(np.float32) / 255.0 - self.mean) / self.std
         x = x.transpose(2, 0, 1) if self.layout == "NCHW" else x
         return {self.name: np.ascontiguousarray(x[None])}, None

@@ -81,13 +81,24 @@ def _decoder_axes(decoder: dict[str, Any]) -> dict[str, Triple]:
 def _byo_dims(io_spec: dict[str, Any], inp: dict[str, Any], vision: dict[str, Any]) -> dict[int, Triple] | None:
     """A bring-your-own image input (``preprocess`` in the io spec) by position, whatever its
     axes are called (exporters name them freely, or not at all): dim 0 is the batch (1 ..
-    max_images); H and W are the declared resize, since every image is resized to it."""
+    max_images); H and W are the declared resize, since every image is resized to it, or with
+    ``fit: keep-aspect`` profiles.vision's min/opt/max on the stride grid."""
     pre = io_spec.get("preprocess") or {}
     if not pre or inp["name"] != pre.get("input_name") or len(inp["shape"]) != 4:
         return None
-    h, w = (int(x) for x in pre["resize"])
     hw = (1, 2) if pre.get("layout") == "NHWC" else (2, 3)
-    return {0: (1, 1, int(vision["max_images"])), hw[0]: (h, h, h), hw[1]: (w, w, w)}
+    batch = (1, 1, int(vision["max_images"]))
+    if pre.get("fit") == "keep-aspect":  # the sizes the feeder makes: profiles.vision on the stride grid
+        st = int(pre.get("stride") or 32)
+        lo, opt, hi = (vision[k] for k in ("min_image", "opt_image", "max_image"))
+
+        def grid(i: int) -> Triple:
+            a, c = -(-int(lo[i]) // st) * st, max(st, int(hi[i]) // st * st)
+            return a, min(max(round(int(opt[i]) / st) * st, a), c), c
+
+        return {0: batch, hw[0]: grid(0), hw[1]: grid(1)}
+    h, w = (int(x) for x in pre["resize"])
+    return {0: batch, hw[0]: (h, h, h), hw[1]: (w, w, w)}
 
 
 def profile_for(graph: str, io_spec: dict[str, Any], profiles: dict[str, Any]) -> dict[str, tuple[Shape, Shape, Shape]]:
