@@ -180,9 +180,9 @@ def test_byo_keep_aspect_builds_one_engine_for_many_image_sizes(tmp_path: Path) 
     """Issue 13: a graph dynamic in H and W with ``fit: keep-aspect``: each held-out image keeps
     its aspect inside profiles.vision, on the stride grid, and the engine's profile spans
     min..max; a graph with a fixed size is refused that fit at the first stage, in one line."""
-    import stages
     from PIL import Image
 
+    import stages
     from stages.lib.qdq.calibset import synthetic_image
 
     _tiny_cnn(tmp_path / "net.onnx", dynamic_hw=True)
