@@ -94,6 +94,27 @@ def test_cache_io_is_8_bit_and_a_chunk_through_it_matches_the_full_prefill(
     assert cos.min() > 0.98, cos
 
 
+def test_a_graph_with_external_weights_keeps_its_data_file_untouched(chain: Path, tmp_path: Path) -> None:
+    """How a 7-8 B decoder is stored: the pass edits the structure only; the weights file is not
+    rewritten, and the graph still runs, its prefill logits unchanged (the prefill reads no cache)."""
+    src = onnx.load(str(chain / "fuse" / "decoder.onnx"))
+    path = tmp_path / "decoder.onnx"
+    onnx.save_model(src, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="decoder.onnx.data", size_threshold=1024)
+    data = (tmp_path / "decoder.onnx.data").read_bytes()
+    from stages.lib.segments.runner import graph_inputs
+
+    h = int(next(i for i in graph_inputs(path) if i.name == "inputs_embeds").shape[-1])
+    before = _run(path, _feeds(path, 8, h))
+    kv_cache.apply(path, chain / "calibrate" / "ranges_decoder.json", "int8")
+    after = _run(path, _feeds(path, 8, h))
+    assert (tmp_path / "decoder.onnx.data").read_bytes() == data
+    locations = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"decoder.onnx.data"}
+    assert after["present.0.key"].dtype == np.int8 and np.array_equal(before["logits"], after["logits"])
+
+
 def test_verify_grades_generated_tokens_through_the_cache(chain: Path, tmp_path: Path) -> None:
     """A crushed cache scale leaves the prefill (which reads no cache) as it was and fails the
     token figure read through the cache; the calibrated cache meets the default gate."""

@@ -33,7 +33,7 @@ __all__ = ["KV_DTYPES", "PAST", "PRESENT", "KvCache", "QuantizeKvCachePass", "ap
 KvPrecision = Literal["int8", "fp8"]
 PAST, PRESENT = "past_key_values.", "present."
 QMAX = {"int8": 127.0, "fp8": 448.0}  # largest code magnitude: scale = amax / qmax
-# ONNX element type of each precision's cache, and its bytes per element
+# ONNX element type of each precision's cache (INT8, FLOAT8E4M3FN): one byte per element
 KV_DTYPES = {"int8": 3, "fp8": 17}
 META = "vlmforge.kv_cache"  # metadata on the decoder graph: the cache precision it was given
 
