@@ -88,7 +88,7 @@ def run(ctx: StageContext) -> StageResult:
     from stages.lib.trt import timing_cache as trt_timing_cache
     from stages.lib.trt.backend import resolve_backend
     from stages.lib.trt.builder import BuildOptions, build_engine
-    from stages.lib.trt.layer_report import onnx_op_types, report_from_log
+    from stages.lib.trt.layer_report import attention_blocks, onnx_op_types, report_from_log
     from stages.lib.trt.profiles import profile_for
 
     assert ctx.target is not None, "engine is a per-target stage"
@@ -112,6 +112,7 @@ def run(ctx: StageContext) -> StageResult:
         built = build_engine(backend, src / f"{g}.onnx", ctx.out / f"{g}.engine", target["sm"], profile, opts,
                              ctx.report, g)
         summary = report_from_log(built.log, onnx_op_types(src / f"{g}.onnx"))
+        blocks = attention_blocks(src / f"{g}.onnx")
         if summary.layers == 0:
             raise StageError(f"{g}: the build log has no layer list (needs DETAILED profiling verbosity)")
         (ctx.out / f"{g}.layers.json").write_text(json.dumps(summary.as_dict(), indent=1))
@@ -136,7 +137,8 @@ def run(ctx: StageContext) -> StageResult:
             "options": {"workspace_mb": opts.workspace_mb, "optimization_level": opts.optimization_level,
                         "applied": built.options_applied, "unavailable": built.options_unavailable},
             "timing_cache": built.timing_cache, "parity": parity,
-            "layers": {k: getattr(summary, k) for k in ("layers", "fused_mha", "low_precision_share",
+            "attention_blocks": blocks,
+            "layers": {k: getattr(summary, k) for k in ("layers", "compute_layers", "fused_mha", "low_precision_share",
                                                           "conv_layers", "conv_fused_activation",
                                                           "softmax_nodes", "softmax_in_mha")},
         }
@@ -147,7 +149,8 @@ def run(ctx: StageContext) -> StageResult:
         (ctx.out / f"{g}.engine.json").write_text(json.dumps(sidecar, indent=1))
         result.notes += [f"{g}: {o} not applied" for o in built.options_unavailable]
         result.metrics[g] = {
-            "precision": precision, "bytes": built.bytes, "layers": summary.layers, "fused_mha": summary.fused_mha,
+            "precision": precision, "bytes": built.bytes, "layers": summary.layers,
+            "compute_layers": summary.compute_layers, "fused_mha": summary.fused_mha, "attention_blocks": blocks,
             "low_precision_gemm_share": summary.low_precision_share, "build_seconds": round(built.seconds, 3),
             "conv_fused_activation": summary.conv_fused_activation, "conv_layers": summary.conv_layers,
             "softmax_in_mha": f"{summary.softmax_in_mha}/{summary.softmax_nodes}",
@@ -189,7 +192,8 @@ STAGE = Stage(
     resources=node_resources("engine", gpu=True),
     # 2: BYO image inputs profiled by position (batch 1..max_images, H/W = resize); 3: the report's
     # engine table comes from the result; 4: the KV cache the decoder engine keeps at its profile's max
-    version="4",
+    # 5: compute_layers (less sync/shape layers), attention_blocks; Myelin conv fusions count as convs
+    version="5",
     run=run,
     params=params,
     deps=("quantize",),

@@ -37,8 +37,10 @@ SEED = 0  # fixed: the numerics check must not re-key when an unrelated config s
 
 def _params(cfg: BuildConfig, target: TargetSpec | None) -> dict[str, Any]:
     f = cfg.fuse
+    # a bring-your-own FP32 vision graph is brought to export.dtype fp16 here (fusion.half)
+    half = cfg.model.vision_onnx is not None and cfg.export.dtype == "fp16"
     return {"fold_batchnorm": f.fold_batchnorm, "attention": f.attention, "cleanup": f.cleanup,
-            "opset": cfg.export.opset}
+            "opset": cfg.export.opset, "byo_fp16": half}
 
 
 def _axis_sizes(io_spec: dict[str, Any]) -> dict[str, int]:
@@ -54,17 +56,19 @@ def _axis_sizes(io_spec: dict[str, Any]) -> dict[str, int]:
 
 
 def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, Any], seed: int,
-               external_above: int | None = None) -> dict[str, Any]:
+               external_above: int | None = None, half: bool = False) -> dict[str, Any]:
     """Rewrite one graph file into ``dst``; returns its fuse.json entry (StageError on drift).
 
     ``dst`` is whole in its own folder: with tensors over ``external_above`` bytes (default
     ``graphio.EXTERNAL_DATA_BYTES``, as the exporters) they go to ``<dst>.data``, written here;
-    otherwise inline, also when ``src`` had them external."""
+    otherwise inline, also when ``src`` had them external. ``half``: an FP32 graph leaves in FP16
+    (inputs and outputs stay FP32), checked at the FP16 tolerance."""
     import onnx
     import onnx_ir as ir
 
     from stages.lib.fusion import apply_rules, op_histogram, resolve_attention_mode
     from stages.lib.fusion.check import compare, ort_run, random_feeds
+    from stages.lib.fusion.half import is_float32, to_float16
     from stages.lib.qdq import graphio
 
     t0 = time.time()
@@ -76,6 +80,10 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
         raise StageError(f"{src.name}: {e}") from None
     ops_before = op_histogram(model)
     report = apply_rules(model, attention=mode, fold_batchnorm=params["fold_batchnorm"], cleanup=params["cleanup"])
+    computes_fp32 = is_float32(model)
+    converted = half and computes_fp32
+    if converted:
+        to_float16(model)
     ops_after = op_histogram(model)
     graphio.save(model, dst, graphio.EXTERNAL_DATA_BYTES if external_above is None else external_above)
     del model  # ORT reads both graphs from disk, one session at a time: one copy of the weights
@@ -92,9 +100,11 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
         raise StageError(f"{src.name}: the fused graph no longer runs like the original: "
                          f"{str(e).splitlines()[0][:300]}") from None
     dtype = cmp["per_output"][0]["dtype"] if cmp["per_output"] else "float32"
+    if dtype == "float32" and (converted or not computes_fp32):  # FP32 outputs of an FP16 graph
+        dtype = "float16"
     tol = TOLERANCE.get(dtype, 1e-5) * max(1.0, cmp["ref_max"])
     entry = {
-        "opset": opset, "attention_mode": mode, **report,
+        "opset": opset, "attention_mode": mode, **report, "converted_to": "float16" if converted else None,
         "nodes_before": sum(ops_before.values()), "nodes_after": sum(ops_after.values()),
         "ops_before": ops_before, "ops_after": ops_after,
         "check": {"dtype": dtype, "max_abs": cmp["max_abs"], "ref_max": cmp["ref_max"], "tolerance": tol,
@@ -123,13 +133,15 @@ def _run(ctx: StageContext) -> StageResult:
         ctx.report(f"fusing {g}.onnx", i / len(jobs))
         spec_path = folder / f"{g}.json"
         io_spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-        entry = fuse_graph(folder / f"{g}.onnx", ctx.out / f"{g}.onnx", p, io_spec, SEED + i)
+        entry = fuse_graph(folder / f"{g}.onnx", ctx.out / f"{g}.onnx", p, io_spec, SEED + i,
+                           half=g == "vision" and bool(p.get("byo_fp16")))
         summary["graphs"][g] = entry
         if spec_path.is_file():
             shutil.copyfile(spec_path, ctx.out / spec_path.name)
         metrics[g] = {"nodes_before": entry["nodes_before"], "nodes_after": entry["nodes_after"],
                       "mha_groups": entry["mha_groups"], "unfused_softmax": entry["unfused_softmax"],
                       "conv_act_groups": entry["conv_act_groups"], "max_abs": entry["check"]["max_abs"],
+                      **({"converted_to": entry["converted_to"]} if entry["converted_to"] else {}),
                       "matches": {k: v["matches"] for k, v in entry["rules"].items()}}
     if len(jobs) == 2:  # the embedding table and its spec go through untouched
         # copies, not hard links (which would save 1.2 GB here and a decoder's 16 GB at 8 B):
@@ -143,7 +155,9 @@ def _run(ctx: StageContext) -> StageResult:
     summary["decoder"] = "fused" if len(jobs) == 2 else "absent (vision-only model)"
     (ctx.out / "fuse.json").write_text(json.dumps(summary, indent=1))
     notes = [f"{g}: {m['nodes_before']} -> {m['nodes_after']} nodes, {m['mha_groups']} MHA, "
-             f"{m['conv_act_groups']} conv+act partitions" for g, m in metrics.items()]
+             f"{m['conv_act_groups']} conv+act partitions"
+             + (f", FP32 graph converted to {m['converted_to']}" if m.get("converted_to") else "")
+             for g, m in metrics.items()]
     loose = {g: m["unfused_softmax"] for g, m in metrics.items() if m["unfused_softmax"]}
     if loose:
         notes.append(f"Softmax nodes left outside any MHA pattern: {loose}")
@@ -155,7 +169,8 @@ STAGE = Stage(
     resources=node_resources("fuse"),
     # 6: Conv→[BN]→Add without an activation tagged as a partition (placement reads the tags);
     # 5: the before/after check runs block by block (4: graphs saved whole in their own folder)
-    version="6",
+    # 7: legacy (opset < 13) Softmax folded before attention; a BYO FP32 graph leaves in FP16
+    version="7",
     run=_run,
     params=_params,
     deps=("export_vision", "export_decoder"),

@@ -86,3 +86,41 @@ def test_mha_block_is_one_fused_mha(tmp_path: Path, mode: str) -> None:
 def test_two_blocks_two_mha(tmp_path: Path) -> None:
     g = G.mha_mlp(tmp_path / "mha2.onnx", "int8", blocks=2)
     assert report_from_log(_log(tmp_path, g, "12.0", MHA)).fused_mha == 2
+
+
+def _line(name: str, kind: str) -> str:
+    return (f"Name: {name}, LayerType: {kind}, Inputs: [ {{ Name: a, Dimensions: [1], Datatype: Half }}], "
+            f"Outputs: [ {{ Name: b, Dimensions: [1], Datatype: Half }}], TacticName: , StreamId: 0, "
+            "Metadata: [ONNX Layer: n]")
+
+
+def test_myelin_conv_fusions_count_as_convs_and_sync_layers_are_not_compute() -> None:
+    """TensorRT-RTX's FP16 engines fuse a conv with its epilogue into a runtime_fusion named after
+    it (`__myl_CorrMulAdd…`, a ConvTranspose `__myl_DecoMulAddRelu`); multi-stream engines hold
+    signal/wait layers that do no math (names from the PP-OCRv4 detector's and recognizer's logs)."""
+    from stages.lib.trt.layer_report import summarize
+
+    names = [("__myl_CorrMulAddAddMaxMinMulMulMulAdd_myl0_2", "runtime_fusion"),
+             ("__myl_DecoMulAddRelu_myl0_122", "runtime_fusion"), ("__myl_FcAddSilu_myl0_57", "runtime_fusion"),
+             ("__myl_ReshTran_myl0_9", "runtime_fusion"), ("p2o.MatMul.2_myl0_48", "gemm"),
+             ("__mye1_signal", "signal"), ("__mye2_wait", "wait"), ("__mye3", "shape_call")]
+    layers = [parse_layer_line(_line(n, t)) for n, t in names]
+    assert [lay.kind for lay in layers] == ["conv", "conv", "gemm", "other", "gemm", "other", "other", "other"]
+    s = summarize(layers)
+    assert (s.layers, s.compute_layers, s.conv_layers, s.gemm_conv_layers) == (8, 5, 2, 4)
+
+
+def test_attention_blocks_counts_the_fuse_stages_mha_groups(tmp_path: Path) -> None:
+    import onnx
+
+    from stages.lib.fusion.annotate import GROUP, KIND
+    from stages.lib.trt.layer_report import attention_blocks
+
+    m = onnx.load(str(G.mha_mlp(tmp_path / "mha.onnx")))
+    assert attention_blocks(tmp_path / "mha.onnx") == 0  # untagged
+    for n in m.graph.node:
+        if n.op_type in ("MatMul", "Softmax"):
+            for k, v in ((GROUP, "mha/0000"), (KIND, "mha")):
+                n.metadata_props.add(key=k, value=v)
+    onnx.save(m, tmp_path / "tagged.onnx")
+    assert attention_blocks(tmp_path / "tagged.onnx") == 1

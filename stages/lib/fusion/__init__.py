@@ -1,6 +1,6 @@
 """Graph fusion rules for the ``fuse`` stage: one named rule per module.
 
-``apply_rules`` runs them in order (cleanup → fold_batchnorm → attention → cleanup →
+``apply_rules`` runs them in order (cleanup → fold_batchnorm → legacy_softmax → attention → cleanup →
 annotate) on an ``onnx_ir.Model`` in place and returns per-rule figures for ``fuse.json``.
 """
 
@@ -47,6 +47,7 @@ def apply_rules(
     from stages.lib.fusion.batchnorm import annotate_conv_partitions
     from stages.lib.fusion.batchnorm import fold_batchnorm as fold_bn
     from stages.lib.fusion.cleanup import cleanup as run_cleanup
+    from stages.lib.fusion.softmax import fold_legacy_softmax
 
     rules: dict[str, Any] = {}
 
@@ -63,7 +64,8 @@ def apply_rules(
         step("cleanup", clean)
     if fold_batchnorm:
         step("fold_batchnorm", lambda: fold_bn(model))
-    if attention is not None:
+    if attention is not None:  # an upgraded opset-12 Softmax hides the attention pattern
+        step("legacy_softmax", lambda: fold_legacy_softmax(model))
         step(f"attention[{attention}]", lambda: fuse_attention(model, attention))
     if cleanup:  # again: drops what the rewrites left dead, collapses inserted Transposes
         step("cleanup_post", clean)

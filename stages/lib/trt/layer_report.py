@@ -24,6 +24,12 @@ CONV_TYPES = {"correlation", "convolution", "deconvolution", "caskconvolution", 
 LOW = ("Int8", "FP8", "Int4", "FP4")
 ACT_RE = re.compile(r"relu|gelu|silu|swish|sigmoid|tanh|clip|leaky", re.I)
 MHA_RE = re.compile(r"mha|fmha|flash_?attn|attention", re.I)
+# a runtime fusion that starts with a convolution (correlation) or a deconvolution (ConvTranspose):
+# TensorRT-RTX names FP16 conv+epilogue fusions `__myl_CorrMulAdd…` and `__myl_DecoMulAddRelu`
+FUSED_CONV_RE = re.compile(r"__myl_(Corr|Deco)")
+# bookkeeping layers that run no math: multi-stream events and shape calls (TensorRT-RTX puts 29
+# of them into the PP-OCRv4 detector's FP16 engine; they are not what a lean engine saves)
+SYNC_TYPES = {"signal", "wait", "shape_call"}
 _DT = re.compile(r"Datatype: (\w+)")
 
 
@@ -46,7 +52,11 @@ class Layer:
             return "mha"
         if t in CONV_TYPES:
             return "conv"
-        if t in GEMM_TYPES and not (t == "runtime_fusion" and "fc" not in self.name.lower()):
+        if t == "runtime_fusion":  # a Myelin fusion says what it starts with: __myl_Corr…, Deco…, Fc…
+            if FUSED_CONV_RE.search(self.name):
+                return "conv"
+            return "gemm" if "fc" in self.name.lower() else "other"
+        if t in GEMM_TYPES:
             return "gemm"
         return "other"
 
@@ -108,6 +118,7 @@ def parse_layers(log: list[str] | str) -> list[Layer]:
 @dataclass
 class LayerSummary:
     layers: int
+    compute_layers: int  # layers less the bookkeeping ones (SYNC_TYPES)
     layer_types: dict[str, int]
     fused_mha: int
     mha_precisions: dict[str, int]
@@ -168,6 +179,7 @@ def summarize(layers: list[Layer], onnx_ops: dict[str, str] | None = None) -> La
     in_mha = {n for lay in layers if lay.is_mha for n in lay.onnx} & softmax
     return LayerSummary(
         layers=len(layers),
+        compute_layers=sum(lay.type.lower() not in SYNC_TYPES for lay in layers),
         layer_types=dict(Counter(lay.type for lay in layers)),
         fused_mha=sum(lay.is_mha for lay in layers),
         mha_precisions=dict(Counter(lay.precision for lay in layers if lay.is_mha)),
@@ -190,6 +202,22 @@ def onnx_op_types(onnx_path: Any) -> dict[str, str]:
 
     m = onnx.load(str(onnx_path), load_external_data=False)
     return {n.name: n.op_type for n in m.graph.node if n.name}
+
+
+def attention_blocks(onnx_path: Any) -> int:
+    """How many attention blocks the fuse stage tagged in the graph (its ``mha`` groups): what
+    ``fused_mha`` should reach, one fused kernel per block."""
+    import onnx
+
+    from stages.lib.fusion.annotate import GROUP, KIND
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    groups = set()
+    for n in m.graph.node:
+        props = {p.key: p.value for p in n.metadata_props}
+        if props.get(KIND) == "mha" and GROUP in props:
+            groups.add(props[GROUP])
+    return len(groups)
 
 
 def report_from_log(log: list[str] | str, onnx_ops: dict[str, str] | None = None) -> LayerSummary:
