@@ -116,7 +116,13 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     budget = sensitivity.search_budget(gq.get("accuracy_budget"), gate)
     tokens = None if budget is None else objectives.for_graph(graph, gate, ctx.inputs["fuse"], ctx.inputs["calibrate"],
                                                               len(search) if calibration else 0, outputs[0], search_refs)
-    ev = sensitivity.Evaluator(search, search_refs, outputs, workdir=work, values=values, tokens=tokens, budget=budget)
+    spec = ctx.inputs["fuse"] / f"{graph}.json"
+    pre = json.loads(spec.read_text()).get("preprocess") if graph == "vision" and spec.is_file() else None
+    # a BYO graph's calibration images, each at its noise floor (the others have no declared preprocessing)
+    floors = heldout.noise_floors(src, search, search_refs, outputs[0], pre) if budget is not None and calibration \
+        and pre else None
+    ev = sensitivity.Evaluator(search, search_refs, outputs, workdir=work, values=values, tokens=tokens, budget=budget,
+                               floors=floors, norm_limit=gate.get("norm_ratio") if floors else None)
     rules = rules_for(mode)
 
     def candidate(recipe: Recipe, name: str) -> tuple[Any, Any, float, list[dict[str, Any]]]:
@@ -178,7 +184,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
     par: dict[str, Any] = {"vs_unquantized": heldout.parity(outs, refs, outputs[0], logits, noise)}
     trefs = heldout.torch_refs(graph, torch_samples, outputs[0])
     if trefs is not None:
-        par["vs_reference"] = heldout.parity(outs, trefs, outputs[0], logits, noise)
+        held_floors = [s.get("noise_floor") for s in torch_samples]  # BYO: each image at its noise floor
+        par["vs_reference"] = heldout.parity(outs, trefs, outputs[0], logits, noise, held_floors, gate)
     model_opset = built.model.opset_imports.get("", 0)
     entry = {
         "precision": mode, "source": str(src.name), "output": outputs[0], "opset": model_opset,
@@ -191,7 +198,8 @@ def _quantize_graph(ctx: StageContext, graph: str, mode: str, gq: dict[str, Any]
         "runner": "segments" if _cuts(src) else "whole",
         "held_out": "reference", "sensitivity_inputs": "calibration" if calibration else "held-out",
         "search_objective": {"cosine": budget, "top1": tokens.target, "noise": tokens.noise, "compared": tokens.inputs}
-        if tokens is not None else {"cosine": budget},
+        if tokens is not None else {"cosine": budget, **({"noise_floors": [[round(float(v), 6) for v in f]
+                                                                            for f in floors]} if floors else {})},
         "int4_blocks": built.stats.get("blocks"), "int4_awq": choice if method == "awq" else None,
         "smoothquant": {**choice, "groups": (built.stats.get("smoothquant") or {}).get("groups")}
         if method == "smooth" else None,
@@ -299,7 +307,8 @@ STAGE = Stage(
     # next-token agreement (qdq.objectives), top-1 at decisive positions, deepstack maps scored;
     # INT8 SmoothQuant (qdq.smoothquant) kept where the graph measures better with it; 8: the KV
     # cache in precision.kv_cache (qdq.kv_cache), its bytes per token in the report
-    version="8",
+    # 9: BYO vision: the search and the held-out gate grade the samples decisive for them (noise_floor)
+    version="9",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

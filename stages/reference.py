@@ -182,6 +182,7 @@ def _byo_run(ctx: StageContext) -> StageResult:
     (optimizations off, as quantize/verify run theirs) is the reference. Images go through
     calibrate's ``ImageFeeder``, the one implementation of the declared resize/normalise/layout,
     so every stage feeds the graph the same tensor. Arrays as for a CNN checkpoint."""
+    from stages.lib.parity.noise_floor import FLOOR_FIGURES, floor_of, perturbed
     from stages.lib.qdq.calibset import ImageFeeder, Sample
     from stages.lib.qdq.graphio import session
     from stages.lib.qdq.heldout import run_all
@@ -197,13 +198,16 @@ def _byo_run(ctx: StageContext) -> StageResult:
         ctx.report(f"reference sample {i + 1}/{len(images)} (onnxruntime fp32)", i / len(images))
         h, w = image.shape[:2]
         feed = feeder.vision(Sample(name, image, ""))[0]
-        out = run_all(src["path"], [feed], names)[0]
-        a = {"image": image, "pixel_values": feed[feeder.name], "vision_features": out[names[0]]}
+        noisy_feed = {**feed, feeder.name: perturbed(feed[feeder.name], src["std"], src["layout"], i)}
+        out, noisy = run_all(src["path"], [feed, noisy_feed], names)
+        a = {"image": image, "pixel_values": feed[feeder.name], "vision_features": out[names[0]],
+             # how far ±½ grey level moves the output: which gates this image can grade (noise_floor)
+             "noise_floor": floor_of(noisy[names[0]], out[names[0]])}
         if "logits" in out:  # a classifier head: verify grades its top-1 too
             a["logits"] = out["logits"]
         samples.append(a)
         metas.append({"image": name, "image_size": [h, w], "prompt": None, "seq_len": 0, "image_tokens": 1,
-                      "grid_thw": None})
+                      "grid_thw": None, "noise_floor": dict(zip(FLOOR_FIGURES, map(float, a["noise_floor"]), strict=True))})
     meta = {"family": "byo", "held_out": held_out_source(p), "vision_only": True, "samples": metas, "dtype": "fp32",
             "reference": f"onnxruntime fp32 {Path(src['path']).name}", "outputs": names,
             "preprocess": {k: v for k, v in src.items() if k != "path"}}
@@ -274,7 +278,8 @@ STAGE = Stage(
     resources=node_resources("reference"),
     # 5: the greedy steps' margins (generated_margin); 4: VLM reference streamed block by block;
     # 6: real held-out data (verify.images / verify.prompts), each sample's image named
-    version="6",
+    # 7: a BYO sample carries its noise floor (parity.noise_floor)
+    version="7",
     run=_run,
     params=_params,
     deps=("checkpoint",),

@@ -188,7 +188,8 @@ def _run(ctx: StageContext) -> StageResult:
             ctx.report(msg, i * frac)
 
         if g == "vision":
-            measured = vg.measure_vision(qdir / f"{g}.onnx", specs, samples, report)
+            measured = vg.measure_vision(qdir / f"{g}.onnx", specs, samples, report, gate=gate(g),
+                                         names=[str(m.get("image")) for m in meta["samples"]])
             vision_out = measured.outputs
         else:  # prefill parity and the teacher-forced agreement: one pass
             measured, forced = vg.measure_decoder(qdir / f"{g}.onnx", specs, samples, embed,
@@ -285,7 +286,8 @@ STAGE = Stage(
     # 6: the report's parity table and drill-down plots come from the result; 7: token gates at
     # the decisive positions, the vision graph graded through the reference decoder (vision_effect);
     # 8: with a quantized KV cache the generated tokens are graded through it (a second pass)
-    version="8",
+    # 9: BYO vision rows graded on the samples decisive for their gate (parity.noise_floor)
+    version="9",
     run=_run,
     params=_params,
     external=checkpoint_reads(*ALL_ROLES),

@@ -74,6 +74,8 @@ def test_byo_onnx_builds_end_to_end(tmp_path: Path) -> None:
     assert "absent" in json.loads((out / "export_decoder" / "decoder.json").read_text())
     ref = json.loads((out / "reference" / "reference.json").read_text())
     assert ref["family"] == "byo" and ref["reference"].startswith("onnxruntime fp32") and ref["outputs"][0] == "features"
+    # each held-out image carries its noise floor: the reference under ±½ grey level (parity.noise_floor)
+    assert all(0.9 < m["noise_floor"]["cosine"] <= 1.0 and m["noise_floor"]["norm_ratio"] >= 0 for m in ref["samples"])
     with np.load(out / "reference" / "reference.npz") as z:
         ref0 = {k.split(".", 1)[1]: z[k] for k in z.files if k.startswith("s0.")}
     # preprocessed exactly as declared (bicubic resize to 64x64, /255, mean/std, NCHW), and the
@@ -102,6 +104,7 @@ def test_byo_onnx_builds_end_to_end(tmp_path: Path) -> None:
         ort_row = rows["onnxruntime"]
         assert ort_row["status"] == "pass" and ort_row["precision"] == prec
         assert ort_row["figures"]["cosine"] >= 0.99 and ort_row["figures"]["top1"] >= 0.5
+        assert set(ort_row["figures"]["thresholds"]) == {"cosine", "norm_ratio"}  # graded at the floors
         assert rows["tensorrt"]["status"] in ("pass", "not-run")  # runs only on a GPU of that SM
 
     # a second build runs nothing; a changed ONNX (content, same path) re-keys export and reference

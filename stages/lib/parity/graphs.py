@@ -103,24 +103,37 @@ def deepstack_maps(outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]],
-                   report: Report | None = None) -> Measured:
+                   report: Report | None = None, gate: dict[str, Any] | None = None,
+                   names: list[str] | None = None) -> Measured:
+    """Vision parity per sample; with ``gate`` and samples that carry a noise floor (a BYO
+    reference), the figures are over the samples decisive for that gate (``parity.noise_floor``)."""
+    from stages.lib.parity.noise_floor import graded
+
     outs: list[dict[str, np.ndarray]] = [{} for _ in samples]
     run_graph(path, [vision_feeds(specs, s) for s in samples], lambda i, o: outs[i].update(o), report=report)
     per: list[dict[str, Any]] = []
     ps: list[Parity] = []
+    by_sample: list[list[Parity]] = []
     t1: list[float] = []
     for s, o in zip(samples, outs, strict=True):
         name = "image_features" if "image_features" in o else next(iter(o))
         p = compare(o[name].reshape(s["vision_features"].shape), s["vision_features"])
         ds = [compare(d.reshape(s[f"deepstack.{j}"].shape), s[f"deepstack.{j}"]) for j, d in enumerate(deepstack_maps(o))]
         ps += [p, *ds]
+        by_sample.append([p, *ds])
         per.append({**p.as_dict(), "deepstack": [d.as_dict() for d in ds]})
+        if "noise_floor" in s:
+            per[-1]["noise_floor"] = [float(v) for v in s["noise_floor"]]
         if "logits" in o and "logits" in s:  # a classifier head (CNN): its logits and top-1 too
             lg = compare(o["logits"].reshape(s["logits"].shape), s["logits"])
             ps.append(lg)
+            by_sample[-1].append(lg)
             t1.append(topk_agreement(o["logits"], s["logits"], 1))
             per[-1]["logits"] = {**lg.as_dict(), "top1": t1[-1]}
-    return Measured({**_figures(ps), **({"top1": float(np.mean(t1))} if t1 else {})}, per, outs)
+    floors = [s.get("noise_floor") for s in samples]
+    figures = graded(by_sample, floors, gate, names) if gate is not None and any(f is not None for f in floors) \
+        else _figures(ps)
+    return Measured({**figures, **({"top1": float(np.mean(t1))} if t1 else {})}, per, outs)
 
 
 def embed_tokens(embed: Path, samples: list[dict[str, np.ndarray]], n: int) -> list[np.ndarray]:

@@ -200,10 +200,13 @@ def export_noise(folder: Path) -> float:
 def gate_checks(prefix: str, figures: Mapping[str, Any] | Parity, gate: Mapping[str, Any]) -> list[GateCheck]:
     """The one gate builder (the exports, quantize, engine, verify, the device's check): a check
     ``<prefix>.<figure>`` for every threshold the gate sets for a figure that was measured; a
-    non-finite output never passes."""
+    non-finite output never passes. Figures graded at per-sample noise floors
+    (``parity.noise_floor.graded``) carry the binding sample's own ``thresholds``: those replace
+    the gate's, for the figures they name."""
     from pipeline.stage import GateCheck
 
     figs = figures.as_dict() if isinstance(figures, Parity) else figures
+    gate = {**gate, **(figs.get("thresholds") or {})}
     out = []
     for key, op in GATE_DIRECTIONS:
         if gate.get(key) is not None and key in figs:

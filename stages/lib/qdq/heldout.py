@@ -43,14 +43,19 @@ def torch_refs(graph: str, samples: Sequence[Mapping[str, np.ndarray]], output: 
 
 
 def parity(outs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]], output: str,
-           logits: bool, noise: float = 0.0) -> dict[str, Any]:
+           logits: bool, noise: float = 0.0, floors: Sequence[Any] | None = None,
+           gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Worst-case parity of `output` over the samples (+ for logits: ``top1``, the next-token
-    agreement at the decisive positions, pooled; ``top1_all`` at every position, worst sample)."""
+    agreement at the decisive positions, pooled; ``top1_all`` at every position, worst sample).
+    With per-sample noise ``floors`` and a ``gate``: over the samples decisive for that gate."""
+    from stages.lib.parity.noise_floor import graded
+
     pars = []
     for o, r in zip(outs, refs, strict=True):
         a, b = np.asarray(o[output], np.float32), np.asarray(r[output], np.float32)
         pars.append(compare(a.reshape(b.shape) if a.size == b.size else a, b))
-    d: dict[str, Any] = worst(pars).as_dict()
+    use_floors = floors is not None and gate is not None and any(f is not None for f in floors)
+    d: dict[str, Any] = graded([[p] for p in pars], list(floors), gate) if use_floors else worst(pars).as_dict()  # type: ignore[arg-type]
     if logits:
         pairs = [(np.asarray(o[output], np.float32), np.asarray(r[output], np.float32)) for o, r in zip(outs, refs, strict=True)]
         agreed = sum((decisive_top1(a, b, noise) for a, b in pairs), Agreement(0, 0, 0))
@@ -99,3 +104,18 @@ def load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
             idx, name = key.split(".", 1)
             out.setdefault(int(idx[1:]), {})[name] = z[key]
     return [out[i] for i in sorted(out)]
+
+
+def noise_floors(path: Path, feeds: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
+                 output: str, preprocess: Mapping[str, Any]) -> list[np.ndarray] | None:
+    """The graph's noise floor on each feed (``parity.noise_floor``): its ``output`` on the input
+    moved by ±½ grey level against ``refs``; None without a declared std."""
+    from stages.lib.parity.noise_floor import floor_of, perturbed
+
+    name = preprocess.get("input_name")
+    if "std" not in preprocess or not name:
+        return None
+    noisy = [{**f, name: perturbed(f[name], preprocess["std"], preprocess.get("layout", "NCHW"), i)}
+             for i, f in enumerate(feeds)]
+    outs = run_all(path, noisy, [output])
+    return [floor_of(o[output], r[output]) for o, r in zip(outs, refs, strict=True)]

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from stages.lib.parity.metrics import min_cosine
+from stages.lib.parity.metrics import compare, min_cosine
 from stages.lib.qdq.recipe import Built, Calib, Recipe, build
 
 if TYPE_CHECKING:
@@ -79,8 +79,14 @@ class Evaluator:
     def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
                  outputs: Sequence[str], workdir: Path | None = None,
                  values: Sequence[Mapping[str, np.ndarray]] | None = None,
-                 tokens: TokenScore | None = None, budget: float | None = None):
+                 tokens: TokenScore | None = None, budget: float | None = None,
+                 floors: Sequence[Any] | None = None, norm_limit: float | None = None):
         self.feeds, self.refs, self.outputs, self.workdir = feeds, refs, list(outputs), workdir
+        # per-sample noise floors (parity.noise_floor): each cosine counts on the budget's scale
+        self.floors = list(floors) if floors is not None else None
+        # the gate's |‖out‖/‖ref‖ − 1| limit, also on the cosine scale: a detector's map that
+        # lights up everywhere keeps a fair cosine but its norm triples (PP-OCRv4 on a faint scan)
+        self.norm_limit = norm_limit
         self.values = values  # every segment-crossing value of the refs' pass (block_scores.reference_pass)
         self.tokens, self.budget = tokens, budget
         self.calls = 0
@@ -101,6 +107,15 @@ class Evaluator:
 
     def cosine(self, outs: Sequence[Mapping[str, np.ndarray]]) -> float:
         cos = [min_cosine(o, {k: r[k] for k in self.outputs}) for o, r in zip(outs, self.refs, strict=True)]
+        if self.floors is not None and self.budget is not None:
+            from stages.lib.parity.noise_floor import on_gate_scale, thresholds
+
+            cos = [on_gate_scale(c, f, self.budget) for c, f in zip(cos, self.floors, strict=True)]
+            if self.norm_limit is not None:
+                for o, r, f in zip(outs, self.refs, self.floors, strict=True):
+                    limit = thresholds(f, {"norm_ratio": self.norm_limit})["norm_ratio"]
+                    norm = max(compare(np.asarray(o[k]), np.asarray(r[k])).norm_ratio for k in self.outputs)
+                    cos.append(1.0 - (norm / max(limit, 1e-12)) * (1.0 - self.budget))
         return float(min(cos))
 
     def score(self, outs: Sequence[Mapping[str, np.ndarray]]) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 # Layer types that do the GEMM/conv work, across the classic and the Myelin (RTX) backends;
 # `runtime_fusion` is a Myelin GEMM with its pointwise epilogue fused (e.g. `__myl_FcAdd`).
 GEMM_TYPES = {"gemm", "matrixmultiply", "matrix_multiply", "fullyconnected", "runtime_fusion"}
-CONV_TYPES = {"correlation", "convolution", "deconvolution", "caskconvolution", "cudnnconvolution"}
+CONV_TYPES = {"correlation", "convolution", "deconvolution", "deconv", "caskconvolution", "cudnnconvolution"}
 LOW = ("Int8", "FP8", "Int4", "FP4")
 ACT_RE = re.compile(r"relu|gelu|silu|swish|sigmoid|tanh|clip|leaky", re.I)
 MHA_RE = re.compile(r"mha|fmha|flash_?attn|attention", re.I)
