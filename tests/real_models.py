@@ -1,4 +1,4 @@
-"""Real trained models the tests can reach: ONNX graphs shipped inside registry packages.
+"""Real trained models (and real images) the tests can reach: files shipped inside registry packages.
 
 Random weights cannot show what a trained graph does (its layouts, its opset, its numerics), and
 no hub download is possible here, so a test that needs one takes it from a wheel on the package
@@ -18,9 +18,9 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
-class PackagedModel:
+class PackagedFile:
     package: str  # name==version on the registry
-    member: str  # path of the .onnx inside the wheel
+    member: str  # path of the file (a model, an image) inside the wheel
     sha256: str
 
     def fetch(self, folder: Path) -> Path:
@@ -44,9 +44,9 @@ class PackagedModel:
 
 # PaddleOCR's PP-OCRv4 models as RapidOCR ships them (Paddle2ONNX exports, opset 12)
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
-PPOCR_REC = PackagedModel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+PPOCR_REC = PackagedFile(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
                           "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b")
-PPOCR_DET = PackagedModel(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+PPOCR_DET = PackagedFile(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
                           "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9")
 
 
@@ -66,3 +66,36 @@ def render_words(folder: Path, words: list[str], height: int = 48, offset: int =
         ImageDraw.Draw(im).text((10, (height - int(box[3])) // 2), word, font=font, fill=(fg, fg, fg))
         im.save(folder / f"w{i:02d}.png")
     return folder
+
+
+# scikit-image ships real photographs and scans as package data (no download at import)
+SKIMAGE = "scikit-image==0.26.0"
+PAGE_SCAN = PackagedFile(SKIMAGE, "skimage/data/page.png",
+                          "341a6f0a61557662b02734a9b6e56ec33a915b2c41886b97509dedf2a43b47a3")
+
+
+def render_page(path: Path, seed: int, size: tuple[int, int] = (640, 480)) -> Path:
+    """A document page a detector sees: lines of words in DejaVu (serif, sans, mono; bold and
+    oblique), 18-40 px, dark inks on a light tinted background; seeded."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    fonts = sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("DejaVu*.ttf"))
+    vocab = ["total", "invoice", "address", "shipping", "receipt", "phone", "number", "order", "customer",
+             "tax", "date", "amount", "due", "paid", "item", "price", "qty", "balance", "account", "ref"]
+    bg = tuple(int(v) for v in rng.integers(228, 256, 3))
+    im = Image.new("RGB", size, bg)  # type: ignore[arg-type]
+    draw = ImageDraw.Draw(im)
+    y = int(rng.integers(8, 24))
+    while y < size[1] - 30:
+        px = int(rng.integers(18, 41))
+        font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), px)
+        words = " ".join(str(w) for w in rng.choice(vocab, size=int(rng.integers(2, 5))))
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        draw.text((int(rng.integers(8, 60)), y), words, font=font, fill=ink)  # type: ignore[arg-type]
+        y += px + int(rng.integers(10, 40))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
