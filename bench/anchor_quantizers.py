@@ -20,10 +20,24 @@ import contextlib
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# stage -> seconds, summed over a bench run (both benches print it)
+SECONDS: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def timed(stage: str) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        SECONDS[stage] = SECONDS.get(stage, 0.0) + time.perf_counter() - t
 
 MODELOPT_PY = Path("/work/modelopt-venv/bin/python")
 Feeds = list[dict[str, Any]]

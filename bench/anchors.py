@@ -32,13 +32,11 @@ ModelOpt runs in its own virtualenv (how to install it: bench/anchor_quantizers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anchor_quantizers import copy_graph, first_line, modelopt, ort_static  # noqa: E402
+from anchor_quantizers import SECONDS, copy_graph, first_line, modelopt, ort_static, timed  # noqa: E402
 
 TARGETS = {"int8": "rtx3090", "fp8": "rtx4090"}  # SM 8.6 / 8.9
 BASE = "vlmforge (all quantized)"  # the equal-bits row the ratios divide by
@@ -56,16 +54,6 @@ ROWS = {"unquantized FP16 graph": "fp16", "vlmforge (default search)": "vlmforge
         "ORT quantize_static (all ops)": "ort-all", "ORT quantize_static (Conv/Gemm/MatMul)": "ort-gemms",
         "ModelOpt (max)": "modelopt"}
 Feeds = list[dict[str, Any]]
-SECONDS: dict[str, float] = {}
-
-
-@contextlib.contextmanager
-def timed(stage: str) -> Iterator[None]:
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        SECONDS[stage] = SECONDS.get(stage, 0.0) + time.perf_counter() - t
 
 
 # -- inputs: the cached nodes ---------------------------------------------------------------------
