@@ -307,7 +307,7 @@ STAGE = Stage(
     # next-token agreement (qdq.objectives), top-1 at decisive positions, deepstack maps scored;
     # INT8 SmoothQuant (qdq.smoothquant) kept where the graph measures better with it; 8: the KV
     # cache in precision.kv_cache (qdq.kv_cache), its bytes per token in the report
-    # 9: BYO vision: the search and the held-out gate grade the samples decisive for them (noise_floor)
+    # 9: BYO vision: the search and the held-out gate grade each sample at its noise floor (+ norm ratio)
     version="9",
     run=_run,
     params=_params,

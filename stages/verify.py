@@ -286,7 +286,7 @@ STAGE = Stage(
     # 6: the report's parity table and drill-down plots come from the result; 7: token gates at
     # the decisive positions, the vision graph graded through the reference decoder (vision_effect);
     # 8: with a quantized KV cache the generated tokens are graded through it (a second pass)
-    # 9: BYO vision rows graded on the samples decisive for their gate (parity.noise_floor)
+    # 9: BYO vision rows grade each sample at the coarser of the gate and twice its noise floor
     version="9",
     run=_run,
     params=_params,

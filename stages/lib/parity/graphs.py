@@ -106,7 +106,7 @@ def measure_vision(path: Path, specs: Specs, samples: list[dict[str, np.ndarray]
                    report: Report | None = None, gate: dict[str, Any] | None = None,
                    names: list[str] | None = None) -> Measured:
     """Vision parity per sample; with ``gate`` and samples that carry a noise floor (a BYO
-    reference), the figures are over the samples decisive for that gate (``parity.noise_floor``)."""
+    reference), each sample is graded at the coarser of the gate and twice its floor (``parity.noise_floor``)."""
     from stages.lib.parity.noise_floor import graded
 
     outs: list[dict[str, np.ndarray]] = [{} for _ in samples]

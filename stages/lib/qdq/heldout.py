@@ -47,7 +47,7 @@ def parity(outs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str,
            gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Worst-case parity of `output` over the samples (+ for logits: ``top1``, the next-token
     agreement at the decisive positions, pooled; ``top1_all`` at every position, worst sample).
-    With per-sample noise ``floors`` and a ``gate``: over the samples decisive for that gate."""
+    With per-sample noise ``floors`` and a ``gate``: each sample graded at its floor (``parity.noise_floor``)."""
     from stages.lib.parity.noise_floor import graded
 
     pars = []
