@@ -100,7 +100,9 @@ def test_resnet_every_conv_relu_is_one_conv_layer(tmp_path: Path) -> None:
     fused = _fused(m, 19)
     on = _summary(fused, tmp_path, "on", prof)
     assert on.conv_layers == 20 and on.conv_fused_activation == relus == 17
-    assert on.layers < off.layers and off.conv_fused_activation == 0
+    # TensorRT-RTX also fuses an unfolded Conv+BN+ReLU into one `runtime_fusion` (__myl_CorrMulAdd…,
+    # 16 of 17 here), but the folded graph's engine is still the shorter one (26 layers vs 37)
+    assert on.layers < off.layers and off.conv_layers == 20
     rng = np.random.default_rng(0)
     feeds = [{"pixel_values": rng.standard_normal((1, 3, 224, 224)).astype(np.float16)} for _ in range(2)]
     for mode in ("int8", "fp8"):
