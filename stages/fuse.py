@@ -113,7 +113,8 @@ def fuse_graph(src: Path, dst: Path, params: dict[str, Any], io_spec: dict[str, 
     }
     if not cmp["max_abs"] <= tol:
         raise StageError(f"{src.name}: fusion changed the outputs by {cmp['max_abs']:.3g} "
-                         f"(> {tol:.3g} allowed in {dtype}); rerun with fuse.attention: off to isolate")
+                         f"(> {tol:.3g} allowed in {dtype}); rerun with "
+                         + ("export.dtype: fp32 to keep the graph FP32" if converted else "fuse.attention: off to isolate"))
     return entry
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 FLOAT_ONLY_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 # float-typed attributes naming an output type
 DTYPE_ATTRS = {"Cast": "to", "RandomNormal": "dtype", "RandomUniform": "dtype", "EyeLike": "dtype",
-               "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "CastLike": None}
+               "RandomNormalLike": "dtype", "RandomUniformLike": "dtype"}
 
 
 def is_float32(model: ir.Model) -> bool:
@@ -51,10 +51,10 @@ def to_float16(model: ir.Model) -> int:
     keep = {id(node.inputs[k]) for node in graph.all_nodes()
             for k in FLOAT_ONLY_INPUTS.get(node.op_type, ()) if k < len(node.inputs) and node.inputs[k] is not None}
     changed = 0
+    limit = float(np.finfo(np.float16).max)
     for name, init in list(graph.initializers.items()):
         if init.dtype != f32 or id(init) in keep or init.const_value is None:
             continue
-        limit = float(np.finfo(np.float16).max)
         arr = np.clip(init.const_value.numpy(), -limit, limit).astype(np.float16)
         init.const_value = ir.tensor(arr, name=name)
         init.dtype = f16

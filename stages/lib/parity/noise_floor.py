@@ -75,8 +75,8 @@ def graded(per_sample: Sequence[Sequence[Parity]], floors: Sequence[np.ndarray |
     binding sample's own figure (the one nearest to, or furthest past, its threshold) and, in
     ``thresholds``, that sample's threshold (what the gate check must compare with); the other
     figures the worst over all samples. ``floored`` names the samples whose floor relaxed the gate."""
-    every = [p for ps in per_sample for p in ps]
-    out: dict[str, Any] = worst(every).as_dict()
+    raw = worst([p for ps in per_sample for p in ps]).as_dict()
+    out: dict[str, Any] = dict(raw)
     limits: dict[str, float] = {}
     binding: dict[str, Any] = {}
     for key, higher in (("cosine", True), ("norm_ratio", False)):
@@ -88,7 +88,7 @@ def graded(per_sample: Sequence[Sequence[Parity]], floors: Sequence[np.ndarray |
             for p in ps:
                 v = getattr(p, key)
                 # how far past its own threshold, in units of that threshold's slack
-                slack = (1.0 - thr) if higher else max(thr, 1e-12)
+                slack = (1.0 - thr) if higher else thr
                 excess = ((thr - v) if higher else (v - thr)) / max(slack, 1e-12)
                 if best is None or excess > best[0]:
                     best = (excess, v, thr, i)
@@ -98,5 +98,5 @@ def graded(per_sample: Sequence[Sequence[Parity]], floors: Sequence[np.ndarray |
     floored = [names[i] if names else i for i, f in enumerate(floors)
                if f is not None and thresholds(f, gate) != thresholds(None, gate)]
     out.update({"thresholds": limits, "binding_sample": binding, "floored": floored,
-                "worst_all": worst(every).as_dict()})
+                "worst_all": raw})
     return out
